@@ -1,0 +1,3 @@
+"""icep: cost-efficient iterative pruning of CNNs."""
+
+__version__ = "0.1.0"
