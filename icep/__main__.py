@@ -1,0 +1,3 @@
+from icep.app import main
+
+main()

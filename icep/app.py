@@ -1,0 +1,170 @@
+"""The ``python -m icep`` entry point: compose the config, check it, run one pipeline, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from icep.errors import IcepError
+
+log = logging.getLogger("icep")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One run in the Hydra output folder; returns the summary."""
+    # Imports here keep `python -m icep --help` and config errors fast.
+    from icep.config import validate
+    from icep.data import build_data
+    from icep.dense import arch_spec, dense_model
+    from icep.logging import RunLogger
+    from icep.pipelines import PIPELINES, PruningRun
+    from icep.pruning import build_criterion
+    from icep.serialization import save_model
+    from icep.train import Trainer
+
+    validate(cfg)
+    if cfg.pipeline.name not in PIPELINES and cfg.pipeline.name != "dense":
+        raise IcepError(f"pipeline.name: unknown pipeline '{cfg.pipeline.name}'; choose one of: dense, {', '.join(PIPELINES)}")
+    out = Path(HydraConfig.get().runtime.output_dir)
+    seed_everything(cfg.seed)
+    trainer = Trainer.from_config(cfg.trainer)
+    criterion = build_criterion(cfg.criterion.name, **{k: v for k, v in cfg.criterion.items() if k != "name"})
+    data = build_data(
+        cfg.dataset, seed=cfg.seed, batch_size=cfg.trainer.batch_size,
+        eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers,
+        pin_memory=trainer.device.type == "cuda", cache_dir=Path(cfg.paths.cache) / "datasets",
+    )
+    logger = RunLogger(
+        out, cfg.logger, config=OmegaConf.to_container(cfg, resolve=True), group=cfg.name,
+        job_type=cfg.pipeline.name,
+        tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, cfg.criterion.name],
+    )
+    head = {"pipeline": cfg.pipeline.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+            "criterion": cfg.criterion.name, "seed": cfg.seed, "device": str(trainer.device)}
+    failed = True
+    try:
+        model, origin = dense_model(cfg, data, trainer)
+        if cfg.pipeline.name == "dense":
+            summary = {**head, "status": "completed", "acc_val": trainer.evaluate(model, data.val),
+                       "acc_test": trainer.evaluate(model, data.test), **origin}
+        else:
+            pruning = PruningRun(model, data, trainer, criterion, logger)
+            seed_everything(cfg.seed)  # the pruning run does not depend on whether dense training ran
+            summary = {**head, "status": "completed", "ratio": cfg.pipeline.get("ratio"),
+                       **PIPELINES[cfg.pipeline.name](pruning, cfg.pipeline), "dense": origin}
+        save_model(model, arch_spec(cfg, data), out / "model.pt", summary=_scalars(summary))
+        summary["model_path"] = str(out / "model.pt")
+        summary["output_dir"] = str(out)
+        logger.log_summary(summary)
+        failed = False
+    except Exception as exc:
+        logger.log_summary({**head, "status": "failed", "reason": _one_line(exc)})
+        raise
+    finally:
+        logger.close(failed=failed)
+    print(format_table(summary), flush=True)
+    return summary
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _count(n: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}"
+    return str(int(n))
+
+
+def format_table(s: dict[str, Any]) -> str:
+    """The closing report: accuracy, size, fine-tunes, time per phase, where the outputs are."""
+    if s["pipeline"] == "dense":
+        return (f"\nicep: dense {s['model']} on {s['dataset']} ({s['device']}): val {s['acc_val']:.2f}%, "
+                f"test {s['acc_test']:.2f}%\nmodel: {s['model_path']}\n")
+    rows = [
+        ("", "before", "after"),
+        ("val accuracy (%)", f"{s['acc_original_val']:.2f}", f"{s['acc_final_val']:.2f}"),
+        ("test accuracy (%)", f"{s['acc_original_test']:.2f}", f"{s['acc_final_test']:.2f}"),
+        ("params", _count(s["params_before"]), _count(s["params_after"])),
+        ("MACs", _count(s["macs_before"]), _count(s["macs_after"])),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"\nicep: {s['pipeline']} pruning of {s['model']} on {s['dataset']} "
+             f"(ratio {s.get('ratio')}, {s['device']})"]
+    lines += [f"  {a:<{width}}{b:>10}  {c:>10}" for a, b, c in rows]
+    lines.append(f"  {'fine-tuned':<{width}}{s['finetunes']} of {s['steps']} steps")
+    lines.append(
+        f"  {'time (s)':<{width}}{s['time_total_s']:.1f} total = prune {s['time_prune_s']:.1f}"
+        f" + fine-tune {s['time_finetune_s']:.1f} + eval {s['time_eval_s']:.1f}"
+    )
+    if s["dense"].get("dense_seconds"):
+        lines.append(f"  {'dense training (s)':<{width}}{s['dense']['dense_seconds']:.1f} (not in the total)")
+    lines.append(f"  {'outputs':<{width}}{s['output_dir']}")
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://icep.conf", config_name="config")
+def _app(cfg: DictConfig) -> float | None:
+    summary = run(cfg)
+    return summary.get("acc_final_val")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """One line for an error the user can fix, or None for a bug (which keeps its traceback)."""
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(exc, IcepError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        return f"{group}={name} is not an option; choose one of: {', '.join(exc.options)} (conf/{group}/)"
+    cause = exc.__cause__
+    if isinstance(exc, ConfigCompositionException) and isinstance(cause, ConfigKeyError):
+        key = cause.full_key or cause.key
+        parent = cause.parent_node
+        known = ", ".join(str(k) for k in parent.keys()) if parent is not None else ""
+        return f"{key} is not a config key; keys there: {known} (use +{key}=... to add a new one)"
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        text = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if cause is not None and str(cause).strip():
+            text.append(str(cause).strip().splitlines()[0])
+        return " ".join(text)
+    return None
+
+
+def main() -> None:
+    """Run the Hydra app; errors the user can fix end as one line and exit code 2."""
+    own_errors = "HYDRA_FULL_ERROR" not in os.environ
+    if own_errors:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    try:
+        _app()
+    except Exception as exc:
+        message = describe_error(exc) if own_errors else None
+        if message is None:
+            raise
+        print(f"icep: error: {message}", file=sys.stderr)
+        sys.exit(2)

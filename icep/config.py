@@ -1,0 +1,60 @@
+"""Checks on the composed config, run before any work starts.
+
+Hydra already rejects unknown group options and keys; these are the value checks. Each failure is
+a :class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from icep.errors import ConfigError
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# key -> (test, what is allowed). Keys absent from the config are skipped, so one table serves
+# every pipeline and dataset.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (_int, "an integer"),
+    "pipeline.ratio": (lambda v: _number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "pipeline.finetune_epochs": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "pipeline.final_finetune_epochs": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "pipeline.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "pipeline.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "pipeline.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "pipeline.distill_temperature": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "dense.epochs": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "dense.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "dense.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "dense.schedule": (lambda v: v in ("cosine", "step"), "cosine or step"),
+    "trainer.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "trainer.eval_batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "trainer.num_workers": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "dataset.val_fraction": (lambda v: _number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "logger.mode": (lambda v: v in ("online", "offline", "disabled"), "online, offline or disabled"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first value that is out of range."""
+    for key, (test, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>":
+            continue
+        if not test(value):
+            raise ConfigError(key, f"got {value!r}; must be {allowed}")
+    checkpoint = OmegaConf.select(cfg, "model.checkpoint")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ConfigError("model.checkpoint", f"{checkpoint} does not exist; give the path of a trained model or null to train one")

@@ -1,0 +1,79 @@
+"""The unpruned model a pruning run starts from: loaded from ``model.checkpoint``, or trained from
+scratch with the ``dense`` settings and cached under ``paths.cache`` (keyed by the config that
+produced it), so later runs with the same setup reuse it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from icep.data import Data
+from icep.models import load_checkpoint
+from icep.serialization import load_model, save_model
+from icep.train import Trainer, sgd
+
+log = logging.getLogger(__name__)
+
+
+def arch_spec(cfg: DictConfig, data: Data) -> dict[str, Any]:
+    """The builder call for the unpruned model, as plain data (also stored in saved models)."""
+    arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+    return {**arch, "num_classes": data.num_classes, "in_channels": data.input_shape[0]}
+
+
+def build_model(cfg: DictConfig, data: Data) -> nn.Module:
+    return hydra.utils.instantiate(arch_spec(cfg, data))
+
+
+def cache_path(cfg: DictConfig, data: Data) -> Path:
+    """Where the dense model for this (model, data, training, seed) setup is cached."""
+    keyed = {
+        "arch": arch_spec(cfg, data),
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "dense": OmegaConf.to_container(cfg.dense, resolve=True),
+        "batch_size": cfg.trainer.batch_size,
+        "seed": cfg.seed,
+    }
+    keyed["dataset"].pop("download", None)
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.paths.cache) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{digest}.pt"
+
+
+def train_dense(model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig) -> None:
+    optimizer = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
+    else:
+        milestones = [round(f * cfg.epochs) for f in cfg.milestones]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.gamma)
+    trainer.fit(model, data.train, optimizer, cfg.epochs, scheduler, desc="dense", val_loader=data.val)
+
+
+def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Module, dict[str, Any]]:
+    """The unpruned model on the trainer's device, and where it came from."""
+    if cfg.model.checkpoint is not None:
+        model = load_checkpoint(build_model(cfg, data), cfg.model.checkpoint)
+        return trainer.prepare(model), {"source": str(cfg.model.checkpoint)}
+    path = cache_path(cfg, data)
+    if cfg.dense.cache and path.is_file():
+        log.info("dense model from the cache: %s", path)
+        return trainer.prepare(load_model(path)), {"source": str(path)}
+    log.info(
+        "model.checkpoint is null: training the dense %s for %d epochs (cached at %s)",
+        cfg.model.name, cfg.dense.epochs, path,
+    )
+    model = trainer.prepare(build_model(cfg, data))
+    with trainer.timer.phase("dense") as t:
+        train_dense(model, data, trainer, cfg.dense)
+    acc = trainer.evaluate(model, data.val)
+    if cfg.dense.cache:
+        save_model(model, arch_spec(cfg, data), path, val_acc=acc, seconds=t["seconds"])
+    return model, {"source": str(path) if cfg.dense.cache else "trained", "dense_seconds": t["seconds"]}

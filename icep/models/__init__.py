@@ -1,0 +1,120 @@
+"""Model builders: CIFAR ResNets, any torchvision or timm classifier by name, and checkpoint loading.
+
+Every builder takes ``num_classes`` and ``in_channels`` (both come from the dataset), so a model
+config only names the architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from icep.errors import ConfigError
+from icep.models.cifar_resnet import DEPTHS, CifarResNet
+
+
+def cifar_resnet(depth: int = 56, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """ResNet-{20,32,44,56,110,152} for 32x32 inputs (any 6n+2 depth works)."""
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ConfigError("model.arch.depth", f"got {depth}; a CIFAR ResNet has depth 6n+2, e.g. {DEPTHS}")
+    return CifarResNet(depth, num_classes, in_channels)
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Swap the stem conv for one taking ``in_channels`` (torchvision models are RGB-only)."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                new = nn.Conv2d(
+                    in_channels, child.out_channels, child.kernel_size, child.stride,
+                    child.padding, child.dilation, 1, child.bias is not None,
+                )
+                setattr(parent, name, new)
+                return
+
+
+def torchvision_model(
+    name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None
+) -> nn.Module:
+    """Any torchvision classification model by name (``torchvision.models.list_models``)."""
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        close = [m for m in available if name.split("_")[0] in m][:8] or available[:8]
+        raise ConfigError(
+            "model.name", f"unknown torchvision model '{name}'; e.g. {', '.join(close)}"
+        )
+    if weights is not None:
+        # Pretrained heads have 1000 classes: build with them, then swap the classifier.
+        model = torchvision.models.get_model(name, weights=weights)
+        _reset_classifier(model, num_classes)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def _reset_classifier(model: nn.Module, num_classes: int) -> None:
+    last_name, last = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name, last = name, module
+    if last is None or last.out_features == num_classes:
+        return
+    parent = model.get_submodule(last_name.rpartition(".")[0]) if "." in last_name else model
+    setattr(parent, last_name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
+
+
+def timm_model(
+    name: str, num_classes: int = 1000, in_channels: int = 3, pretrained: bool = False
+) -> nn.Module:
+    """Any timm model by name (``timm.list_models``)."""
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ConfigError("model.name", f"unknown timm model '{name}'; e.g. {', '.join(close)}")
+    return timm.create_model(
+        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels
+    )
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load trained weights into ``model`` without unpickling anything.
+
+    Accepts a ``.safetensors`` file, a plain state dict saved with ``torch.save``, or a dict that
+    holds one under ``state_dict`` / ``model`` (the usual training-script layouts).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("model.checkpoint", f"{path} does not exist; give the path of a trained model")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, ...
+        raise ConfigError("model.checkpoint", f"{path} cannot be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:120]}); give a state dict or .safetensors file") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    if mismatched or missing:
+        what = f"shape of {mismatched[0]}" if mismatched else f"missing {missing[0]}"
+        raise ConfigError(
+            "model.checkpoint",
+            f"{path} does not fit this model ({what}); it is for another architecture or class "
+            "count: check model= and dataset=",
+        )
+    model.load_state_dict(state, strict=False)
+    return model

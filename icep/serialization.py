@@ -1,0 +1,113 @@
+"""Save and load (pruned) models without pickle.
+
+A saved model is a plain dict: the architecture's builder and arguments, the shape-bearing
+attributes of every layer, and the state dict. Loading builds the unpruned architecture, resizes
+its layers to the recorded shapes and loads the weights, so it works with
+``torch.load(weights_only=True)`` and needs no Hydra config (the approach of timm's ``_prune.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from icep.errors import IcepError
+
+FORMAT = "icep.model/1"
+
+# The builders a saved file may name; nothing else is ever called while loading.
+BUILDERS = {
+    "icep.models.cifar_resnet",
+    "icep.models.torchvision_model",
+    "icep.models.timm_model",
+}
+
+_SHAPE_ATTRS: dict[type, tuple[str, ...]] = {
+    nn.Conv2d: ("in_channels", "out_channels", "groups"),
+    nn.Linear: ("in_features", "out_features"),
+    nn.modules.batchnorm._NormBase: ("num_features",),
+    nn.GroupNorm: ("num_groups", "num_channels"),
+    nn.LayerNorm: ("normalized_shape",),
+}
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The attributes that pruning changes, per layer."""
+    shapes = {}
+    for name, module in model.named_modules():
+        for kind, attrs in _SHAPE_ATTRS.items():
+            if isinstance(module, kind):
+                shapes[name] = {a: _plain(getattr(module, a)) for a in attrs}
+    return shapes
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, **meta: Any) -> None:
+    """Save ``model`` (pruned or not) with the builder call ``arch`` that made its unpruned form."""
+    if arch.get("_target_") not in BUILDERS:
+        raise ValueError(f"cannot save a model built by {arch.get('_target_')!r}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_save(
+        {"format": FORMAT, "arch": arch, "layers": layer_shapes(model), "state_dict": state, "meta": meta},
+        path,
+    )
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IcepError(f"{path} is not a readable icep model file ({type(exc).__name__}); it may be truncated") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise IcepError(f"{path} is not an icep model file (no '{FORMAT}' format tag)")
+    return blob
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model`, in eval mode on the CPU."""
+    import hydra.utils
+
+    blob = read_model_file(path)
+    arch = dict(blob["arch"])
+    if arch.get("_target_") not in BUILDERS:
+        raise IcepError(f"{path} names builder {arch.get('_target_')!r}, which icep does not load")
+    model = hydra.utils.instantiate(arch)
+    for name, attrs in blob["layers"].items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for key, tensor in blob["state_dict"].items():
+        owner, _, leaf = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if module._parameters.get(leaf) is not None:
+            old = module._parameters[leaf]
+            module._parameters[leaf] = nn.Parameter(torch.empty_like(tensor), old.requires_grad)
+        elif module._buffers.get(leaf) is not None:
+            module._buffers[leaf] = torch.empty_like(tensor)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()

@@ -1,0 +1,210 @@
+"""Training and evaluation loops, device handling and phase timing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from icep.errors import ConfigError, IcepError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("trainer.device", f"got '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", f"'{name}' asked for but no CUDA device is visible; use auto or cpu")
+    return device
+
+
+def _auto(value: bool | str, default: bool) -> bool:
+    return default if value == "auto" else bool(value)
+
+
+class PhaseTimer:
+    """Wall-clock time per phase, with device synchronisation so GPU work is counted where it ran."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[dict[str, float]]:
+        """Time the block; the yielded dict gets ``seconds`` when it ends."""
+        result: dict[str, float] = {}
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield result
+        finally:
+            self._sync()
+            result["seconds"] = time.perf_counter() - start
+            self.totals[name] = self.totals.get(name, 0.0) + result["seconds"]
+
+    def total(self, *names: str) -> float:
+        return sum(self.totals.get(n, 0.0) for n in names)
+
+
+@dataclass
+class Distillation:
+    """Knowledge distillation from the unpruned model: CE + weight * KL(teacher/T || student/T)."""
+
+    teacher: nn.Module
+    temperature: float = 2.0
+    weight: float = 1.0
+
+    def loss(self, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.teacher(inputs)
+        t = self.temperature
+        # KL summed over classes and averaged over the batch, as the reference computes it.
+        return self.weight * F.kl_div(
+            F.log_softmax(logits.float() / t, dim=1),
+            F.softmax(target.float() / t, dim=1),
+            reduction="batchmean",
+        )
+
+
+@dataclass
+class Trainer:
+    """Runs epochs and evaluations on one device.
+
+    On CUDA it uses bf16 autocast and channels_last by default (``amp`` / ``channels_last`` set to
+    ``auto``); progress is a bar on a terminal and one line per epoch otherwise.
+    """
+
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+    progress: bool = False
+    timer: PhaseTimer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timer = PhaseTimer(self.device)
+
+    @classmethod
+    def from_config(cls, cfg) -> Trainer:
+        device = resolve_device(str(cfg.device))
+        cuda = device.type == "cuda"
+        return cls(
+            device=device,
+            amp=_auto(cfg.amp, cuda),
+            channels_last=_auto(cfg.channels_last, cuda),
+            progress=_auto(cfg.progress, sys.stderr.isatty()),
+        )
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batches(self, loader: DataLoader, desc: str):
+        if not self.progress:
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, desc: str = "eval") -> float:
+        """Top-1 accuracy in percent."""
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        with torch.inference_mode(), self._autocast():
+            for x, y in self._batches(loader, desc):
+                y = y.to(self.device, non_blocking=True)
+                correct += (model(self._inputs(x)).argmax(1) == y).sum().item()
+                total += y.numel()
+        model.train(was_training)
+        return 100.0 * correct / max(total, 1)
+
+    def train_epoch(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        distill: Distillation | None = None,
+        desc: str = "train",
+    ) -> float:
+        """One epoch; returns the mean loss. Raises IcepError on a NaN or infinite loss."""
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        batches = 0
+        for x, y in self._batches(loader, desc):
+            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                if distill is not None:
+                    loss = loss + distill.loss(x, logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            batches += 1
+        mean = loss_sum.item() / max(batches, 1)
+        if not math.isfinite(mean):
+            raise IcepError(f"{desc}: the loss became {mean} (lr {optimizer.param_groups[0]['lr']:g}); lower the learning rate")
+        return mean
+
+    def fit(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        distill: Distillation | None = None,
+        desc: str = "train",
+        val_loader: DataLoader | None = None,
+    ) -> float:
+        """Train ``epochs`` epochs, one log line each; returns the last epoch's mean loss."""
+        loss = float("nan")
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            loss = self.train_epoch(model, loader, optimizer, distill, f"{desc} {epoch}/{epochs}")
+            if scheduler is not None:
+                scheduler.step()
+            msg = f"{desc} epoch {epoch}/{epochs}: loss {loss:.4f}"
+            if val_loader is not None:
+                msg += f", val acc {self.evaluate(model, val_loader):.2f}%"
+            log.info("%s (%.1fs)", msg, time.perf_counter() - start)
+        return loss
+
+
+def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
+    """A fresh SGD over the trainable parameters (frozen ones are left out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
