@@ -200,13 +200,13 @@ def _augment_mode(cfg: DictConfig, allowed: Sequence[str] = _AUGMENTS) -> str:
     value = cfg.get("augment")
     mode = "none" if value in (None, False) else str(value)
     if mode not in allowed:
-        raise ConfigError("dataset.augment", f"got {value!r}; expected one of {' | '.join(allowed)}")
+        raise ConfigError(
+            "dataset.augment", f"got {value!r}; expected one of {' | '.join(allowed)}"
+        )
     return mode
 
 
-def _image_transforms(
-    cfg: DictConfig, image_size: int, mode: str
-) -> tuple[Callable, Callable]:
+def _image_transforms(cfg: DictConfig, image_size: int, mode: str) -> tuple[Callable, Callable]:
     """(train, eval) transforms from PIL images to normalized tensors of ``image_size``."""
     # Resize + CenterCrop make any folder of images square; on images already that size they copy.
     fit = [T.Resize(image_size), T.CenterCrop(image_size)]
@@ -245,7 +245,9 @@ def _build_cifar(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
                 f"{root / cls.base_folder} is incomplete or corrupt ({err}); "
                 "fix the files or set dataset.download=true",
             ) from None
-        return _Source(train, test, len(train.classes), train_tf, eval_tf, description=str(root))
+        return _Source(
+            train, test, len(train.classes), train_tf, eval_tf, description=f"torchvision {root}"
+        )
 
     # The same images as an ImageFolder tree, e.g. the CIFAR-10 JPEG archive.
     tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
@@ -269,19 +271,29 @@ def _build_image_folder(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Sour
         raise ConfigError("dataset.root", f"{root} does not exist; expected {_EXPECTED_TREE}")
     tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
     if tree is None:
-        raise ConfigError("dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}")
+        raise ConfigError(
+            "dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}"
+        )
     train_tf, eval_tf = _image_transforms(cfg, cfg.image_size, _augment_mode(cfg))
     return _image_folder_source(tree, train_tf, eval_tf)
 
 
 def _image_folder_source(tree: Path, train_tf: Callable, eval_tf: Callable) -> _Source:
     if not (tree / "test").is_dir():
-        raise ConfigError("dataset.root", f"{tree} has train/ but no test/; expected {_EXPECTED_TREE}")
+        raise ConfigError(
+            "dataset.root", f"{tree} has train/ but no test/; expected {_EXPECTED_TREE}"
+        )
     train = _image_folder(tree / "train")
     test = _image_folder(tree / "test", classes=train.classes)
     val = _image_folder(tree / "val", classes=train.classes) if (tree / "val").is_dir() else None
     return _Source(
-        train, test, len(train.classes), train_tf, eval_tf, val_pool=val, description=str(tree)
+        train,
+        test,
+        len(train.classes),
+        train_tf,
+        eval_tf,
+        val_pool=val,
+        description=f"ImageFolder {tree}",
     )
 
 
@@ -336,6 +348,7 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
     log.info("unpacking %s into %s (once; later runs reuse it)", archive, target)
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         with tarfile.open(archive) as tar:
             # The "data" filter refuses absolute paths, links out of the folder and devices.

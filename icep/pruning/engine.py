@@ -1,0 +1,282 @@
+"""Structured pruning of any CNN through Torch-Pruning's dependency graph (METHOD.md section 1).
+
+The :class:`PruningEngine` traces the model once, finds its pruning units and removes channels
+physically: a pruned model is a smaller dense model. No code here knows an architecture.
+
+Unit discovery
+--------------
+Torch-Pruning groups every set of coupled channels (a conv's output filters, the BatchNorm that
+follows, the input channels of the next conv, ...). A group is a candidate unit when
+
+1. it cuts the output channels of exactly one *feature* conv. Convs that merely follow their
+   feature conv do not count: a depthwise conv (its input and output channels are coupled) and a
+   *gate* conv (its output only scales another tensor by an elementwise product, as the expand
+   conv of a squeeze-and-excitation module does). Groups tied to a residual add cut several
+   feature convs and are left out;
+2. none of its channels reach a concatenation (DenseNet's concatenated widths, and with them its
+   stem and transitions) or the model output;
+3. it touches no ignored layer, the classifier included (the last ``nn.Linear``, ignored
+   automatically), not even its input channels; so the width feeding the classifier stays;
+4. its feature conv is not the stem (the first conv in forward order).
+
+Candidates are grouped by block: the deepest module above the conv that is not a plain container
+(``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict`` or subclasses, so the conv-norm-act
+wrappers of torchvision and timm are skipped). A block that is a direct child of another unit's
+block (a squeeze-and-excitation module inside an inverted residual) joins that unit. Units are
+ordered by the first forward call of their convs, recorded while the graph is traced.
+
+What that gives (checked in ``tests/test_pruning.py``):
+
+- CIFAR ResNet-(6n+2): one unit per BasicBlock (``conv1``), 3n units: 9 for ResNet-20, 27 for
+  ResNet-56, ``layer1.0`` ... ``layer3.{n-1}``.
+- torchvision resnet18 (BasicBlock): 8 units, ``layer1.0.conv1`` ... ``layer4.1.conv1``.
+  resnet50 (Bottleneck): 16 units of two convs each (``conv1`` and ``conv2``).
+- torchvision densenet121: 58 units, one per dense layer (``conv1``, the 1x1 bottleneck); stem,
+  transitions and growth convs all feed concatenations.
+- torchvision mobilenet_v2: 17 units, ``features.1`` ... ``features.17``: the expansion conv of
+  every inverted residual (its depthwise conv follows), plus the projection of ``features.1``
+  and ``features.17``, whose outputs meet no residual add. The stem and the 1280-wide last conv
+  (it feeds the classifier) stay.
+- timm resnet18: as torchvision's, 8 units.
+- timm mobilenetv3_small_050: 11 units, ``blocks.0.0`` ... ``blocks.5.0``: each block's
+  expansion (or, for ``blocks.0.0``, its projection) together with its squeeze-and-excitation
+  width; ``blocks.5.0`` is the final 1x1 conv before pooling. The stem and ``conv_head`` stay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency.node import Node
+from torch_pruning.ops import OPTYPE
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Float noise must not add a channel: 0.7 * 10 is 7.000000000000001 in binary.
+_CEIL_TOLERANCE = 1e-9
+# How many elementwise activations may sit between a gate conv and its product.
+_MAX_GATE_HOPS = 8
+
+
+@dataclass
+class Unit:
+    """One pruning unit: the inside of one block, pruned in one step."""
+
+    index: int  # position in forward order
+    name: str  # block path, e.g. "layer1.0"
+    convs: list[str]  # qualified names of the convs whose output channels this unit cuts
+    channels: list[int] = field(default_factory=list)  # current out channels of those convs
+
+
+class PruningEngine:
+    """Finds the pruning units of ``model`` and prunes them one at a time, in place.
+
+    The dependency graph is built once; Torch-Pruning swaps the pruned weights for new, smaller
+    Parameters on the same module objects, so the graph stays valid across any number of
+    ``prune_unit`` calls. An optimizer built before a prune holds the old Parameters: build a new
+    one after each step (the pipelines do).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        ignored_layers: list[nn.Module] | None = None,
+    ):
+        self.model = model
+        self.example_inputs = example_inputs
+        self.ignored_layers = list(ignored_layers or [])
+        classifier = _last_linear(model)
+        if classifier is not None and classifier not in self.ignored_layers:
+            self.ignored_layers.append(classifier)
+        self.graph, conv_order = _trace(model, example_inputs)
+        self.units = self._find_units(conv_order)
+
+    def _find_units(self, conv_order: list[nn.Conv2d]) -> list[Unit]:
+        names = {module: name for name, module in self.model.named_modules()}
+        rank = {conv: i for i, conv in enumerate(conv_order)}
+        stem = conv_order[0] if conv_order else None
+        ignored = set(self.ignored_layers)
+
+        blocks: dict[str, list[nn.Conv2d]] = {}
+        groups = self.graph.get_all_groups(
+            ignored_layers=self.ignored_layers, root_module_types=[nn.Conv2d]
+        )
+        for group in groups:
+            conv = self._feature_conv(group, ignored)
+            if conv is None or conv is stem or conv not in rank:
+                continue
+            blocks.setdefault(_block_name(self.model, names[conv]), []).append(conv)
+
+        # A block nested directly in another unit's block (an SE module) joins that unit.
+        for block in sorted(blocks, key=len, reverse=True):
+            parent = block.rpartition(".")[0]
+            if parent in blocks:
+                blocks[parent].extend(blocks.pop(block))
+
+        ordered = sorted(blocks.items(), key=lambda kv: min(rank[c] for c in kv[1]))
+        units = []
+        for index, (block, convs) in enumerate(ordered):
+            convs = sorted(convs, key=rank.__getitem__)
+            units.append(
+                Unit(index, block, [names[c] for c in convs], [c.out_channels for c in convs])
+            )
+        return units
+
+    def _feature_conv(self, group: tp.Group, ignored: set[nn.Module]) -> nn.Conv2d | None:
+        """The single feature conv whose outputs ``group`` cuts, or None if it is no unit."""
+        graph = self.graph
+        features = []
+        for dep, _ in group:
+            node = dep.target
+            if node.module in ignored or node.type in (OPTYPE.CONCAT, OPTYPE.OUTPUT):
+                return None
+            if (
+                node.type == OPTYPE.CONV
+                and graph.is_out_channel_pruning_fn(dep.handler)
+                and not _is_gate(node)
+                and node.module not in features
+            ):
+                features.append(node.module)
+        if len(features) != 1 or not isinstance(features[0], nn.Conv2d):
+            return None
+        return features[0]
+
+    def prune_unit(
+        self, index: int, ratio: float, criterion: Callable[[nn.Conv2d], torch.Tensor]
+    ) -> int:
+        """Remove ``ceil(ratio * C)`` output channels (at most ``C - 1``) of each conv of unit
+        ``index``, the ones ``criterion`` scores lowest, with everything coupled to them.
+
+        Returns the number of conv output channels removed.
+        """
+        if not 0 <= index < len(self.units):
+            raise IndexError(f"unit {index} does not exist; the model has {len(self.units)} units")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"pruning ratio must lie in [0, 1], got {ratio}")
+        unit = self.units[index]
+        removed = 0
+        for name in unit.convs:
+            conv = self.model.get_submodule(name)
+            channels = conv.out_channels
+            n = min(math.ceil(ratio * channels - _CEIL_TOLERANCE), channels - 1)
+            if n <= 0:
+                continue
+            scores = criterion(conv)
+            if scores.shape != (channels,):
+                raise ValueError(
+                    f"{criterion!r} gave scores of shape {tuple(scores.shape)} for {name}, "
+                    f"expected ({channels},)"
+                )
+            idxs = torch.argsort(scores.detach().cpu(), stable=True)[:n].tolist()
+            group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs)
+            if not self.graph.check_pruning_group(group):
+                raise RuntimeError(f"pruning {n} channels of {name} would empty a coupled layer")
+            group.prune()
+            removed += n
+        self.refresh()
+        return removed
+
+    def refresh(self) -> None:
+        """Re-read the current out channels of every unit's convs."""
+        for unit in self.units:
+            unit.channels = [self.model.get_submodule(n).out_channels for n in unit.convs]
+
+
+def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
+    # Torch-Pruning first tries model(*example_inputs): a bare batch-of-one tensor would be
+    # unpacked into one unbatched image. A tuple makes that first call the right one.
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _trace(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[tp.DependencyGraph, list[nn.Conv2d]]:
+    """Build the dependency graph in eval mode (BatchNorm statistics stay untouched) and record
+    the order in which convs first run. Every module's training flag is restored afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    order: list[nn.Conv2d] = []
+    seen: set[nn.Module] = set()
+
+    def record(module: nn.Module, *_) -> None:
+        if module not in seen:
+            seen.add(module)
+            order.append(module)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model.eval()
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=_as_tuple(example_inputs), verbose=False
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in flags.items():
+            module.training = training
+    return graph, order
+
+
+def _is_gate(node: Node) -> bool:
+    """Whether a conv's output, through unary elementwise ops only, multiplies another tensor."""
+    for _ in range(_MAX_GATE_HOPS):
+        if len(node.outputs) != 1:
+            return False
+        node = node.outputs[0]
+        if node.type != OPTYPE.ELEMENTWISE:
+            return False
+        if type(node.grad_fn).__name__.startswith("MulBackward") and len(node.inputs) > 1:
+            return True
+        if len(node.inputs) != 1:
+            return False
+    return False
+
+
+def _block_name(model: nn.Module, conv_name: str) -> str:
+    """The deepest module above the conv that is not a plain container; the conv itself if none."""
+    parts = conv_name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:depth])
+        if not isinstance(model.get_submodule(path), _CONTAINERS):
+            return path
+    return conv_name
+
+
+def _last_linear(model: nn.Module) -> nn.Linear | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def spatial_conv_weights(model: nn.Module) -> int:
+    """Non-zero weights of all ``nn.Conv2d`` with a kernel larger than 1x1, except the first such
+    conv in registration order (the stem; every torchvision, timm and icep model registers its
+    stem first, and pruning never reorders modules, so no example input is needed)."""
+    convs = [
+        m for m in model.modules() if isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1
+    ]
+    return sum(int(torch.count_nonzero(m.weight.detach())) for m in convs[1:])
+
+
+def remaining_fraction(model: nn.Module, original_count: int) -> float:
+    """The remaining fraction x (METHOD.md section 1): ``spatial_conv_weights`` now over before."""
+    if original_count <= 0:
+        raise ValueError(f"original_count must be positive, got {original_count}")
+    return spatial_conv_weights(model) / original_count
+
+
+def count_macs_params(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[int, int]:
+    """(MACs, parameters) of one forward pass on ``example_inputs``.
+
+    Torch-Pruning counts on a deep copy in eval mode, so ``model`` (its training flags and
+    BatchNorm statistics included) is left as it was.
+    """
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, _as_tuple(example_inputs))
+    return int(macs), int(params)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+# Small, fast settings for end-to-end runs on digits.
+FAST = ["dense.epochs=3", "trainer.batch_size=64", "trainer.device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One dense-model and dataset cache for the whole session (dense models are reused)."""
+    path = Path(os.environ.get("ICEP_TEST_CACHE") or tmp_path_factory.mktemp("icep-cache"))
+    return path
+
+
+def run_icep(args: list[str], run_dir: Path, cache: Path, timeout: float = 300, env: dict | None = None):
+    """``python -m icep ARGS`` in a subprocess with its run folder at ``run_dir``."""
+    full_env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "icep", f"hydra.run.dir={run_dir}", *args],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

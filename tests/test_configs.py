@@ -1,0 +1,54 @@
+"""Every config file composes and its objects build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra.utils
+import pytest
+from hydra import compose, initialize_config_module
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_config_is_packaged_for_wheels():
+    import importlib.resources
+
+    assert importlib.resources.files("icep.conf").joinpath("config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "dataset", "criterion", "pipeline", "trainer", "logger", "experiment"]
+)
+def test_every_group_option_composes(group):
+    assert options(group), f"conf/{group} is empty"
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        for name in options(group):
+            prefix = "+" if group == "experiment" else ""
+            cfg = compose("config", overrides=[f"{prefix}{group}={name}"])
+            if group != "experiment":
+                assert cfg[group] is not None
+
+
+def test_experiment_resnet56_cifar10():
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=resnet56_cifar10"])
+    assert cfg.model.name == "resnet56"
+    assert cfg.dataset.name == "cifar10"
+    assert cfg.pipeline.name == "iterative"
+    assert cfg.pipeline.ratio == 0.6
+    assert cfg.criterion.name == "l1"
+    assert cfg.name == "resnet56_cifar10"
+
+
+@pytest.mark.parametrize("name", [n for n in options("model")])
+def test_model_configs_instantiate(name):
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={name}"])
+    model = hydra.utils.instantiate(cfg.model.arch, num_classes=7, in_channels=3)
+    last = [m for m in model.modules() if hasattr(m, "out_features")][-1]
+    assert last.out_features == 7

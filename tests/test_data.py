@@ -1,0 +1,329 @@
+"""icep.data: splits, subsets, transforms and the sources (digits, synthetic, ImageFolder, CIFAR)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+from icep.data import Data, build_data
+from icep.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SHARED_CIFAR = CONF.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CLASSES = ("ant", "bee", "cat")
+
+
+def dataset_cfg(name: str, **values) -> DictConfig:
+    """The ``dataset`` node as the app composes it, with ``values`` set on top."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[f"+dataset={name}"]).dataset
+    for key, value in values.items():
+        cfg[key] = value
+    return cfg
+
+
+def build(cfg: DictConfig, seed: int = 0, cache_dir: Path | str = "unused", **kw) -> Data:
+    args = {"batch_size": 16, "eval_batch_size": 32, "num_workers": 0, **kw}
+    return build_data(cfg, seed=seed, cache_dir=cache_dir, **args)
+
+
+def indices(data: Data) -> dict[str, list[int]]:
+    return {split: getattr(data, split).dataset.indices for split in ("train", "val", "test")}
+
+
+def make_tree(root: Path, splits=("train", "test"), per_class: int = 4) -> Path:
+    """A tiny ImageFolder tree: one flat colour per class, PNG and JPEG mixed, odd image sizes."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.full((36, 40, 3), 60 * c + 20, np.uint8)
+                pixels += rng.integers(0, 20, pixels.shape, dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def make_archive(tree: Path, archive: Path, inner: str = "pack/tiny") -> Path:
+    """``tree`` packed as a .tar.gz, nested in ``inner`` folders like real archives often are."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname=inner)
+    return archive
+
+
+def make_cifar10(root: Path, per_batch: int = 20) -> Path:
+    """A fake torchvision ``cifar-10-batches-py`` with the real file names and pickle keys."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8),
+            "labels": [i % 10 for i in range(per_batch)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {"label_names": [f"class{i}" for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def fake_cifar_checks(monkeypatch):
+    """Let torchvision's CIFAR10 accept the fake files (it checks their md5 sums)."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kw: True)  # batches.meta
+
+
+# --- digits and synthetic -----------------------------------------------------------------------
+
+
+def test_digits_splits_add_up_and_are_disjoint():
+    data = build(dataset_cfg("digits"))
+    split = indices(data)
+    assert set(split["train"]).isdisjoint(split["val"])
+    assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 1797
+    assert len(split["test"]) == math.ceil(1797 * 0.2)  # sklearn rounds the test share up
+    assert len(split["val"]) == round((1797 - len(split["test"])) * 0.1)
+    assert data.num_classes == 10 and data.input_shape == (1, 8, 8)
+    assert data.train.num_workers == 0  # in-memory: workers forced off
+
+    x, y = next(iter(data.train))
+    assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.long
+    pixels = torch.cat([x for x, _ in data.train])
+    assert abs(pixels.mean()) < 0.1 and abs(pixels.std() - 1) < 0.1  # normalized
+
+
+def test_split_depends_on_seed_only():
+    cfg = dataset_cfg("digits")
+    first, again, other = (indices(build(cfg, seed=s)) for s in (0, 0, 1))
+    assert first == again
+    assert first["val"] != other["val"] and first["train"] != other["train"]
+    assert first["test"] == other["test"]  # a fixed test set, like CIFAR's
+
+
+def test_val_fraction_is_configurable():
+    split = indices(build(dataset_cfg("digits", val_fraction=0.25)))
+    n_pool = len(split["train"]) + len(split["val"])
+    assert len(split["val"]) == round(n_pool * 0.25)
+
+
+def test_subsets_are_seeded():
+    cfg = dataset_cfg("digits", train_subset=100, test_subset=30)
+    split = indices(build(cfg))
+    assert len(split["train"]) + len(split["val"]) == 100 and len(split["val"]) == 10
+    assert len(split["test"]) == 30
+    assert split == indices(build(cfg))
+    assert split["train"] != indices(build(cfg, seed=1))["train"]
+
+
+@pytest.mark.parametrize(
+    "key, value", [("val_fraction", 0.0), ("val_fraction", 1.0), ("train_subset", 1)]
+)
+def test_bad_split_settings_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"dataset.{key}"):
+        build(dataset_cfg("digits", **{key: value}))
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ConfigError, match="dataset.name"):
+        build(DictConfig({"name": "mnist"}))
+
+
+def test_synthetic_shapes_and_determinism():
+    cfg = dataset_cfg("synthetic", num_samples=100, num_test=40, num_classes=4, image_size=16)
+    data = build(cfg)
+    assert data.num_classes == 4 and data.input_shape == (3, 16, 16)
+    assert len(data.train.dataset) + len(data.val.dataset) == 100 and len(data.test.dataset) == 40
+
+    def batches(d: Data) -> list[torch.Tensor]:
+        return [x for loader in (d.train, d.val, d.test) for x, _ in loader]
+
+    same, other = build(cfg), build(cfg, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(batches(data), batches(same), strict=True))
+    assert not torch.equal(batches(data)[0], batches(other)[0])
+
+
+def test_synthetic_is_learnable():
+    data = build(dataset_cfg("synthetic"))
+    x, y = (torch.cat(t) for t in zip(*data.train, strict=True))
+    means = torch.stack([x[y == c].mean(0) for c in range(data.num_classes)]).flatten(1)
+    x_test, y_test = (torch.cat(t) for t in zip(*data.test, strict=True))
+    predicted = torch.cdist(x_test.flatten(1), means).argmin(1)  # nearest class mean
+    assert (predicted == y_test).float().mean() > 0.9
+
+
+# --- ImageFolder --------------------------------------------------------------------------------
+
+
+def test_image_folder_from_a_folder(tmp_path):
+    tree = make_tree(tmp_path / "tiny")
+    cfg = dataset_cfg("image_folder", root=str(tree), image_size=24, val_fraction=0.25)
+    data = build(cfg, cache_dir=tmp_path / "cache")
+    assert data.num_classes == 3 and data.input_shape == (3, 24, 24)
+    split = indices(data)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (9, 3, 12)
+    assert not (tmp_path / "cache").exists()  # nothing to unpack
+    x, y = next(iter(data.test))
+    assert x.shape == (12, 3, 24, 24) and sorted(set(y.tolist())) == [0, 1, 2]
+
+
+def test_image_folder_uses_a_val_folder(tmp_path):
+    tree = make_tree(tmp_path / "tiny", splits=("train", "val", "test"), per_class=2)
+    data = build(dataset_cfg("image_folder", root=str(tree)))
+    assert len(data.train.dataset) == 6 and len(data.val.dataset) == 6
+    assert data.val.dataset.base.root.endswith("val")
+
+
+def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
+    archive = make_archive(make_tree(tmp_path / "tiny"), tmp_path / "tiny.tar.gz")
+    cache = tmp_path / "cache"
+    cfg = dataset_cfg("image_folder", root=str(archive))
+    with caplog.at_level(logging.INFO, logger="icep.data"):
+        first = build(cfg, cache_dir=cache)
+    assert "unpacking" in caplog.text
+    (unpacked,) = cache.iterdir()  # no temp folder left behind
+    assert unpacked.name.startswith("tiny-")
+    stamp = unpacked.stat().st_mtime_ns
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="icep.data"):
+        second = build(cfg, cache_dir=cache)
+    assert "unpacking" not in caplog.text
+    assert unpacked.stat().st_mtime_ns == stamp and list(cache.iterdir()) == [unpacked]
+    assert first.num_classes == second.num_classes == 3
+    assert indices(first) == indices(second)
+    assert first.train.dataset.base.root == str(unpacked / "pack" / "tiny" / "train")
+
+
+@pytest.mark.parametrize("augment", ["cifar", "imagenet", "none"])
+def test_val_is_not_augmented(tmp_path, augment):
+    tree = make_tree(tmp_path / "tiny")
+    data = build(dataset_cfg("image_folder", root=str(tree), augment=augment))
+    torch.manual_seed(0)
+    val = [torch.cat([x for x, _ in data.val]) for _ in range(3)]
+    assert torch.equal(val[0], val[1]) and torch.equal(val[0], val[2])
+    train = [data.train.dataset[0][0] for _ in range(8)]
+    assert any(not torch.equal(train[0], t) for t in train) == (augment != "none")
+
+
+def test_bad_augment_names_the_key(tmp_path):
+    cfg = dataset_cfg("image_folder", root=str(make_tree(tmp_path / "tiny")), augment="mixup")
+    with pytest.raises(ConfigError, match="dataset.augment"):
+        build(cfg)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no_train", "no_test", "unset"])
+def test_image_folder_bad_root_names_dataset_root(tmp_path, layout):
+    root = tmp_path / "data"
+    if layout == "empty":
+        root.mkdir()
+    elif layout == "no_train":
+        (root / "images").mkdir(parents=True)
+    elif layout == "no_test":
+        make_tree(root, splits=("train",))
+    cfg = dataset_cfg("image_folder", root=None if layout == "unset" else str(root))
+    with pytest.raises(ConfigError, match="dataset.root") as err:
+        build(cfg, cache_dir=tmp_path / "cache")
+    assert "train/" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_folder_empty_class_folders(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "tree" / split / "ant").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="dataset.root"):
+        build(dataset_cfg("image_folder", root=str(tmp_path / "tree")))
+
+
+def test_image_folder_test_classes_must_match(tmp_path):
+    tree = make_tree(tmp_path / "tiny")
+    (tree / "test" / "ant").rename(tree / "test" / "ape")
+    with pytest.raises(ConfigError, match="classes"):
+        build(dataset_cfg("image_folder", root=str(tree)))
+
+
+# --- CIFAR --------------------------------------------------------------------------------------
+
+
+def test_cifar10_torchvision_format(tmp_path, fake_cifar_checks):
+    root = make_cifar10(tmp_path / "data")
+    data = build(dataset_cfg("cifar10", root=str(root)))
+    split = indices(data)
+    assert len(split["train"]) + len(split["val"]) == 100 and len(split["val"]) == 10
+    assert len(split["test"]) == 20
+    assert data.num_classes == 10 and data.input_shape == (3, 32, 32)
+    x, y = next(iter(data.train))
+    assert x.shape == (16, 3, 32, 32) and y.dtype == torch.long
+
+    # val and test see the eval transform: exactly the normalized stored pixels.
+    cfg = dataset_cfg("cifar10")
+    image, _ = data.val.dataset.base[data.val.dataset.indices[0]]
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1) / 255
+    mean, std = (torch.tensor(list(v)).view(3, 1, 1) for v in (cfg.mean, cfg.std))
+    torch.testing.assert_close(data.val.dataset[0][0], (pixels - mean) / std)
+
+
+def test_cifar10_from_an_image_folder_archive(tmp_path):
+    archive = make_archive(make_tree(tmp_path / "tiny"), tmp_path / "cifar10-jpeg.tar.gz")
+    cfg = dataset_cfg("cifar10", root=str(archive))
+    data = build(cfg, cache_dir=tmp_path / "cache")
+    assert data.name == "cifar10" and data.num_classes == 3
+    assert data.input_shape == (3, 32, 32)  # resized to CIFAR's size
+
+
+def test_cifar10_missing_root_says_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build(dataset_cfg("cifar10", root=str(tmp_path / "nowhere")))
+    message = str(err.value)
+    assert err.value.key == "dataset.root" and message.startswith("dataset.root: ")
+    assert "holds no CIFAR-10" in message and "cifar-10-batches-py" in message
+    assert "dataset.download=true" in message and "\n" not in message
+
+
+def test_cifar100_missing_root_names_its_folder(tmp_path):
+    with pytest.raises(ConfigError, match="holds no CIFAR-100.*cifar-100-python"):
+        build(dataset_cfg("cifar100", root=str(tmp_path)))
+
+
+def test_cifar10_corrupt_folder(tmp_path):
+    root = make_cifar10(tmp_path / "data")  # real md5 checks: the fake files fail them
+    with pytest.raises(ConfigError, match="dataset.root.*corrupt"):
+        build(dataset_cfg("cifar10", root=str(root)))
+
+
+def test_cifar_rejects_imagenet_augment(tmp_path, fake_cifar_checks):
+    root = make_cifar10(tmp_path / "data")
+    with pytest.raises(ConfigError, match="dataset.augment"):
+        build(dataset_cfg("cifar10", root=str(root), augment="imagenet"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason=f"{SHARED_CIFAR} not present")
+def test_real_cifar10_jpeg_archive(cache_dir, capsys):
+    cfg = dataset_cfg("cifar10", root=str(SHARED_CIFAR), train_subset=500, test_subset=200)
+    start = time.perf_counter()
+    data = build(cfg, cache_dir=cache_dir, num_workers=2, batch_size=64)
+    with capsys.disabled():
+        print(f"\nCIFAR-10 JPEG archive ready in {time.perf_counter() - start:.1f} s")
+    assert data.num_classes == 10 and data.input_shape == (3, 32, 32)
+    assert len(data.train.dataset) == 450 and len(data.val.dataset) == 50
+    assert len(data.test.dataset) == 200
+    assert len(data.train.dataset.base) == 50_000 and len(data.test.dataset.base) == 10_000
+    x, y = next(iter(data.train))
+    assert x.shape == (64, 3, 32, 32) and y.min() >= 0 and y.max() < 10
+    x, _ = next(iter(data.test))
+    assert x.shape[1:] == (3, 32, 32) and abs(x.mean()) < 0.5

@@ -1,0 +1,50 @@
+"""Local run files, and the W&B mirror (offline) holding the same history."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import OmegaConf
+from wandb_offline import history, run_info, summary
+
+from icep.logging import RunLogger
+
+ROWS = [{"step": s, "unit": f"layer1.{s}", "val_acc": 90.0 - s, "lr": None} for s in (1, 2, 3)]
+
+
+def test_local_files(tmp_path):
+    logger = RunLogger(tmp_path, OmegaConf.create({"name": "local"}))
+    for row in ROWS:
+        logger.log_step(row)
+    logger.log_summary({"acc_final_val": 87.0, "status": "completed"})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == ROWS
+    assert json.loads((tmp_path / "summary.json").read_text())["acc_final_val"] == 87.0
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create(
+        {"name": "wandb", "mode": "offline", "project": "icep-test", "entity": None,
+         "group": "exp", "job_type": "iterative", "run_name": None, "tags": ["r0.6"]}
+    )
+    logger = RunLogger(tmp_path, cfg, config={"pipeline": {"ratio": 0.6}}, tags=["l1"])
+    for row in ROWS:
+        logger.log_step(row)
+    logger.log_summary({"acc_final_val": 87.0, "frozen": ["a"]})
+    logger.close()
+
+    # Local files are written too.
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    logged = history(files[0])
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert [r["val_acc"] for r in logged] == [89.0, 88.0, 87.0]
+    assert all("lr" not in r for r in logged)  # None values are not sent
+    info = run_info(files[0])
+    assert info.run_group == "exp" and info.job_type == "iterative"
+    assert set(info.tags) == {"r0.6", "l1"}
+    assert summary(files[0])["acc_final_val"] == 87.0

@@ -1,0 +1,80 @@
+"""Training and evaluation loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from icep.errors import ConfigError, IcepError
+from icep.train import Distillation, PhaseTimer, Trainer, resolve_device, sgd
+
+
+def loader(n=256, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 8, generator=g) * 0.3
+    x[torch.arange(n), y] += 2.0  # separable: the class is the hot feature
+    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=g)
+
+
+def test_evaluate_is_percent_top1():
+    x = torch.eye(4)
+    y = torch.tensor([0, 1, 2, 0])  # identity model gets 3 of 4
+    trainer = Trainer(torch.device("cpu"))
+    assert trainer.evaluate(nn.Identity(), DataLoader(TensorDataset(x, y), batch_size=2)) == 75.0
+
+
+def test_fit_learns_and_keeps_eval_mode_consistent():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    trainer = Trainer(torch.device("cpu"))
+    data = loader()
+    before = trainer.evaluate(model, data)
+    trainer.fit(model, data, sgd(model, 0.1), epochs=5)
+    assert trainer.evaluate(model, data) > max(before, 90.0)
+
+
+def test_distillation_from_identical_teacher_adds_no_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    distill = Distillation(model, temperature=2.0, weight=1.0)
+    x = torch.randn(16, 8)
+    assert distill.loss(x, model(x)).item() == pytest.approx(0.0, abs=1e-6)
+    other = nn.Linear(8, 4)
+    loss = distill.loss(x, other(x))
+    assert loss.item() > 0
+    loss.backward()  # gradients reach the student only
+    assert other.weight.grad is not None and model.weight.grad is None
+
+
+def test_nan_loss_is_a_clear_error():
+    model = nn.Linear(8, 4)
+    trainer = Trainer(torch.device("cpu"))
+    with pytest.raises(IcepError, match="lr 1e\\+30"):
+        trainer.fit(model, loader(), sgd(model, 1e30), epochs=3)
+
+
+def test_sgd_leaves_frozen_parameters_out():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[0].requires_grad_(False)
+    opt = sgd(model, 0.01)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 8 * 4 + 4
+
+
+def test_phase_timer_accumulates():
+    timer = PhaseTimer(torch.device("cpu"))
+    for _ in range(2):
+        with timer.phase("prune") as t:
+            sum(range(10000))
+        assert t["seconds"] > 0
+    assert timer.totals["prune"] >= t["seconds"]
+    assert timer.total("prune", "missing") == timer.totals["prune"]
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="trainer.device"):
+        resolve_device("tpu")

@@ -1,0 +1,70 @@
+"""Read the records of an offline W&B run file (``run-*.wandb``, LevelDB log format)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32768
+HEADER = 7  # ":W&B" + magic + version; each record: crc32 (4), length (2), type (1)
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + HEADER <= len(raw):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + HEADER])
+        pos += HEADER
+        chunk = raw[pos : pos + length]
+        pos += length
+        if kind == FULL:
+            data = chunk
+        elif kind == FIRST:
+            pending = chunk
+            continue
+        elif kind == MIDDLE:
+            pending += chunk
+            continue
+        elif kind == LAST:
+            data, pending = pending + chunk, b""
+        else:
+            break
+        record = pb.Record()
+        record.ParseFromString(data)
+        yield record
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def history(path: Path) -> list[dict]:
+    rows = []
+    for r in records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({_key(i): json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def run_info(path: Path):
+    for r in records(path):
+        if r.WhichOneof("record_type") == "run":
+            return r.run
+    return None
+
+
+def summary(path: Path) -> dict:
+    out = {}
+    for r in records(path):
+        if r.WhichOneof("record_type") == "summary":
+            out.update({_key(i): json.loads(i.value_json) for i in r.summary.update if _key(i)})
+    return out
