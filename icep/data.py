@@ -235,29 +235,29 @@ def _build_cifar(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
     mode = _augment_mode(cfg, allowed=("cifar", "none"))
     train_tf, eval_tf = _image_transforms(cfg, _CIFAR_IMAGE_SIZE, mode)
 
-    if (root / cls.base_folder).is_dir() or cfg.download:
-        try:
-            train = cls(str(root), train=True, download=cfg.download)
-            test = cls(str(root), train=False, download=cfg.download)
-        except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
+    if not (root / cls.base_folder).is_dir():
+        # The same images as an ImageFolder tree, e.g. the CIFAR-10 JPEG archive.
+        tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
+        if tree is not None:
+            return _image_folder_source(tree, train_tf, eval_tf)
+        if not cfg.download:
             raise ConfigError(
                 "dataset.root",
-                f"{root / cls.base_folder} is incomplete or corrupt ({err}); "
-                "fix the files or set dataset.download=true",
-            ) from None
-        return _Source(
-            train, test, len(train.classes), train_tf, eval_tf, description=f"torchvision {root}"
-        )
-
-    # The same images as an ImageFolder tree, e.g. the CIFAR-10 JPEG archive.
-    tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
-    if tree is None:
+                f"{root} holds no {title} (expected {cls.base_folder}/ or an ImageFolder tree / "
+                ".tar.gz with train/ and test/); set dataset.root=... or dataset.download=true",
+            )
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
         raise ConfigError(
             "dataset.root",
-            f"{root} holds no {title} (expected {cls.base_folder}/ or an ImageFolder tree / "
-            ".tar.gz with train/ and test/); set dataset.root=... or dataset.download=true",
-        )
-    return _image_folder_source(tree, train_tf, eval_tf)
+            f"{root / cls.base_folder} is incomplete or corrupt ({err}); "
+            "fix the files or set dataset.download=true",
+        ) from None
+    return _Source(
+        train, test, len(train.classes), train_tf, eval_tf, description=f"torchvision {root}"
+    )
 
 
 # --- ImageFolder --------------------------------------------------------------------------------

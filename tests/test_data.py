@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -187,6 +189,9 @@ def test_image_folder_uses_a_val_folder(tmp_path):
     data = build(dataset_cfg("image_folder", root=str(tree)))
     assert len(data.train.dataset) == 6 and len(data.val.dataset) == 6
     assert data.val.dataset.base.root.endswith("val")
+    # train_subset caps train + val together, val in the proportion val_fraction
+    data = build(dataset_cfg("image_folder", root=str(tree), train_subset=4, val_fraction=0.25))
+    assert len(data.train.dataset) == 3 and len(data.val.dataset) == 1
 
 
 def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
@@ -208,6 +213,23 @@ def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
     assert first.num_classes == second.num_classes == 3
     assert indices(first) == indices(second)
     assert first.train.dataset.base.root == str(unpacked / "pack" / "tiny" / "train")
+
+
+def test_racing_unpack_keeps_the_first_copy(tmp_path, monkeypatch, caplog):
+    archive = make_archive(make_tree(tmp_path / "tiny"), tmp_path / "tiny.tar.gz")
+    cache = tmp_path / "cache"
+    rename = os.rename
+
+    def lose_the_race(src, dst):  # another run renames its whole copy into place first
+        shutil.copytree(src, dst)
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", lose_the_race)
+    with caplog.at_level(logging.INFO, logger="icep.data"):
+        data = build(dataset_cfg("image_folder", root=str(archive)), cache_dir=cache)
+    (unpacked,) = cache.iterdir()  # our temp copy is gone, theirs is used
+    assert data.train.dataset.base.root == str(unpacked / "pack" / "tiny" / "train")
+    assert "another run unpacked" in caplog.text
 
 
 @pytest.mark.parametrize("augment", ["cifar", "imagenet", "none"])
@@ -272,7 +294,7 @@ def test_cifar10_torchvision_format(tmp_path, fake_cifar_checks):
     # val and test see the eval transform: exactly the normalized stored pixels.
     cfg = dataset_cfg("cifar10")
     image, _ = data.val.dataset.base[data.val.dataset.indices[0]]
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1) / 255
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1) / 255
     mean, std = (torch.tensor(list(v)).view(3, 1, 1) for v in (cfg.mean, cfg.std))
     torch.testing.assert_close(data.val.dataset[0][0], (pixels - mean) / std)
 

@@ -21,11 +21,12 @@ follows, the input channels of the next conv, ...). A group is a candidate unit 
 
 Candidates are grouped by block: the deepest module above the conv that is not a plain container
 (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict`` or subclasses, so the conv-norm-act
-wrappers of torchvision and timm are skipped). A block that is a direct child of another unit's
-block (a squeeze-and-excitation module inside an inverted residual) joins that unit. Units are
-ordered by the first forward call of their convs, recorded while the graph is traced.
+wrappers of torchvision and timm are skipped). A squeeze-and-excitation module (a block that
+holds a gate conv) joins the unit of the block around it, so its squeeze width is pruned with the
+block's expansion. Units are ordered by the first forward call of their convs, recorded while the
+graph is traced.
 
-What that gives (checked in ``tests/test_pruning.py``):
+What that gives (``tests/test_pruning.py`` checks all but the last two items):
 
 - CIFAR ResNet-(6n+2): one unit per BasicBlock (``conv1``), 3n units: 9 for ResNet-20, 27 for
   ResNet-56, ``layer1.0`` ... ``layer3.{n-1}``.
@@ -37,10 +38,13 @@ What that gives (checked in ``tests/test_pruning.py``):
   every inverted residual (its depthwise conv follows), plus the projection of ``features.1``
   and ``features.17``, whose outputs meet no residual add. The stem and the 1280-wide last conv
   (it feeds the classifier) stay.
-- timm resnet18: as torchvision's, 8 units.
-- timm mobilenetv3_small_050: 11 units, ``blocks.0.0`` ... ``blocks.5.0``: each block's
-  expansion (or, for ``blocks.0.0``, its projection) together with its squeeze-and-excitation
-  width; ``blocks.5.0`` is the final 1x1 conv before pooling. The stem and ``conv_head`` stay.
+- timm mobilenetv3_small_050: 12 units, ``blocks.0.0`` ... ``blocks.5.0``: each block's
+  expansion (for ``blocks.0.0``, which has none, its projection) together with its
+  squeeze-and-excitation width; ``blocks.5.0`` is the 1x1 conv before pooling. The stem and
+  ``conv_head`` (it feeds the classifier) stay.
+- timm resnet18: as torchvision's, 8 units; torchvision mobilenet_v3_small: like timm's, 12.
+- timm efficientnet_b0: 16 units (expansion + SE width per block); torchvision vgg11_bn: 7, one
+  per conv but the first.
 """
 
 from __future__ import annotations
@@ -112,11 +116,18 @@ class PruningEngine:
                 continue
             blocks.setdefault(_block_name(self.model, names[conv]), []).append(conv)
 
-        # A block nested directly in another unit's block (an SE module) joins that unit.
+        # A squeeze-and-excitation module (a block holding a gate conv) joins the unit of the
+        # block around it: its squeeze width is part of that block's inside.
+        gates = {
+            node.module
+            for node in self.graph.module2node.values()
+            if node.type == OPTYPE.CONV and _is_gate(node)
+        }
         for block in sorted(blocks, key=len, reverse=True):
-            parent = block.rpartition(".")[0]
-            if parent in blocks:
-                blocks[parent].extend(blocks.pop(block))
+            outer = _block_name(self.model, block)
+            holds_gate = any(m in gates for m in self.model.get_submodule(block).modules())
+            if holds_gate and outer != block and outer in blocks:
+                blocks[outer].extend(blocks.pop(block))
 
         ordered = sorted(blocks.items(), key=lambda kv: min(rank[c] for c in kv[1]))
         units = []
@@ -152,13 +163,16 @@ class PruningEngine:
         """Remove ``ceil(ratio * C)`` output channels (at most ``C - 1``) of each conv of unit
         ``index``, the ones ``criterion`` scores lowest, with everything coupled to them.
 
-        Returns the number of conv output channels removed.
+        Returns the number of conv output channels removed. Parameters that did not require
+        grad before still do not.
         """
         if not 0 <= index < len(self.units):
             raise IndexError(f"unit {index} does not exist; the model has {len(self.units)} units")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"pruning ratio must lie in [0, 1], got {ratio}")
         unit = self.units[index]
+        # Torch-Pruning's new Parameters always require grad; frozen layers must stay frozen.
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         removed = 0
         for name in unit.convs:
             conv = self.model.get_submodule(name)
@@ -176,8 +190,12 @@ class PruningEngine:
             group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs)
             if not self.graph.check_pruning_group(group):
                 raise RuntimeError(f"pruning {n} channels of {name} would empty a coupled layer")
-            group.prune()
+            with torch.no_grad():
+                group.prune()
             removed += n
+        for name, param in self.model.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
         self.refresh()
         return removed
 
@@ -197,7 +215,13 @@ def _trace(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
 ) -> tuple[tp.DependencyGraph, list[nn.Conv2d]]:
     """Build the dependency graph in eval mode (BatchNorm statistics stay untouched) and record
-    the order in which convs first run. Every module's training flag is restored afterwards."""
+    the order in which convs first run. Every module's training flag is restored afterwards;
+    frozen parameters (``requires_grad=False``) do not hide layers from the trace."""
+    # Inputs that require grad give every op a grad_fn even where parameters are frozen.
+    inputs = tuple(
+        t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        for t in _as_tuple(example_inputs)
+    )
     flags = {m: m.training for m in model.modules()}
     order: list[nn.Conv2d] = []
     seen: set[nn.Module] = set()
@@ -212,7 +236,7 @@ def _trace(
         model.eval()
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=_as_tuple(example_inputs), verbose=False
+                model, example_inputs=inputs, verbose=False
             )
     finally:
         for hook in hooks:

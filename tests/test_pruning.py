@@ -1,0 +1,287 @@
+"""The pruning engine (units, physical removal, sizes) and the filter criteria."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from icep.errors import ConfigError
+from icep.models import cifar_resnet
+from icep.pruning import (
+    CRITERIA,
+    L1,
+    L2,
+    PruningEngine,
+    build_criterion,
+    count_macs_params,
+    remaining_fraction,
+    spatial_conv_weights,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.train()
+    out = model(x)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.zero_grad()
+    return out
+
+
+def check_prune(engine: PruningEngine, index: int, x: torch.Tensor, ratio: float = 0.6) -> None:
+    """Prune one unit and check channels, output shape, forward/backward and sizes."""
+    model = engine.model
+    unit = engine.units[index]
+    before = {name: model.get_submodule(name).out_channels for name in unit.convs}
+    macs0, params0 = count_macs_params(model, x[:1])
+    out_shape = model.eval()(x).shape
+
+    removed = engine.prune_unit(index, ratio, L1())
+
+    expected = {name: math.ceil(ratio * c) for name, c in before.items()}
+    assert removed == sum(expected.values())
+    for name, c in before.items():
+        assert model.get_submodule(name).out_channels == c - expected[name]
+    assert unit.channels == [c - expected[n] for n, c in before.items()]
+    assert forward_backward(model, x).shape == out_shape
+    macs, params = count_macs_params(model, x[:1])
+    assert params < params0 and macs < macs0
+    assert params == n_params(model)
+
+
+# --- CIFAR ResNets -------------------------------------------------------------------------
+
+
+def test_resnet56_has_27_units_in_forward_order():
+    engine = PruningEngine(cifar_resnet(56), torch.randn(1, 3, 32, 32))
+    names = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(9)]
+    assert [u.name for u in engine.units] == names
+    assert [u.index for u in engine.units] == list(range(27))
+    assert [u.convs for u in engine.units] == [[f"{n}.conv1"] for n in names]
+    assert [u.channels for u in engine.units] == [[w] for w in (16, 32, 64) for _ in range(9)]
+
+
+def test_resnet56_prune_removes_exactly_the_block_inside():
+    model = cifar_resnet(56)
+    x = torch.randn(2, 3, 32, 32)
+    engine = PruningEngine(model, x[:1])
+    # The first block, the first (strided) block of stage 2, and the last block; one after the
+    # other on the same engine.
+    for index in (0, 9, 26):
+        block = model.get_submodule(engine.units[index].name)
+        c_in, c, c_out = block.conv1.in_channels, block.conv1.out_channels, block.conv2.out_channels
+        n = math.ceil(0.6 * c)
+        params0 = n_params(model)
+        check_prune(engine, index, x)
+        # conv1 filters, bn1 weight and bias, conv2 input channels
+        assert params0 - n_params(model) == n * c_in * 9 + 2 * n + n * c_out * 9
+        assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels
+        assert block.conv2.out_channels == c_out  # the residual width stays
+
+
+def test_resnet20_prune_every_unit_in_turn():
+    model = cifar_resnet(20)
+    x = torch.randn(2, 3, 32, 32)
+    engine = PruningEngine(model, x[:1])
+    assert len(engine.units) == 9
+    original = spatial_conv_weights(model)
+    fractions = [remaining_fraction(model, original)]
+    for unit in engine.units:
+        engine.prune_unit(unit.index, 0.6, L1())
+        fractions.append(remaining_fraction(model, original))
+    assert fractions[0] == 1.0
+    assert all(b < a for a, b in zip(fractions, fractions[1:], strict=False))
+    # Every block keeps 40% of its inside (rounded down), so x ends a little below 0.4.
+    assert 0.35 < fractions[-1] < 0.4
+    assert [u.channels for u in engine.units] == [[6]] * 3 + [[12]] * 3 + [[25]] * 3
+    assert forward_backward(model, x).shape == (2, 10)
+
+
+def test_ratio_never_empties_a_layer():
+    model = cifar_resnet(20)
+    engine = PruningEngine(model, torch.randn(1, 3, 32, 32))
+    assert engine.prune_unit(0, 0.0, L1()) == 0
+    assert engine.prune_unit(0, 1.0, L1()) == 15
+    assert engine.units[0].channels == [1]
+    assert engine.prune_unit(0, 1.0, L1()) == 0  # one channel left: nothing more to take
+    # ceil(0.7 * 10) is 7 despite 0.7 * 10 == 7.000000000000001 in floating point
+    engine.prune_unit(3, 22 / 32, L1())  # 32 -> 10
+    assert engine.prune_unit(3, 0.7, L1()) == 7
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="ratio"):
+        engine.prune_unit(1, 1.5, L1())
+    with pytest.raises(IndexError):
+        engine.prune_unit(9, 0.5, L1())
+
+
+def test_prune_removes_the_filters_the_criterion_ranks_lowest():
+    model = cifar_resnet(20)
+    engine = PruningEngine(model, torch.randn(1, 3, 32, 32))
+    conv1 = model.layer1[0].conv1
+    with torch.no_grad():
+        conv1.weight[5].zero_()
+    kept = torch.cat([conv1.weight[:5], conv1.weight[6:]]).clone()
+    assert engine.prune_unit(0, 1 / 16, L1()) == 1
+    assert torch.equal(conv1.weight, kept)
+    assert model.layer1[0].conv2.weight.shape[1] == 15
+
+
+def test_engine_restores_training_flags_and_honours_ignored_layers():
+    model = cifar_resnet(20).train()
+    model.layer2.eval()  # e.g. a frozen stage
+    engine = PruningEngine(model, torch.randn(1, 3, 32, 32), ignored_layers=[model.layer1[1].conv1])
+    assert model.training and model.layer1.training and not model.layer2[0].bn1.training
+    assert [u.name for u in engine.units][:2] == ["layer1.0", "layer1.2"]
+    count_macs_params(model, torch.randn(1, 3, 32, 32))
+    assert model.training and not model.layer2.training
+
+
+def test_frozen_layers_are_traced_and_stay_frozen():
+    model = cifar_resnet(20)
+    model.conv1.requires_grad_(False)
+    model.layer1[0].requires_grad_(False)
+    engine = PruningEngine(model, torch.randn(1, 3, 32, 32))
+    assert len(engine.units) == 9
+    engine.prune_unit(0, 0.5, L1())
+    assert not any(p.requires_grad for p in model.layer1[0].parameters())
+    assert not model.conv1.weight.requires_grad
+    assert model.layer1[1].conv1.weight.requires_grad
+
+
+def test_spatial_conv_weights_skip_the_stem_and_count_nonzeros():
+    model = cifar_resnet(20)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs[0] is model.conv1
+    total = sum(m.weight.numel() for m in convs[1:])
+    assert spatial_conv_weights(model) == total
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[0].zero_()
+        model.conv1.weight.zero_()  # the stem does not count
+        model.layer2[0].shortcut[0].weight.zero_()  # nor do 1x1 convs
+    assert spatial_conv_weights(model) == total - 16 * 9
+    assert remaining_fraction(model, total) == pytest.approx(1 - 144 / total)
+
+
+# --- Other architectures -------------------------------------------------------------------
+
+ARCHS = {
+    # name: (builder, number of units, first unit, last unit)
+    "torchvision_resnet18": (
+        lambda: torchvision.models.resnet18(num_classes=10),
+        8,
+        "layer1.0",
+        "layer4.1",
+    ),
+    "torchvision_mobilenet_v2": (
+        lambda: torchvision.models.mobilenet_v2(num_classes=10),
+        17,
+        "features.1",
+        "features.17",
+    ),
+    "timm_mobilenetv3_small_050": (
+        lambda: timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10),
+        12,
+        "blocks.0.0",
+        "blocks.5.0",
+    ),
+    "torchvision_resnet50": (
+        lambda: torchvision.models.resnet50(num_classes=10),
+        16,
+        "layer1.0",
+        "layer4.2",
+    ),
+}
+SLOW_ARCHS = {
+    "torchvision_densenet121": (
+        lambda: torchvision.models.densenet121(num_classes=10),
+        58,
+        "features.denseblock1.denselayer1",
+        "features.denseblock4.denselayer16",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [*ARCHS, *(pytest.param(a, marks=pytest.mark.slow) for a in SLOW_ARCHS)],
+)
+def test_units_and_pruning_on_other_architectures(arch):
+    build, count, first, last = {**ARCHS, **SLOW_ARCHS}[arch]
+    model = build()
+    x = torch.randn(2, 3, 32, 32)
+    engine = PruningEngine(model, x[:1])
+    units = engine.units
+    assert len(units) == count
+    assert (units[0].name, units[-1].name) == (first, last)
+    # Stem and classifier stay alone.
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    cut = {model.get_submodule(c) for u in units for c in u.convs}
+    assert first_conv not in cut
+
+    # The unit with the most convs first, then every other unit in turn.
+    widest = max(units, key=lambda u: len(u.convs)).index
+    check_prune(engine, widest, x)
+    original_out = model.eval()(x).shape
+    for unit in units:
+        if unit.index != widest:
+            engine.prune_unit(unit.index, 0.6, L1())
+    assert forward_backward(model, x).shape == original_out == (2, 10)
+
+
+def test_unit_shapes_per_architecture():
+    """What the unit rule gives beyond plain BasicBlocks (see the engine's docstring)."""
+    x = torch.randn(1, 3, 32, 32)
+    mbv2 = PruningEngine(torchvision.models.mobilenet_v2(num_classes=10), x).units
+    assert mbv2[1].convs == ["features.2.conv.0.0"]  # expansion; the depthwise conv follows
+    assert mbv2[-1].convs == ["features.17.conv.0.0", "features.17.conv.2"]
+    mbv3 = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    units = PruningEngine(mbv3, x).units
+    assert units[3].convs == ["blocks.2.0.conv_pw", "blocks.2.0.se.conv_reduce"]
+
+
+# --- Criteria ------------------------------------------------------------------------------
+
+
+def test_norm_criteria_score_each_filter():
+    conv = nn.Conv2d(2, 4, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(4, 2, 3, 3) + 1.0)
+        conv.weight[2].zero_()
+        conv.weight[0].mul_(-1)  # the sign does not matter
+    l1, l2 = L1()(conv), L2()(conv)
+    assert l1.shape == l2.shape == (4,)
+    assert int(l1.argmin()) == int(l2.argmin()) == 2
+    assert torch.allclose(l1, conv.weight.abs().sum(dim=(1, 2, 3)))
+    assert torch.allclose(l2, conv.weight.pow(2).sum(dim=(1, 2, 3)).sqrt())
+
+
+def test_criteria_registry():
+    assert set(CRITERIA) == {"l1", "l2"}
+    assert isinstance(build_criterion("l1"), L1)
+    assert isinstance(build_criterion("l2"), L2)
+    assert not build_criterion("l1").needs_data
+    with pytest.raises(ConfigError, match="unknown criterion 'x'; choose one of: l1, l2") as err:
+        build_criterion("x")
+    assert err.value.key == "criterion.name"
+    with pytest.raises(ConfigError, match="criterion"):
+        build_criterion("l1", p=3)
+
+
+def test_criterion_with_wrong_shape_is_rejected():
+    engine = PruningEngine(cifar_resnet(20), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="shape"):
+        engine.prune_unit(0, 0.5, lambda conv: torch.zeros(3))
