@@ -13,6 +13,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from icep.errors import IcepError
@@ -111,8 +112,8 @@ def format_table(s: dict[str, Any]) -> str:
     lines += [f"  {a:<{width}}{b:>10}  {c:>10}" for a, b, c in rows]
     lines.append(f"  {'fine-tuned':<{width}}{s['finetunes']} of {s['steps']} steps")
     lines.append(
-        f"  {'time (s)':<{width}}{s['time_total_s']:.1f} total = prune {s['time_prune_s']:.1f}"
-        f" + fine-tune {s['time_finetune_s']:.1f} + eval {s['time_eval_s']:.1f}"
+        f"  {'time (s)':<{width}}{s['time_total_s']:.2f} total = prune {s['time_prune_s']:.2f}"
+        f" + fine-tune {s['time_finetune_s']:.2f} + eval {s['time_eval_s']:.2f}"
     )
     if s["dense"].get("dense_seconds"):
         lines.append(f"  {'dense training (s)':<{width}}{s['dense']['dense_seconds']:.1f} (not in the total)")
@@ -122,8 +123,18 @@ def format_table(s: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://icep.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except IcepError as exc:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the job fails, the sweep goes on
+        _exit_with(str(exc))
     return summary.get("acc_final_val")
+
+
+def _exit_with(message: str) -> None:
+    print(f"icep: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -134,7 +145,7 @@ def _one_line(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str | None:
     """One line for an error the user can fix, or None for a bug (which keeps its traceback)."""
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if isinstance(exc, IcepError):
         return str(exc)
@@ -142,11 +153,13 @@ def describe_error(exc: BaseException) -> str | None:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         return f"{group}={name} is not an option; choose one of: {', '.join(exc.options)} (conf/{group}/)"
     cause = exc.__cause__
-    if isinstance(exc, ConfigCompositionException) and isinstance(cause, ConfigKeyError):
+    if isinstance(exc, ConfigCompositionException) and isinstance(
+        cause, (ConfigKeyError, ConfigAttributeError)
+    ):
         key = cause.full_key or cause.key
         parent = cause.parent_node
-        known = ", ".join(str(k) for k in parent.keys()) if parent is not None else ""
-        return f"{key} is not a config key; keys there: {known} (use +{key}=... to add a new one)"
+        known = f"; keys there: {', '.join(map(str, parent.keys()))}" if parent is not None else ""
+        return f"{key} is not a config key{known} (to add a new key use +{key}=...)"
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         text = [line.strip() for line in str(exc).splitlines() if line.strip()]
         if cause is not None and str(cause).strip():
@@ -166,5 +179,4 @@ def main() -> None:
         message = describe_error(exc) if own_errors else None
         if message is None:
             raise
-        print(f"icep: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(message)
