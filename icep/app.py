@@ -41,34 +41,63 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     validate(cfg)
     if cfg.pipeline.name not in PIPELINES and cfg.pipeline.name != "dense":
-        raise IcepError(f"pipeline.name: unknown pipeline '{cfg.pipeline.name}'; choose one of: dense, {', '.join(PIPELINES)}")
+        raise IcepError(
+            f"pipeline.name: unknown pipeline '{cfg.pipeline.name}'; choose one of: dense, {', '.join(PIPELINES)}"
+        )
     out = Path(HydraConfig.get().runtime.output_dir)
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
-    criterion = build_criterion(cfg.criterion.name, **{k: v for k, v in cfg.criterion.items() if k != "name"})
+    criterion = build_criterion(
+        cfg.criterion.name, **{k: v for k, v in cfg.criterion.items() if k != "name"}
+    )
     data = build_data(
-        cfg.dataset, seed=cfg.seed, batch_size=cfg.trainer.batch_size,
-        eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers,
-        pin_memory=trainer.device.type == "cuda", cache_dir=Path(cfg.paths.cache) / "datasets",
+        cfg.dataset,
+        seed=cfg.seed,
+        batch_size=cfg.trainer.batch_size,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        num_workers=cfg.trainer.num_workers,
+        pin_memory=trainer.device.type == "cuda",
+        cache_dir=Path(cfg.paths.cache) / "datasets",
     )
     logger = RunLogger(
-        out, cfg.logger, config=OmegaConf.to_container(cfg, resolve=True), group=cfg.name,
+        out,
+        cfg.logger,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        group=cfg.name,
         job_type=cfg.pipeline.name,
         tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, cfg.criterion.name],
     )
-    head = {"pipeline": cfg.pipeline.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
-            "criterion": cfg.criterion.name, "seed": cfg.seed, "device": str(trainer.device)}
+    head = {
+        "pipeline": cfg.pipeline.name,
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "criterion": cfg.criterion.name,
+        "seed": cfg.seed,
+        "device": str(trainer.device),
+    }
     failed = True
     try:
         model, origin = dense_model(cfg, data, trainer)
         if cfg.pipeline.name == "dense":
-            summary = {**head, "status": "completed", "acc_val": trainer.evaluate(model, data.val),
-                       "acc_test": trainer.evaluate(model, data.test), **origin}
+            summary = {
+                **head,
+                "status": "completed",
+                "acc_val": trainer.evaluate(model, data.val),
+                "acc_test": trainer.evaluate(model, data.test),
+                **origin,
+            }
         else:
             pruning = PruningRun(model, data, trainer, criterion, logger)
-            seed_everything(cfg.seed)  # the pruning run does not depend on whether dense training ran
-            summary = {**head, "status": "completed", "ratio": cfg.pipeline.get("ratio"),
-                       **PIPELINES[cfg.pipeline.name](pruning, cfg.pipeline), "dense": origin}
+            seed_everything(
+                cfg.seed
+            )  # the pruning run does not depend on whether dense training ran
+            summary = {
+                **head,
+                "status": "completed",
+                "ratio": cfg.pipeline.get("ratio"),
+                **PIPELINES[cfg.pipeline.name](pruning, cfg.pipeline),
+                "dense": origin,
+            }
         save_model(model, arch_spec(cfg, data), out / "model.pt", summary=_scalars(summary))
         summary["model_path"] = str(out / "model.pt")
         summary["output_dir"] = str(out)
@@ -97,8 +126,10 @@ def _count(n: float) -> str:
 def format_table(s: dict[str, Any]) -> str:
     """The closing report: accuracy, size, fine-tunes, time per phase, where the outputs are."""
     if s["pipeline"] == "dense":
-        return (f"\nicep: dense {s['model']} on {s['dataset']} ({s['device']}): val {s['acc_val']:.2f}%, "
-                f"test {s['acc_test']:.2f}%\nmodel: {s['model_path']}\n")
+        return (
+            f"\nicep: dense {s['model']} on {s['dataset']} ({s['device']}): val {s['acc_val']:.2f}%, "
+            f"test {s['acc_test']:.2f}%\nmodel: {s['model_path']}\n"
+        )
     rows = [
         ("", "before", "after"),
         ("val accuracy (%)", f"{s['acc_original_val']:.2f}", f"{s['acc_final_val']:.2f}"),
@@ -107,8 +138,10 @@ def format_table(s: dict[str, Any]) -> str:
         ("MACs", _count(s["macs_before"]), _count(s["macs_after"])),
     ]
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"\nicep: {s['pipeline']} pruning of {s['model']} on {s['dataset']} "
-             f"(ratio {s.get('ratio')}, {s['device']})"]
+    lines = [
+        f"\nicep: {s['pipeline']} pruning of {s['model']} on {s['dataset']} "
+        f"(ratio {s.get('ratio')}, {s['device']})"
+    ]
     lines += [f"  {a:<{width}}{b:>10}  {c:>10}" for a, b, c in rows]
     lines.append(f"  {'fine-tuned':<{width}}{s['finetunes']} of {s['steps']} steps")
     lines.append(
@@ -116,7 +149,9 @@ def format_table(s: dict[str, Any]) -> str:
         f" + fine-tune {s['time_finetune_s']:.2f} + eval {s['time_eval_s']:.2f}"
     )
     if s["dense"].get("dense_seconds"):
-        lines.append(f"  {'dense training (s)':<{width}}{s['dense']['dense_seconds']:.1f} (not in the total)")
+        lines.append(
+            f"  {'dense training (s)':<{width}}{s['dense']['dense_seconds']:.1f} (not in the total)"
+        )
     lines.append(f"  {'outputs':<{width}}{s['output_dir']}")
     return "\n".join(lines) + "\n"
 

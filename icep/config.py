@@ -42,8 +42,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "trainer.eval_batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "trainer.num_workers": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    "dataset.val_fraction": (lambda v: _number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
-    "logger.mode": (lambda v: v in ("online", "offline", "disabled"), "online, offline or disabled"),
+    "dataset.val_fraction": (
+        lambda v: _number(v) and 0 < v < 1,
+        "a number strictly between 0 and 1",
+    ),
+    "logger.mode": (
+        lambda v: v in ("online", "offline", "disabled"),
+        "online, offline or disabled",
+    ),
 }
 
 
@@ -57,4 +63,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(key, f"got {value!r}; must be {allowed}")
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ConfigError("model.checkpoint", f"{checkpoint} does not exist; give the path of a trained model or null to train one")
+        raise ConfigError(
+            "model.checkpoint",
+            f"{checkpoint} does not exist; give the path of a trained model or null to train one",
+        )

@@ -54,7 +54,9 @@ def train_dense(model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig)
     else:
         milestones = [round(f * cfg.epochs) for f in cfg.milestones]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.gamma)
-    trainer.fit(model, data.train, optimizer, cfg.epochs, scheduler, desc="dense", val_loader=data.val)
+    trainer.fit(
+        model, data.train, optimizer, cfg.epochs, scheduler, desc="dense", val_loader=data.val
+    )
 
 
 def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Module, dict[str, Any]]:
@@ -68,7 +70,9 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
         return trainer.prepare(load_model(path)), {"source": str(path)}
     log.info(
         "model.checkpoint is null: training the dense %s for %d epochs (cached at %s)",
-        cfg.model.name, cfg.dense.epochs, path,
+        cfg.model.name,
+        cfg.dense.epochs,
+        path,
     )
     model = trainer.prepare(build_model(cfg, data))
     with trainer.timer.phase("dense") as t:
@@ -76,4 +80,7 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
     acc = trainer.evaluate(model, data.val)
     if cfg.dense.cache:
         save_model(model, arch_spec(cfg, data), path, val_acc=acc, seconds=t["seconds"])
-    return model, {"source": str(path) if cfg.dense.cache else "trained", "dense_seconds": t["seconds"]}
+    return model, {
+        "source": str(path) if cfg.dense.cache else "trained",
+        "dense_seconds": t["seconds"],
+    }

@@ -72,7 +72,13 @@ def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, **meta:
         raise ValueError(f"cannot save a model built by {arch.get('_target_')!r}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_save(
-        {"format": FORMAT, "arch": arch, "layers": layer_shapes(model), "state_dict": state, "meta": meta},
+        {
+            "format": FORMAT,
+            "arch": arch,
+            "layers": layer_shapes(model),
+            "state_dict": state,
+            "meta": meta,
+        },
         path,
     )
 
@@ -82,7 +88,9 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise IcepError(f"{path} is not a readable icep model file ({type(exc).__name__}); it may be truncated") from None
+        raise IcepError(
+            f"{path} is not a readable icep model file ({type(exc).__name__}); it may be truncated"
+        ) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise IcepError(f"{path} is not an icep model file (no '{FORMAT}' format tag)")
     return blob

@@ -27,9 +27,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError("trainer.device", f"got '{name}'; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(
+            "trainer.device", f"got '{name}'; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", f"'{name}' asked for but no CUDA device is visible; use auto or cpu")
+        raise ConfigError(
+            "trainer.device", f"'{name}' asked for but no CUDA device is visible; use auto or cpu"
+        )
     return device
 
 
@@ -176,7 +180,9 @@ class Trainer:
             batches += 1
         mean = loss_sum.item() / max(batches, 1)
         if not math.isfinite(mean):
-            raise IcepError(f"{desc}: the loss became {mean} (lr {optimizer.param_groups[0]['lr']:g}); lower the learning rate")
+            raise IcepError(
+                f"{desc}: the loss became {mean} (lr {optimizer.param_groups[0]['lr']:g}); lower the learning rate"
+            )
         return mean
 
     def fit(
@@ -204,7 +210,9 @@ class Trainer:
         return loss
 
 
-def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
+def sgd(
+    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> torch.optim.SGD:
     """A fresh SGD over the trainable parameters (frozen ones are left out)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

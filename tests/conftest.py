@@ -22,13 +22,19 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def run_icep(args: list[str], run_dir: Path, cache: Path, timeout: float = 300, env: dict | None = None):
+def run_icep(
+    args: list[str], run_dir: Path, cache: Path, timeout: float = 300, env: dict | None = None
+):
     """``python -m icep ARGS`` in a subprocess with its run folder at ``run_dir``."""
     full_env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "icep", f"hydra.run.dir={run_dir}", *args],
-        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -27,8 +27,16 @@ def test_local_files(tmp_path):
 def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = OmegaConf.create(
-        {"name": "wandb", "mode": "offline", "project": "icep-test", "entity": None,
-         "group": "exp", "job_type": "iterative", "run_name": None, "tags": ["r0.6"]}
+        {
+            "name": "wandb",
+            "mode": "offline",
+            "project": "icep-test",
+            "entity": None,
+            "group": "exp",
+            "job_type": "iterative",
+            "run_name": None,
+            "tags": ["r0.6"],
+        }
     )
     logger = RunLogger(tmp_path, cfg, config={"pipeline": {"ratio": 0.6}}, tags=["l1"])
     for row in ROWS:

@@ -14,12 +14,42 @@ from icep.data import build_data
 from icep.serialization import load_model
 from icep.train import Trainer
 
-ROW_KEYS = {"step", "unit", "ratio", "params", "macs", "remaining", "val_acc", "finetuned", "lr",
-            "epochs", "t_prune", "t_finetune", "t_eval", "t_total"}
-SUMMARY_KEYS = {"pipeline", "model", "dataset", "device", "acc_original_val", "acc_final_val",
-                "acc_original_test", "acc_final_test", "params_before", "params_after",
-                "macs_before", "macs_after", "steps", "finetunes", "time_total_s", "time_prune_s",
-                "time_finetune_s", "time_eval_s"}
+ROW_KEYS = {
+    "step",
+    "unit",
+    "ratio",
+    "params",
+    "macs",
+    "remaining",
+    "val_acc",
+    "finetuned",
+    "lr",
+    "epochs",
+    "t_prune",
+    "t_finetune",
+    "t_eval",
+    "t_total",
+}
+SUMMARY_KEYS = {
+    "pipeline",
+    "model",
+    "dataset",
+    "device",
+    "acc_original_val",
+    "acc_final_val",
+    "acc_original_test",
+    "acc_final_test",
+    "params_before",
+    "params_after",
+    "macs_before",
+    "macs_after",
+    "steps",
+    "finetunes",
+    "time_total_s",
+    "time_prune_s",
+    "time_finetune_s",
+    "time_eval_s",
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +66,7 @@ def test_metrics_rows(digits_run):
     assert len(rows) == 9  # ResNet-20: one unit per BasicBlock
     assert [r["step"] for r in rows] == list(range(1, 10))
     for row in rows:
-        assert ROW_KEYS <= row.keys()
+        assert row.keys() >= ROW_KEYS
         assert row["finetuned"] is True and row["lr"] == 0.001 and row["epochs"] == 1
         assert 0 <= row["val_acc"] <= 100
     remaining = [r["remaining"] for r in rows]
@@ -46,7 +76,8 @@ def test_metrics_rows(digits_run):
     assert math.isclose(
         totals[-1] - totals[0],
         sum(r["t_prune"] + r["t_finetune"] + r["t_eval"] for r in rows[1:]),
-        rel_tol=1e-6, abs_tol=1e-6,
+        rel_tol=1e-6,
+        abs_tol=1e-6,
     )
     assert rows[-1]["params"] < rows[0]["params"]
 
@@ -54,7 +85,7 @@ def test_metrics_rows(digits_run):
 def test_summary_and_closing_table(digits_run):
     run_dir, result = digits_run
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert SUMMARY_KEYS <= summary.keys()
+    assert summary.keys() >= SUMMARY_KEYS
     assert summary["status"] == "completed"
     assert summary["steps"] == summary["finetunes"] == 9
     assert summary["params_after"] < summary["params_before"]
@@ -62,7 +93,15 @@ def test_summary_and_closing_table(digits_run):
     assert summary["acc_original_val"] > 50  # the dense model learned the digits
     phases = summary["time_prune_s"] + summary["time_finetune_s"] + summary["time_eval_s"]
     assert math.isclose(summary["time_total_s"], phases, rel_tol=1e-6)
-    for text in ("val accuracy", "test accuracy", "params", "MACs", "fine-tuned", "time", str(run_dir)):
+    for text in (
+        "val accuracy",
+        "test accuracy",
+        "params",
+        "MACs",
+        "fine-tuned",
+        "time",
+        str(run_dir),
+    ):
         assert text in result.stdout
 
 
@@ -73,8 +112,14 @@ def test_saved_model_loads_without_config_and_keeps_accuracy(digits_run, cache_d
     model = load_model(run_dir / "model.pt")
     assert sum(p.numel() for p in model.parameters()) == summary["params_after"]
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    data = build_data(cfg.dataset, seed=cfg.seed, batch_size=64, eval_batch_size=512,
-                      num_workers=0, cache_dir=cache_dir)
+    data = build_data(
+        cfg.dataset,
+        seed=cfg.seed,
+        batch_size=64,
+        eval_batch_size=512,
+        num_workers=0,
+        cache_dir=cache_dir,
+    )
     trainer = Trainer(torch.device("cpu"))
     assert trainer.evaluate(model, data.test) == pytest.approx(summary["acc_final_test"])
     assert trainer.evaluate(model, data.val) == pytest.approx(summary["acc_final_val"])
@@ -95,7 +140,9 @@ def test_wandb_offline_through_the_app(tmp_path, cache_dir):
     from wandb_offline import history, run_info
 
     run_dir = tmp_path / "wb"
-    result = run_icep([*FAST, "logger=wandb", "logger.mode=offline", "name=wbtest"], run_dir, cache_dir)
+    result = run_icep(
+        [*FAST, "logger=wandb", "logger.mode=offline", "name=wbtest"], run_dir, cache_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
@@ -110,9 +157,16 @@ def test_wandb_offline_through_the_app(tmp_path, cache_dir):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
 def test_experiment_resnet56_cifar10_on_the_jpeg_archive(tmp_path, cache_dir):
-    args = ["+experiment=resnet56_cifar10", f"dataset.root={SHARED_CIFAR}",
-            "dataset.train_subset=400", "dataset.test_subset=200", "dense.epochs=1",
-            "trainer.batch_size=64", "trainer.num_workers=0", "trainer.device=cpu"]
+    args = [
+        "+experiment=resnet56_cifar10",
+        f"dataset.root={SHARED_CIFAR}",
+        "dataset.train_subset=400",
+        "dataset.test_subset=200",
+        "dense.epochs=1",
+        "trainer.batch_size=64",
+        "trainer.num_workers=0",
+        "trainer.device=cpu",
+    ]
     result = run_icep(args, tmp_path / "r56", cache_dir, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "r56" / "summary.json").read_text())

@@ -18,7 +18,9 @@ from icep.models.cifar_resnet import DEPTHS, CifarResNet
 def cifar_resnet(depth: int = 56, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-{20,32,44,56,110,152} for 32x32 inputs (any 6n+2 depth works)."""
     if (depth - 2) % 6 != 0 or depth < 8:
-        raise ConfigError("model.arch.depth", f"got {depth}; a CIFAR ResNet has depth 6n+2, e.g. {DEPTHS}")
+        raise ConfigError(
+            "model.arch.depth", f"got {depth}; a CIFAR ResNet has depth 6n+2, e.g. {DEPTHS}"
+        )
     return CifarResNet(depth, num_classes, in_channels)
 
 
@@ -28,8 +30,14 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
         for name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
                 new = nn.Conv2d(
-                    in_channels, child.out_channels, child.kernel_size, child.stride,
-                    child.padding, child.dilation, 1, child.bias is not None,
+                    in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    1,
+                    child.bias is not None,
                 )
                 setattr(parent, name, new)
                 return
@@ -91,7 +99,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("model.checkpoint", f"{path} does not exist; give the path of a trained model")
+        raise ConfigError(
+            "model.checkpoint", f"{path} does not exist; give the path of a trained model"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -100,8 +110,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, ...
-        raise ConfigError("model.checkpoint", f"{path} cannot be read ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:120]}); give a state dict or .safetensors file") from None
+        raise ConfigError(
+            "model.checkpoint",
+            f"{path} cannot be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]}); give a state dict or .safetensors file",
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

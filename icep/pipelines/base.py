@@ -12,7 +12,13 @@ from torch import nn
 
 from icep.data import Data
 from icep.logging import RunLogger
-from icep.pruning import PruningEngine, Unit, count_macs_params, remaining_fraction, spatial_conv_weights
+from icep.pruning import (
+    PruningEngine,
+    Unit,
+    count_macs_params,
+    remaining_fraction,
+    spatial_conv_weights,
+)
 from icep.train import Distillation, Trainer, sgd
 
 log = logging.getLogger(__name__)
@@ -56,8 +62,11 @@ class PruningRun:
             self.acc_original_test = self.trainer.evaluate(self.model, self.data.test, "test")
         log.info(
             "unpruned: val %.2f%%, test %.2f%%, %d units, %.3fM params, %.2fM MACs",
-            self.acc_original, self.acc_original_test, len(self.units),
-            self.params_before / 1e6, self.macs_before / 1e6,
+            self.acc_original,
+            self.acc_original_test,
+            len(self.units),
+            self.params_before / 1e6,
+            self.macs_before / 1e6,
         )
         return self.acc_original
 
@@ -89,7 +98,9 @@ class PruningRun:
         """``epochs`` epochs with a fresh SGD at a constant ``lr``."""
         with self.timer.phase("finetune") as t:
             optimizer = sgd(self.model, lr, momentum, weight_decay)
-            self.trainer.fit(self.model, self.data.train, optimizer, epochs, distill=distill, desc=desc)
+            self.trainer.fit(
+                self.model, self.data.train, optimizer, epochs, distill=distill, desc=desc
+            )
         self.finetunes += 1
         return t["seconds"]
 
@@ -109,8 +120,13 @@ class PruningRun:
         self.logger.log_step(row)
         log.info(
             "step %d/%d %s: val %.2f%%, %s, remaining %.3f, %.1fs so far",
-            row["step"], len(self.units), unit.name, row.get("val_acc", float("nan")),
-            "fine-tuned" if row.get("finetuned") else "no fine-tune", row["remaining"], row["t_total"],
+            row["step"],
+            len(self.units),
+            unit.name,
+            row.get("val_acc", float("nan")),
+            "fine-tuned" if row.get("finetuned") else "no fine-tune",
+            row["remaining"],
+            row["t_total"],
         )
         return row
 

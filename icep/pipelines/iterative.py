@@ -13,12 +13,23 @@ def run_iterative(run: PruningRun, cfg: Any) -> dict[str, Any]:
     for unit in run.units:
         t_prune = run.prune(unit, cfg.ratio)
         t_finetune = run.finetune(
-            cfg.finetune_epochs, cfg.lr, cfg.momentum, cfg.weight_decay, distill,
+            cfg.finetune_epochs,
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            distill,
             desc=f"fine-tune {unit.index + 1}/{len(run.units)}",
         )
         val_acc, t_eval = run.evaluate()
         run.record(
-            unit, ratio=cfg.ratio, val_acc=val_acc, finetuned=True, lr=cfg.lr,
-            epochs=cfg.finetune_epochs, t_prune=t_prune, t_finetune=t_finetune, t_eval=t_eval,
+            unit,
+            ratio=cfg.ratio,
+            val_acc=val_acc,
+            finetuned=True,
+            lr=cfg.lr,
+            epochs=cfg.finetune_epochs,
+            t_prune=t_prune,
+            t_finetune=t_finetune,
+            t_eval=t_eval,
         )
     return run.summary()
