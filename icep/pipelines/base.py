@@ -84,6 +84,7 @@ class PruningRun:
     def prune(self, unit: Unit, ratio: float) -> float:
         with self.timer.phase("prune") as t:
             self.engine.prune_unit(unit.index, ratio, self.criterion)
+            self.trainer.prepare(self.model)  # pruned weights come back in the default layout
         return t["seconds"]
 
     def finetune(

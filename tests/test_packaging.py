@@ -1,0 +1,63 @@
+"""An installed wheel carries the configs, so `python -m icep` works outside the checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("icep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for required in (
+        "icep/conf/config.yaml",
+        "icep/conf/model/resnet56.yaml",
+        "icep/conf/experiment/resnet56_cifar10.yaml",
+        "icep/conf/dataset/digits.yaml",
+    ):
+        assert required in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import icep, sys; print(icep.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.startswith(str(site))
+    result = subprocess.run(
+        [sys.executable, "-m", "icep", "+experiment=resnet56_cifar10", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "depth: 56" in result.stdout
