@@ -144,9 +144,21 @@ def format_table(s: dict[str, Any]) -> str:
     ]
     lines += [f"  {a:<{width}}{b:>10}  {c:>10}" for a, b, c in rows]
     lines.append(f"  {'fine-tuned':<{width}}{s['finetunes']} of {s['steps']} steps")
+    if "finetunes_skipped" in s:
+        lines.append(f"  {'fine-tunes skipped':<{width}}{s['finetunes_skipped']}")
+        share = s["frozen_params"] / max(s["params_after"], 1)
+        lines.append(
+            f"  {'frozen':<{width}}{len(s['frozen_layers'])} layers, {100 * share:.1f}% of the "
+            "remaining params"
+        )
     lines.append(
         f"  {'time (s)':<{width}}{s['time_total_s']:.2f} total = prune {s['time_prune_s']:.2f}"
         f" + fine-tune {s['time_finetune_s']:.2f} + eval {s['time_eval_s']:.2f}"
+        + (
+            f" + freeze analysis {s['time_freeze_analysis_s']:.2f}"
+            if s["time_freeze_analysis_s"]
+            else ""
+        )
     )
     if s["dense"].get("dense_seconds"):
         lines.append(

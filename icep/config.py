@@ -35,6 +35,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pipeline.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "pipeline.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "pipeline.distill_temperature": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "pipeline.thre": (lambda v: _number(v) and v >= 0, "a number >= 0 (accuracy points)"),
+    "pipeline.fr": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "pipeline.base": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "pipeline.p": (lambda v: _number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "pipeline.beta": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "pipeline.delta": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "pipeline.decision_split": (lambda v: v in ("val", "test"), "val or test"),
+    "pipeline.trigger": (lambda v: isinstance(v, bool), "true or false"),
+    "pipeline.freeze": (lambda v: isinstance(v, bool), "true or false"),
+    "pipeline.adaptive_lr": (lambda v: isinstance(v, bool), "true or false"),
+    "pipeline.distill": (lambda v: isinstance(v, bool), "true or false"),
     "dense.epochs": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "dense.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
     "dense.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
@@ -61,6 +72,12 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not test(value):
             raise ConfigError(key, f"got {value!r}; must be {allowed}")
+    base, delta = OmegaConf.select(cfg, "pipeline.base"), OmegaConf.select(cfg, "pipeline.delta")
+    if base is not None and delta is not None and delta >= base:
+        raise ConfigError(
+            "pipeline.delta",
+            f"got {delta}; must be below pipeline.base ({base}) so lr(x) stays positive",
+        )
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ConfigError(

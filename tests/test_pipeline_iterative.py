@@ -55,7 +55,7 @@ SUMMARY_KEYS = {
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("iterative") / "run"
-    result = run_icep(FAST, run_dir, cache_dir)
+    result = run_icep([*FAST, "pipeline=iterative"], run_dir, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -128,7 +128,9 @@ def test_saved_model_loads_without_config_and_keeps_accuracy(digits_run, cache_d
 def test_dense_model_is_cached_and_reused(digits_run, tmp_path, cache_dir):
     run_dir, _ = digits_run
     first = json.loads((run_dir / "summary.json").read_text())
-    result = run_icep([*FAST, "pipeline.distill=true"], tmp_path / "again", cache_dir)
+    result = run_icep(
+        [*FAST, "pipeline=iterative", "pipeline.distill=true"], tmp_path / "again", cache_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     second = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert second["dense"]["source"] == first["dense"]["source"]
@@ -141,7 +143,9 @@ def test_wandb_offline_through_the_app(tmp_path, cache_dir):
 
     run_dir = tmp_path / "wb"
     result = run_icep(
-        [*FAST, "logger=wandb", "logger.mode=offline", "name=wbtest"], run_dir, cache_dir
+        [*FAST, "pipeline=iterative", "logger=wandb", "logger.mode=offline", "name=wbtest"],
+        run_dir,
+        cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

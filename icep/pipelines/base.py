@@ -24,7 +24,7 @@ from icep.train import Distillation, Trainer, sgd
 log = logging.getLogger(__name__)
 
 # Phases whose time is the pipeline's cost. Test-set evaluation is reporting, not cost.
-COST_PHASES = ("prune", "finetune", "eval")
+COST_PHASES = ("freeze_analysis", "prune", "finetune", "eval")
 
 
 class PruningRun:
@@ -47,23 +47,39 @@ class PruningRun:
         self.original_weights = spatial_conv_weights(model)
         self.macs_before, self.params_before = count_macs_params(model, self.example_inputs)
         self.rows: list[dict[str, Any]] = []
-        self.acc_original: float | None = None
-        self.acc_original_test: float | None = None
+        # Every decision uses this split; the other one is only reported.
+        self.decision_split = "val"
+        self.acc_original: float | None = None  # on the decision split, measured once
+        self.acc_now: float | None = None  # on the decision split, after the latest evaluation
+        self.acc_original_report: float | None = None  # on the other split
         self.finetunes = 0
 
     @property
     def units(self) -> list[Unit]:
         return self.engine.units
 
-    def start(self) -> float:
-        """Measure the unpruned accuracy once (val for decisions, test for the report)."""
+    @property
+    def report_split(self) -> str:
+        return "test" if self.decision_split == "val" else "val"
+
+    def _loader(self, split: str):
+        return self.data.val if split == "val" else self.data.test
+
+    def start(self, decision_split: str = "val") -> float:
+        """Measure the unpruned accuracy once: on ``decision_split`` for every decision, on the
+        other split for the report only."""
+        self.decision_split = decision_split
         self.acc_original, _ = self.evaluate()
         with self.timer.phase("report"):
-            self.acc_original_test = self.trainer.evaluate(self.model, self.data.test, "test")
+            self.acc_original_report = self.trainer.evaluate(
+                self.model, self._loader(self.report_split), self.report_split
+            )
         log.info(
-            "unpruned: val %.2f%%, test %.2f%%, %d units, %.3fM params, %.2fM MACs",
+            "unpruned: %s %.2f%% (decisions), %s %.2f%%, %d units, %.3fM params, %.2fM MACs",
+            self.decision_split,
             self.acc_original,
-            self.acc_original_test,
+            self.report_split,
+            self.acc_original_report,
             len(self.units),
             self.params_before / 1e6,
             self.macs_before / 1e6,
@@ -76,10 +92,19 @@ class PruningRun:
         return Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
 
     def evaluate(self) -> tuple[float, float]:
-        """Validation accuracy (percent) and the seconds it took."""
+        """Accuracy (percent) on the decision split and the seconds it took."""
         with self.timer.phase("eval") as t:
-            acc = self.trainer.evaluate(self.model, self.data.val, "val")
-        return acc, t["seconds"]
+            self.acc_now = self.trainer.evaluate(
+                self.model, self._loader(self.decision_split), self.decision_split
+            )
+        return self.acc_now, t["seconds"]
+
+    def remaining(self) -> float:
+        """The remaining fraction x of METHOD.md section 1."""
+        return remaining_fraction(self.model, self.original_weights)
+
+    def frozen_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
 
     def prune(self, unit: Unit, ratio: float) -> float:
         with self.timer.phase("prune") as t:
@@ -95,36 +120,46 @@ class PruningRun:
         weight_decay: float,
         distill: Distillation | None = None,
         desc: str = "fine-tune",
+        model: nn.Module | None = None,
+        phase: str = "finetune",
     ) -> float:
-        """``epochs`` epochs with a fresh SGD at a constant ``lr``."""
-        with self.timer.phase("finetune") as t:
-            optimizer = sgd(self.model, lr, momentum, weight_decay)
-            self.trainer.fit(
-                self.model, self.data.train, optimizer, epochs, distill=distill, desc=desc
-            )
-        self.finetunes += 1
+        """``epochs`` epochs with a fresh SGD at a constant ``lr``, timed as ``phase``.
+
+        ``model`` defaults to the model being pruned; a different one (a copy for an analysis)
+        is trained the same way but does not count as a fine-tune of the run.
+        """
+        target = self.model if model is None else model
+        with self.timer.phase(phase) as t:
+            optimizer = sgd(target, lr, momentum, weight_decay)
+            self.trainer.fit(target, self.data.train, optimizer, epochs, distill=distill, desc=desc)
+        if model is None:
+            self.finetunes += 1
         return t["seconds"]
 
     def record(self, unit: Unit, **fields: Any) -> dict[str, Any]:
-        """Append one step's row to metrics.jsonl (and W&B), adding size and cumulative time."""
+        """Append one step's row to metrics.jsonl (and W&B), adding size, the accuracy after the
+        step on the decision split (``val_acc``, or ``test_acc`` when deciding on test) and the
+        cumulative time."""
         macs, params = count_macs_params(self.model, self.example_inputs)
         row = {
             "step": len(self.rows) + 1,
             "unit": unit.name,
             "params": params,
             "macs": macs,
-            "remaining": remaining_fraction(self.model, self.original_weights),
+            "remaining": self.remaining(),
+            f"{self.decision_split}_acc": self.acc_now,
             **fields,
             "t_total": self.timer.total(*COST_PHASES),
         }
         self.rows.append(row)
         self.logger.log_step(row)
         log.info(
-            "step %d/%d %s: val %.2f%%, %s, remaining %.3f, %.1fs so far",
+            "step %d/%d %s: %s %.2f%%, %s, remaining %.3f, %.1fs so far",
             row["step"],
             len(self.units),
             unit.name,
-            row.get("val_acc", float("nan")),
+            self.decision_split,
+            self.acc_now,
             "fine-tuned" if row.get("finetuned") else "no fine-tune",
             row["remaining"],
             row["t_total"],
@@ -133,27 +168,35 @@ class PruningRun:
 
     def summary(self, **extra: Any) -> dict[str, Any]:
         """Final accuracy (val and test), sizes and time per phase."""
-        acc_final, _ = self.evaluate() if not self.rows else (self.rows[-1]["val_acc"], 0.0)
+        if self.acc_now is None or not self.rows:
+            self.evaluate()
         with self.timer.phase("report"):
-            acc_final_test = self.trainer.evaluate(self.model, self.data.test, "test")
+            acc_report = self.trainer.evaluate(
+                self.model, self._loader(self.report_split), self.report_split
+            )
+        acc = {
+            f"acc_original_{self.decision_split}": self.acc_original,
+            f"acc_final_{self.decision_split}": self.acc_now,
+            f"acc_original_{self.report_split}": self.acc_original_report,
+            f"acc_final_{self.report_split}": acc_report,
+        }
         macs, params = count_macs_params(self.model, self.example_inputs)
         t = self.timer.totals
         return {
-            "acc_original_val": self.acc_original,
-            "acc_final_val": acc_final,
-            "acc_original_test": self.acc_original_test,
-            "acc_final_test": acc_final_test,
+            "decision_split": self.decision_split,
+            **{k: acc[k] for k in sorted(acc, key=lambda k: (k.endswith("test"), "final" in k))},
             "params_before": self.params_before,
             "params_after": params,
             "macs_before": self.macs_before,
             "macs_after": macs,
-            "remaining": remaining_fraction(self.model, self.original_weights),
+            "remaining": self.remaining(),
             "steps": len(self.rows),
             "finetunes": self.finetunes,
             "time_total_s": self.timer.total(*COST_PHASES),
             "time_prune_s": t.get("prune", 0.0),
             "time_finetune_s": t.get("finetune", 0.0),
             "time_eval_s": t.get("eval", 0.0),
+            "time_freeze_analysis_s": t.get("freeze_analysis", 0.0),
             "time_report_s": t.get("report", 0.0),
             **extra,
         }

@@ -20,11 +20,10 @@ def run_iterative(run: PruningRun, cfg: Any) -> dict[str, Any]:
             distill,
             desc=f"fine-tune {unit.index + 1}/{len(run.units)}",
         )
-        val_acc, t_eval = run.evaluate()
+        _, t_eval = run.evaluate()
         run.record(
             unit,
             ratio=cfg.ratio,
-            val_acc=val_acc,
             finetuned=True,
             lr=cfg.lr,
             epochs=cfg.finetune_epochs,

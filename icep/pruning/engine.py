@@ -199,6 +199,33 @@ class PruningEngine:
         self.refresh()
         return removed
 
+    def touched_convs(self) -> list[str]:
+        """Every conv whose channels some unit cuts (output or input side), in forward order.
+
+        For a CIFAR ResNet these are each block's ``conv1`` and ``conv2``: the layers ICE's
+        freezing analysis scores (METHOD.md section 3.2).
+        """
+        names = {module: name for name, module in self.model.named_modules()}
+        found: dict[str, None] = {}
+        for unit in self.units:
+            for conv_name in unit.convs:
+                conv = self.model.get_submodule(conv_name)
+                group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0])
+                for dep, _ in group:
+                    module = dep.target.module
+                    if isinstance(module, nn.Conv2d) and module not in self.ignored_layers:
+                        found.setdefault(names[module])
+        return list(found)
+
+    def norm_after(self, conv_name: str) -> str | None:
+        """The normalization layer fed directly by ``conv_name`` (its BatchNorm), if any."""
+        node = self.graph.module2node.get(self.model.get_submodule(conv_name))
+        names = {module: name for name, module in self.model.named_modules()}
+        for out in node.outputs if node is not None else []:
+            if isinstance(out.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                return names[out.module]
+        return None
+
     def refresh(self) -> None:
         """Re-read the current out channels of every unit's convs."""
         for unit in self.units:

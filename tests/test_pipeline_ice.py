@@ -1,0 +1,219 @@
+"""ICE-Pruning: trigger, freezing, pruning-aware learning rate, ablation switches (METHOD.md 3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import ROOT
+from omegaconf import OmegaConf
+
+from icep.data import build_data
+from icep.logging import RunLogger
+from icep.models import cifar_resnet
+from icep.pipelines import PruningRun, run_ice, run_iterative
+from icep.pipelines.ice import pruning_aware_lr, select_frozen, should_finetune
+from icep.pruning import L1
+from icep.train import Trainer, sgd
+
+BASE, P, BETA, DELTA = 0.001, 0.15, 50, 0.0007
+
+
+@pytest.mark.parametrize(
+    ("x", "expected"),
+    [
+        (1.0, BASE - DELTA / (1 + (1.0 / 0.7) ** BETA)),  # dense: ~base
+        (0.85, BASE - DELTA / 2),  # x = 1 - p: the sigmoid's centre
+        (0.5, BASE - DELTA / (1 + (0.5 / 1.2) ** BETA)),  # sparse: ~base - delta
+        (0.0, BASE - DELTA),
+        (1.7, BASE),  # x = 2(1-p): the formula divides by zero
+        (1.69999999, BASE),  # the power overflows a float; the limit is base
+        (2.5, BASE),  # beyond it the formula would be complex
+    ],
+)
+def test_pruning_aware_lr_values(x, expected):
+    lr = pruning_aware_lr(x, BASE, P, BETA, DELTA)
+    assert isinstance(lr, float)
+    assert lr == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_pruning_aware_lr_is_a_rising_sigmoid():
+    xs = [i / 100 for i in range(0, 200)]
+    lrs = [pruning_aware_lr(x, BASE, P, BETA, DELTA) for x in xs]
+    assert all(a <= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert lrs[0] == pytest.approx(BASE - DELTA) and lrs[-1] == BASE
+    assert pruning_aware_lr(1.0, BASE, P, BETA, DELTA) == pytest.approx(BASE, rel=1e-6)
+
+
+def test_trigger_rule():
+    assert should_finetune(90.0, 88.5, 1.5)  # dropped exactly thre: fine-tune
+    assert not should_finetune(90.0, 88.6, 1.5)
+    assert should_finetune(90.0, 90.0, 0.0)
+
+
+@pytest.mark.parametrize(("fr", "n"), [(0.3, 17), (0.9, 49), (0.0, 0), (1.0, 54), (0.5, 27)])
+def test_select_frozen_takes_ceil_fr_n_lowest(fr, n):
+    scores = {f"conv{i}": (i * 37 % 54) / 54 for i in range(54)}
+    frozen = select_frozen(scores, fr)
+    assert len(frozen) == math.ceil(fr * 54) == n
+    assert set(frozen) == set(sorted(scores, key=scores.get)[:n])
+
+
+# --- runs on real data (digits) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    cfg = OmegaConf.load(ROOT / "conf" / "dataset" / "digits.yaml")
+    return build_data(
+        cfg,
+        seed=0,
+        batch_size=64,
+        eval_batch_size=512,
+        num_workers=0,
+        cache_dir=tmp_path_factory.mktemp("data"),
+    )
+
+
+@pytest.fixture(scope="module")
+def dense_state(digits):
+    """A ResNet-20 trained on digits for a few epochs (about 95% val accuracy)."""
+    torch.manual_seed(0)
+    model = cifar_resnet(20, num_classes=10, in_channels=1)
+    trainer = Trainer(torch.device("cpu"))
+    optimizer = sgd(model, 0.1, weight_decay=5e-4)
+    trainer.fit(model, digits.train, optimizer, epochs=6)
+    assert trainer.evaluate(model, digits.val) > 85
+    return model.state_dict()
+
+
+def ice_cfg(**overrides):
+    cfg = OmegaConf.load(ROOT / "conf" / "pipeline" / "ice.yaml")
+    return OmegaConf.merge(cfg, overrides)
+
+
+def run_pipeline(pipeline, cfg, digits, dense_state, tmp_path):
+    torch.manual_seed(0)
+    model = cifar_resnet(20, num_classes=10, in_channels=1)
+    model.load_state_dict(dense_state)
+    run = PruningRun(model, digits, Trainer(torch.device("cpu")), L1(), RunLogger(tmp_path))
+    digits.train.generator.manual_seed(0)  # the same batches for every pipeline
+    summary = pipeline(run, cfg)
+    return run, summary
+
+
+def test_frozen_layers_stay_bit_identical_while_others_train(digits, dense_state, tmp_path):
+    cfg = ice_cfg(fr=0.5, thre=-1.0)  # fine-tune every step
+    model_holder = {}
+
+    def spy(run, cfg):
+        model_holder["run"] = run
+        return run_ice(run, cfg)
+
+    run, summary = run_pipeline(spy, cfg, digits, dense_state, tmp_path)
+    touched = run.engine.touched_convs()
+    assert len(touched) == 18  # conv1 and conv2 of each of ResNet-20's 9 blocks
+    assert len(summary["frozen_layers"]) == math.ceil(0.5 * 18)
+    assert summary["t_freeze_analysis"] > 0
+    assert summary["time_total_s"] >= summary["t_freeze_analysis"]
+
+    # One more fine-tune: frozen convs and their BatchNorm affine parameters do not move.
+    frozen = summary["frozen_layers"]
+    norms = [run.engine.norm_after(n) for n in frozen]
+    snapshot = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    run.finetune(1, 0.01, 0.9, 1e-4)
+    changed = {n for n, p in run.model.named_parameters() if not torch.equal(p, snapshot[n])}
+    for layer in frozen + norms:
+        assert not any(n.startswith(layer + ".") for n in changed), layer
+    trainable = [n for n in touched if n not in frozen]
+    assert all(f"{n}.weight" in changed for n in trainable)
+    assert run.frozen_params() == summary["frozen_params"] > 0
+
+
+def test_thre_zero_fine_tunes_every_step_and_huge_thre_none(digits, dense_state, tmp_path):
+    _, every = run_pipeline(
+        run_ice, ice_cfg(thre=0.0, freeze=False), digits, dense_state, tmp_path / "a"
+    )
+    assert every["finetunes"] == every["steps"] == 9
+    assert every["finetunes_skipped"] == 0
+    run, none = run_pipeline(
+        run_ice, ice_cfg(thre=1000.0, freeze=False), digits, dense_state, tmp_path / "b"
+    )
+    assert none["finetunes"] == 0 and none["finetunes_skipped"] == 9
+    assert none["time_finetune_s"] == 0
+    assert all(r["lr"] is None and r["epochs"] == 0 for r in run.rows)
+
+
+def test_ablation_switches_change_exactly_what_they_name(digits, dense_state, tmp_path):
+    full_run, full = run_pipeline(
+        run_ice, ice_cfg(thre=3.0), digits, dense_state, tmp_path / "full"
+    )
+    assert full["frozen_layers"] and 0 < full["finetunes"] < 9
+    lrs = [r["lr"] for r in full_run.rows if r["lr"] is not None]
+    assert any(lr < BASE * 0.99 for lr in lrs)  # the adaptive lr falls as the network thins
+
+    no_trigger_run, no_trigger = run_pipeline(
+        run_ice, ice_cfg(thre=3.0, trigger=False), digits, dense_state, tmp_path / "nt"
+    )
+    assert no_trigger["finetunes"] == 9
+    assert all(r["acc_pruned"] is None for r in no_trigger_run.rows)  # no decision evaluation
+    assert no_trigger["frozen_layers"] == full["frozen_layers"]
+    assert any(r["lr"] < BASE * 0.99 for r in no_trigger_run.rows)
+
+    no_freeze_run, no_freeze = run_pipeline(
+        run_ice, ice_cfg(thre=3.0, freeze=False), digits, dense_state, tmp_path / "nf"
+    )
+    assert no_freeze["frozen_layers"] == [] and no_freeze["frozen_params"] == 0
+    assert no_freeze["t_freeze_analysis"] == 0
+    assert all(r["frozen_params"] == 0 for r in no_freeze_run.rows)
+    assert all(r["acc_pruned"] is not None for r in no_freeze_run.rows)
+
+    const_run, _ = run_pipeline(
+        run_ice, ice_cfg(thre=3.0, adaptive_lr=False), digits, dense_state, tmp_path / "cl"
+    )
+    assert all(r["lr"] == BASE for r in const_run.rows if r["finetuned"])
+    assert const_run.rows[0]["frozen_params"] == full_run.rows[0]["frozen_params"]
+
+
+def test_all_switches_off_is_the_baseline_at_lr_base(digits, dense_state, tmp_path):
+    off = ice_cfg(trigger=False, freeze=False, adaptive_lr=False, base=0.002)
+    ice_run, ice = run_pipeline(run_ice, off, digits, dense_state, tmp_path / "ice")
+    base_cfg = OmegaConf.merge(
+        OmegaConf.load(ROOT / "conf" / "pipeline" / "iterative.yaml"), {"lr": 0.002}
+    )
+    base_run, base = run_pipeline(run_iterative, base_cfg, digits, dense_state, tmp_path / "it")
+    for a, b in zip(ice_run.rows, base_run.rows, strict=True):
+        for key in ("val_acc", "params", "macs", "remaining", "lr", "finetuned", "epochs"):
+            assert a[key] == b[key], key
+    assert ice["acc_final_test"] == base["acc_final_test"]
+    assert ice["finetunes"] == base["finetunes"] == 9
+
+
+def test_ice_fine_tunes_less_than_the_baseline(digits, dense_state, tmp_path):
+    _, ice = run_pipeline(run_ice, ice_cfg(thre=3.0), digits, dense_state, tmp_path / "ice")
+    base_cfg = OmegaConf.load(ROOT / "conf" / "pipeline" / "iterative.yaml")
+    _, base = run_pipeline(run_iterative, base_cfg, digits, dense_state, tmp_path / "it")
+    assert ice["finetunes"] < base["finetunes"]
+    assert ice["time_finetune_s"] < base["time_finetune_s"]
+    assert ice["params_after"] == base["params_after"]  # same pruning, different cost
+
+
+def test_decision_split_test_and_recovery_fine_tune(digits, dense_state, tmp_path):
+    cfg = ice_cfg(decision_split="test", freeze=False, final_finetune_epochs=1, thre=1000.0)
+    run, summary = run_pipeline(run_ice, cfg, digits, dense_state, tmp_path)
+    assert summary["decision_split"] == "test"
+    assert all("test_acc" in r and "val_acc" not in r for r in run.rows)
+    assert summary["final_finetune"]["epochs"] == 1
+    assert summary["finetunes"] == 1  # only the recovery one: the trigger never fired
+    assert summary["acc_original_test"] == pytest.approx(
+        Trainer(torch.device("cpu")).evaluate(_dense(dense_state), digits.test)
+    )
+    assert {"acc_original_val", "acc_final_val", "acc_final_test"} <= summary.keys()
+
+
+def _dense(state):
+    model = cifar_resnet(20, num_classes=10, in_channels=1)
+    model.load_state_dict(copy.deepcopy(state))
+    return model
