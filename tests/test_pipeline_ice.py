@@ -217,3 +217,18 @@ def _dense(state):
     model = cifar_resnet(20, num_classes=10, in_channels=1)
     model.load_state_dict(copy.deepcopy(state))
     return model
+
+
+@pytest.mark.slow
+def test_main_job_without_arguments_runs_ice(tmp_path, cache_dir):
+    import json
+
+    from conftest import run_icep
+
+    result = run_icep([], tmp_path / "main", cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "main" / "summary.json").read_text())
+    assert summary["pipeline"] == "ice" and summary["dataset"] == "digits"
+    assert summary["acc_original_test"] > 90  # the embedded dense model is properly trained
+    for text in ("fine-tunes skipped", "frozen", "freeze analysis", "test accuracy"):
+        assert text in result.stdout

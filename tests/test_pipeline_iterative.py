@@ -164,8 +164,8 @@ def test_experiment_resnet56_cifar10_on_the_jpeg_archive(tmp_path, cache_dir):
     args = [
         "+experiment=resnet56_cifar10",
         f"dataset.root={SHARED_CIFAR}",
-        "dataset.train_subset=400",
-        "dataset.test_subset=200",
+        "dataset.train_subset=200",
+        "dataset.test_subset=100",
         "dense.epochs=1",
         "trainer.batch_size=64",
         "trainer.num_workers=0",
