@@ -52,3 +52,25 @@ def test_model_configs_instantiate(name):
     model = hydra.utils.instantiate(cfg.model.arch, num_classes=7, in_channels=3)
     last = [m for m in model.modules() if hasattr(m, "out_features")][-1]
     assert last.out_features == 7
+
+
+@pytest.mark.parametrize(
+    ("experiment", "model", "units_pipeline"),
+    [
+        ("resnet56_cifar10_ice", "resnet56", "ice"),
+        ("resnet152_cifar10", "resnet152", "ice"),
+        ("densenet121_tinyimagenet", "densenet121", "ice"),
+        ("wrn101_imagenet", "wide_resnet101_2", "ice"),
+    ],
+)
+def test_paper_experiments_select_ratio_and_either_pipeline(experiment, model, units_pipeline):
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        ice = compose("config", overrides=[f"+experiment={experiment}", "pipeline.ratio=0.8"])
+        base = compose("config", overrides=[f"+experiment={experiment}", "pipeline=iterative"])
+    assert ice.model.name == model
+    assert ice.pipeline.name == units_pipeline and ice.pipeline.ratio == 0.8
+    assert base.pipeline.name == "iterative" and base.pipeline.ratio == 0.6
+    # The baseline's fine-tune lr is ICE's base, and the baseline carries no ICE keys.
+    assert base.pipeline.lr == ice.pipeline.base
+    assert "thre" not in base.pipeline
+    assert ice.pipeline.distill == base.pipeline.distill
