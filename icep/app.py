@@ -21,10 +21,14 @@ from icep.errors import IcepError
 log = logging.getLogger("icep")
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, data: Any = None) -> None:
+    """Seed Python, NumPy and torch, and restart the train loader's shuffling from ``seed``."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    generator = getattr(getattr(data, "train", None), "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -88,9 +92,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             }
         else:
             pruning = PruningRun(model, data, trainer, criterion, logger)
-            seed_everything(
-                cfg.seed
-            )  # the pruning run does not depend on whether dense training ran
+            # The pruning run must not depend on whether dense training ran or came from a cache.
+            seed_everything(cfg.seed, data)
             summary = {
                 **head,
                 "status": "completed",

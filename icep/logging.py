@@ -5,27 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from icep.serialization import atomic_open
 
 log = logging.getLogger(__name__)
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file, fsync, rename), so a kill never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically, so a kill never leaves half a file."""
+    with atomic_open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
 
 
 class RunLogger:

@@ -179,3 +179,15 @@ def test_experiment_resnet56_cifar10_on_the_jpeg_archive(tmp_path, cache_dir):
     rows = read_jsonl(tmp_path / "r56" / "metrics.jsonl")
     assert rows[-1]["ratio"] == 0.6
     assert 0.35 < rows[-1]["remaining"] < 0.5  # 3x3 convs: conv1 out and conv2 in shrink by ~0.6
+
+
+def test_same_config_and_seed_give_the_same_metrics(digits_run, tmp_path, cache_dir):
+    """Whether the dense model was trained in the run or came from the cache does not matter."""
+    run_dir, _ = digits_run
+    result = run_icep([*FAST, "pipeline=iterative"], tmp_path / "again", cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def untimed(path):
+        return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in read_jsonl(path)]
+
+    assert untimed(tmp_path / "again" / "metrics.jsonl") == untimed(run_dir / "metrics.jsonl")
