@@ -73,8 +73,7 @@ class RunLogger:
         write_json(self.summary_path, summary)
         if self.wandb_run is not None:
             for key, value in summary.items():
-                if isinstance(value, (int, float, str, bool)) or value is None:
-                    self.wandb_run.summary[key] = value
+                self.wandb_run.summary[key] = value
 
     def close(self, failed: bool = False) -> None:
         if self.wandb_run is not None:

@@ -41,7 +41,9 @@ def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
     logger = RunLogger(tmp_path, cfg, config={"pipeline": {"ratio": 0.6}}, tags=["l1"])
     for row in ROWS:
         logger.log_step(row)
-    logger.log_summary({"acc_final_val": 87.0, "frozen": ["a"]})
+    logger.log_summary(
+        {"acc_final_val": 87.0, "frozen_layers": ["a", "b"], "dense": {"source": "x"}}
+    )
     logger.close()
 
     # Local files are written too.
@@ -55,4 +57,6 @@ def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
     info = run_info(files[0])
     assert info.run_group == "exp" and info.job_type == "iterative"
     assert set(info.tags) == {"r0.6", "l1"}
-    assert summary(files[0])["acc_final_val"] == 87.0
+    logged_summary = summary(files[0])
+    assert logged_summary["acc_final_val"] == 87.0
+    assert logged_summary["frozen_layers"] == ["a", "b"]
