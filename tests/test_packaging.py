@@ -39,6 +39,13 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
         "icep/conf/dataset/digits.yaml",
     ):
         assert required in names
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "icep").rglob("*.py")}
+    assert sources <= set(names), f"not in the wheel: {sorted(sources - set(names))}"
+    configs = {
+        "icep/conf/" + p.relative_to(ROOT / "conf").as_posix()
+        for p in (ROOT / "conf").rglob("*.yaml")
+    }
+    assert configs <= set(names), f"not in the wheel: {sorted(configs - set(names))}"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site)}
