@@ -110,9 +110,9 @@ def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
     distill = run.teacher(cfg) if cfg.distill else None
     frozen: list[str] = []
     if cfg.freeze:
-        _, frozen = analyse_freezing(run, cfg, distill)
+        scores, frozen = analyse_freezing(run, cfg, distill)
         freeze_layers(run.model, run.engine, frozen)
-        log.info("froze %d of %d layers: %s", len(frozen), len(run.engine.touched_convs()), frozen)
+        log.info("froze %d of %d layers: %s", len(frozen), len(scores), frozen)
     for unit in run.units:
         t_prune = run.prune(unit, cfg.ratio)
         acc_pruned, t_eval = run.evaluate() if cfg.trigger else (None, 0.0)
