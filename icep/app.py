@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from icep.train import Trainer
 
     validate(cfg)
+    if cfg.get("tune") is not None:
+        from icep.tune.stage import check_tune
+
+        check_tune(cfg)  # before the data and the dense model, so a typo fails fast
     if cfg.pipeline.name not in PIPELINES and cfg.pipeline.name != "dense":
         raise IcepError(
             f"pipeline.name: unknown pipeline '{cfg.pipeline.name}'; choose one of: dense, {', '.join(PIPELINES)}"
@@ -68,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.logger,
         config=OmegaConf.to_container(cfg, resolve=True),
         group=cfg.name,
-        job_type=cfg.pipeline.name,
+        job_type="final" if cfg.get("tune") is not None else cfg.pipeline.name,
         tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, cfg.criterion.name],
     )
     head = {
@@ -91,23 +96,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 **origin,
             }
         else:
+            pipeline_cfg, tuning = cfg.pipeline, None
+            if cfg.get("tune") is not None:
+                from icep.tune.stage import tune_pipeline
+
+                tuning = tune_pipeline(cfg, model, data, trainer, criterion, out)
+                pipeline_cfg = tuning.pipeline_cfg
             pruning = PruningRun(model, data, trainer, criterion, logger)
+            if cfg.optuna.trial is not None:
+                pruning.on_step.append(_sweep_reporter(cfg))
             # The pruning run must not depend on whether dense training ran or came from a cache.
             seed_everything(cfg.seed, data)
             summary = {
                 **head,
                 "status": "completed",
-                "ratio": cfg.pipeline.get("ratio"),
-                **PIPELINES[cfg.pipeline.name](pruning, cfg.pipeline),
+                "ratio": pipeline_cfg.get("ratio"),
+                **PIPELINES[cfg.pipeline.name](pruning, pipeline_cfg),
                 "dense": origin,
             }
+            if tuning is not None:
+                summary.update(tuning.summary_fields(summary["time_total_s"]))
         save_model(model, arch_spec(cfg, data), out / "model.pt", summary=_scalars(summary))
         summary["model_path"] = str(out / "model.pt")
         summary["output_dir"] = str(out)
         logger.log_summary(summary)
         failed = False
     except Exception as exc:
-        logger.log_summary({**head, "status": "failed", "reason": _one_line(exc)})
+        status = "pruned" if type(exc).__name__ == "TrialPruned" else "failed"
+        logger.log_summary({**head, "status": status, "reason": _one_line(exc)})
         raise
     finally:
         logger.close(failed=failed)
@@ -115,8 +131,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _sweep_reporter(cfg: DictConfig):
+    """Report to the Optuna trial that hydra/sweeper=icep_optuna made for this job."""
+    from icep.tune.study import StepReporter, attach_trial
+
+    if cfg.optuna.storage is None or cfg.optuna.study_name is None:
+        raise IcepError(
+            "optuna.trial is set but optuna.storage or optuna.study_name is not; the sweeper sets "
+            "all three (hydra/sweeper=icep_optuna), leave them null otherwise"
+        )
+    return StepReporter(attach_trial(cfg.optuna.storage, cfg.optuna.study_name, cfg.optuna.trial))
+
+
 def _scalars(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _count(n: float) -> str:
@@ -163,6 +195,16 @@ def format_table(s: dict[str, Any]) -> str:
             else ""
         )
     )
+    if "time_search_s" in s:
+        t = s["tuning"]
+        lines.append(
+            f"  {'time with search':<{width}}{s['time_total_with_search_s']:.2f} = search "
+            f"{s['time_search_s']:.2f} ({t['complete']} complete, {t['pruned']} pruned, "
+            f"{t['fail']} failed trials) + this run {s['time_final_s']:.2f}"
+        )
+        lines.append(
+            f"  {'tuned':<{width}}" + ", ".join(f"{k}={_num(v)}" for k, v in t["params"].items())
+        )
     if s["dense"].get("dense_seconds"):
         lines.append(
             f"  {'dense training (s)':<{width}}{s['dense']['dense_seconds']:.1f} (not in the total)"
@@ -172,14 +214,15 @@ def format_table(s: dict[str, Any]) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://icep.conf", config_name="config")
-def _app(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> dict[str, Any] | None:
+    """Returns the summary: a sweeper reads its objectives from it (hydra.sweeper.objectives)."""
     try:
-        summary = run(cfg)
+        return run(cfg)
     except IcepError as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the job fails, the sweep goes on
         _exit_with(str(exc))
-    return summary.get("acc_final_val")
+    return None
 
 
 def _exit_with(message: str) -> None:
@@ -210,6 +253,14 @@ def describe_error(exc: BaseException) -> str | None:
         parent = cause.parent_node
         known = f"; keys there: {', '.join(map(str, parent.keys()))}" if parent is not None else ""
         return f"{key} is not a config key{known} (to add a new key use +{key}=...)"
+    if "requires --multirun" in str(exc):
+        (override,) = re.findall(r"'([^']*)'", str(exc))[:1] or ["KEY=EXPR"]
+        key, _, expression = override.partition("=")
+        if key.lstrip("+").startswith(("tune.space", "pipeline.grid", "pipeline.ranges")):
+            return (
+                f"{override}: quote the search expression so Hydra keeps it as text: "
+                f"'{key}=\"{expression}\"'"
+            )
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         text = [line.strip() for line in str(exc).splitlines() if line.strip()]
         if cause is not None and str(cause).strip():

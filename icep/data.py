@@ -147,6 +147,44 @@ def build_data(
     )
 
 
+def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int) -> Data:
+    """A seeded share of each split of ``data`` (the tuning stage's small data): ``train_fraction``
+    of train, ``eval_fraction`` of val and of test, at least one sample each. Same seed, same
+    samples; the loaders keep their batch sizes and workers."""
+
+    def shrink(loader: DataLoader, fraction: float, key: str, shuffle: bool) -> DataLoader:
+        dataset = loader.dataset
+        if not 0 < fraction <= 1:
+            raise ConfigError(key, f"got {fraction}; must be in (0, 1]")
+        n = len(dataset)
+        size = max(1, round(n * fraction))
+        picked = sorted(torch.randperm(n, generator=generator)[:size].tolist())
+        if isinstance(dataset, _Split):
+            part = _Split(dataset.base, [dataset.indices[i] for i in picked], dataset.transform)
+        else:
+            part = torch.utils.data.Subset(dataset, picked)
+        workers = loader.num_workers
+        return DataLoader(
+            part,
+            batch_size=loader.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            num_workers=workers,
+            pin_memory=loader.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    generator = torch.Generator().manual_seed(seed)
+    return Data(
+        name=data.name,
+        train=shrink(data.train, train_fraction, "tune.train_fraction", shuffle=True),
+        val=shrink(data.val, eval_fraction, "tune.eval_fraction", shuffle=False),
+        test=shrink(data.test, eval_fraction, "tune.eval_fraction", shuffle=False),
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+    )
+
+
 # --- splits -------------------------------------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ class RunLogger:
             dir=str(self.run_dir),
             config=config,
             settings=wandb.Settings(quiet=True),
+            reinit="create_new",  # the tuning stage's trial runs live beside the final run
         )
         # The pruning step is the x-axis of every per-step metric; t_total is the time axis.
         run.define_metric("step")

@@ -22,7 +22,8 @@ def test_config_is_packaged_for_wheels():
 
 
 @pytest.mark.parametrize(
-    "group", ["model", "dataset", "criterion", "pipeline", "trainer", "logger", "experiment"]
+    "group",
+    ["model", "dataset", "criterion", "pipeline", "trainer", "logger", "tune", "experiment"],
 )
 def test_every_group_option_composes(group):
     assert options(group), f"conf/{group} is empty"

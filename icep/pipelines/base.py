@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,6 +54,9 @@ class PruningRun:
         self.acc_now: float | None = None  # on the decision split, after the latest evaluation
         self.acc_original_report: float | None = None  # on the other split
         self.finetunes = 0
+        # Called with (run, row) after each step is recorded, e.g. to report to an Optuna trial;
+        # a hook may raise to stop the run (optuna.TrialPruned).
+        self.on_step: list[Callable[[PruningRun, dict[str, Any]], None]] = []
 
     @property
     def units(self) -> list[Unit]:
@@ -164,6 +168,8 @@ class PruningRun:
             row["remaining"],
             row["t_total"],
         )
+        for hook in self.on_step:
+            hook(self, row)
         return row
 
     def summary(self, **extra: Any) -> dict[str, Any]:
@@ -185,6 +191,10 @@ class PruningRun:
         return {
             "decision_split": self.decision_split,
             **{k: acc[k] for k in sorted(acc, key=lambda k: (k.endswith("test"), "final" in k))},
+            **{
+                f"acc_drop_{split}": acc[f"acc_original_{split}"] - acc[f"acc_final_{split}"]
+                for split in ("val", "test")
+            },
             "params_before": self.params_before,
             "params_after": params,
             "macs_before": self.macs_before,

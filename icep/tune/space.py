@@ -25,14 +25,16 @@ from icep.errors import ConfigError
 _PARSER = OverridesParser.create()
 
 
-def parse_distribution(name: str, expression: Any) -> BaseDistribution:
-    """The Optuna distribution of ``name=expression`` (``expression`` in the sweeper grammar)."""
+def parse_distribution(name: str, expression: Any, key: str | None = None) -> BaseDistribution:
+    """The Optuna distribution of ``name=expression`` (``expression`` in the sweeper grammar);
+    errors name ``key`` (default: ``name``), the config key the expression came from."""
+    key = key or name
     try:
         override = _PARSER.parse_override(f"{name}={expression}")
     except HydraException as exc:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(
-            name,
+            key,
             f"cannot read {expression!r} ({first}); use choice(...), "
             "range(a,b,step), interval(a,b), int(interval(a,b)) or "
             "tag(log, interval(a,b))",
@@ -45,22 +47,27 @@ def parse_distribution(name: str, expression: Any) -> BaseDistribution:
         log = "log" in sweep.tags
         if sweep.start >= sweep.end:
             raise ConfigError(
-                name, f"{expression}: the interval is empty; write interval(low, high)"
+                key, f"{expression}: the interval is empty; write interval(low, high)"
             )
         if isinstance(sweep.start, int) and isinstance(sweep.end, int):
             return IntDistribution(sweep.start, sweep.end, log=log)
         return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
     choices = list(override.sweep_iterator(transformer=Transformer.encode))
     if not choices:
-        raise ConfigError(name, f"{expression}: no values to choose from")
+        raise ConfigError(key, f"{expression}: no values to choose from")
     return CategoricalDistribution(choices)
 
 
 class SearchSpace:
     """Named distributions, in the order given."""
 
-    def __init__(self, params: Mapping[str, Any]):
-        self.distributions = {name: parse_distribution(name, expr) for name, expr in params.items()}
+    def __init__(self, params: Mapping[str, Any], key: str | None = None):
+        """``key``: the config node holding ``params``, for error messages."""
+        self.key = key
+        self.distributions = {
+            name: parse_distribution(name, expr, f"{key}.{name}" if key else None)
+            for name, expr in params.items()
+        }
 
     def __len__(self) -> int:
         return len(self.distributions)
@@ -71,7 +78,8 @@ class SearchSpace:
         for name, dist in self.distributions.items():
             if not isinstance(dist, CategoricalDistribution):
                 raise ConfigError(
-                    name, "a grid search needs a finite set here: write choice(...) or range(...)"
+                    f"{self.key}.{name}" if self.key else name,
+                    "a grid search needs a finite set here: write choice(...) or range(...)",
                 )
             grid[name] = list(dist.choices)
         return grid

@@ -1,0 +1,98 @@
+"""The ask-and-tell loop of a search: run trials until the study holds ``n_trials`` finished ones,
+recording each trial that raises as FAIL with its reason instead of stopping, and each trial the
+pruner stops as PRUNED. A study that already holds trials (from its storage) is continued."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from icep.errors import IcepError
+from icep.tune.study import REASON, fail_stale_trials, finished
+
+log = logging.getLogger(__name__)
+
+Objective = Callable[[optuna.Trial], Sequence[float]]
+
+
+def one_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message``, the reason stored with a failed trial."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def run_search(
+    study: optuna.Study,
+    objective: Objective,
+    n_trials: int,
+    *,
+    max_failure_share: float,
+    key: str = "tune",
+    on_trial: Callable[[FrozenTrial], None] | None = None,
+) -> list[FrozenTrial]:
+    """Ask and tell until ``study`` has ``n_trials`` finished trials; returns all its trials.
+
+    The search stops with an :class:`IcepError` once more than ``max_failure_share`` of
+    ``n_trials`` have failed: so many failures point at the setup, not at unlucky parameters.
+    """
+    stale = fail_stale_trials(study)
+    done = len(finished(study))
+    if done:
+        log.info(
+            "tune: continuing study %r: %d of %d trials finished%s",
+            study.study_name,
+            done,
+            n_trials,
+            f", {stale} interrupted trial(s) marked failed" if stale else "",
+        )
+    while len(finished(study)) < n_trials:
+        trial = study.ask()
+        start = time.perf_counter()
+        try:
+            values = objective(trial)
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr(REASON, str(exc) or "stopped by the pruner")
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        except Exception as exc:  # noqa: BLE001 - any error fails this trial, not the search
+            trial.set_user_attr(REASON, one_line(exc))
+            frozen = study.tell(trial, state=TrialState.FAIL)
+            log.debug("trial %d failed", trial.number, exc_info=True)
+        else:
+            frozen = study.tell(trial, list(values))
+        _log_trial(frozen, len(finished(study)), n_trials, time.perf_counter() - start)
+        if on_trial is not None:
+            on_trial(frozen)
+        failures = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if len(failures) > max_failure_share * n_trials:
+            first = failures[0]
+            raise IcepError(
+                f"{key}: search stopped, {len(failures)} trials failed, more than "
+                f"{key}.max_failure_share={max_failure_share} of {n_trials}; first failure, "
+                f"trial {first.number}: {first.user_attrs.get(REASON, 'no reason recorded')}"
+            )
+    return study.get_trials(deepcopy=False)
+
+
+def _log_trial(trial: FrozenTrial, done: int, n_trials: int, seconds: float) -> None:
+    params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    if trial.state == TrialState.COMPLETE:
+        outcome = "values " + ", ".join(f"{v:.4g}" for v in trial.values)
+    else:
+        outcome = f"{trial.state.name.lower()}: {trial.user_attrs.get(REASON, '')}"
+    log.info(
+        "tune: trial %d (%d/%d finished, %.1fs) %s -> %s",
+        trial.number,
+        done,
+        n_trials,
+        seconds,
+        params,
+        outcome,
+    )
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,259 @@
+"""The auto-tuning stage inside one run (METHOD.md section 3.4): before the final run, search ICE's
+hyperparameters with Optuna, each trial running the whole ICE loop from the unpruned model on a
+seeded share of the data; then pick the parameters for the final run.
+
+Objectives (all minimised): ``drop``, the accuracy drop in points on the trial's decision split,
+and ``time``, the trial's pruning time (the cost phases). Selection: the fastest Pareto point
+whose drop is within ``tune.tolerance`` points of the best drop (:func:`icep.tune.select_trial`).
+The reported cost of a tuned run is the search plus the final run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial, TrialState
+
+from icep.errors import ConfigError, IcepError
+from icep.logging import RunLogger, write_json
+from icep.tune.search import run_search
+from icep.tune.select import TrialResult, pareto_front, select_trial
+from icep.tune.space import SearchSpace
+from icep.tune.study import (
+    StepReporter,
+    build_pruner,
+    build_sampler,
+    check_pruner,
+    count_states,
+    load_or_create_study,
+    open_storage,
+    pruner_enabled,
+    quiet_optuna,
+    storage_url,
+    trial_rows,
+    write_trials_csv,
+)
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("drop", "time")
+TUNABLE = ("thre", "fr", "base", "p", "beta", "delta")
+
+
+@dataclasses.dataclass
+class Tuning:
+    """What the search hands to the final run."""
+
+    pipeline_cfg: DictConfig  # cfg.pipeline with the chosen parameters
+    result: dict[str, Any]  # tune_result.json
+
+    def summary_fields(self, final_seconds: float) -> dict[str, Any]:
+        search = self.result["search_seconds"]
+        return {
+            "tuning": {k: v for k, v in self.result.items() if k not in ("trials", "pareto_front")},
+            "time_search_s": search,
+            "time_final_s": final_seconds,
+            "time_total_with_search_s": search + final_seconds,
+        }
+
+
+def check_tune(cfg: DictConfig) -> tuple[SearchSpace, list[str], Any, Any]:
+    """Check ``cfg.tune`` before any work starts; returns the space, the objectives, the sampler
+    and the pruner. Each mistake is a ConfigError naming the key."""
+    tcfg = cfg.tune
+    if cfg.pipeline.name != "ice":
+        raise ConfigError(
+            "tune",
+            f"auto-tuning searches ICE's hyperparameters; pipeline={cfg.pipeline.name} has none "
+            "to tune: use pipeline=ice (or ice_densenet, ice_wrn) or leave tune out",
+        )
+    space = SearchSpace(tcfg.space, key="tune.space")
+    unknown = [k for k in space.distributions if k not in cfg.pipeline]
+    if unknown:
+        raise ConfigError(
+            "tune.space",
+            f"{', '.join(unknown)} is not a pipeline key; tunable: {', '.join(TUNABLE)}",
+        )
+    objectives = list(tcfg.objectives)
+    if (
+        not objectives
+        or any(o not in OBJECTIVES for o in objectives)
+        or len(set(objectives)) < len(objectives)
+    ):
+        raise ConfigError("tune.objectives", f"got {objectives}; use [drop], [time] or [drop,time]")
+    for key, low, high in (("train_fraction", 0, 1), ("eval_fraction", 0, 1)):
+        value = tcfg[key]
+        if not isinstance(value, (int, float)) or not low < value <= high:
+            raise ConfigError(f"tune.{key}", f"got {value!r}; must be in (0, 1]")
+    if not isinstance(tcfg.n_trials, int) or tcfg.n_trials < 1:
+        raise ConfigError("tune.n_trials", f"got {tcfg.n_trials!r}; must be an integer >= 1")
+    if not isinstance(tcfg.tolerance, (int, float)) or tcfg.tolerance < 0:
+        raise ConfigError("tune.tolerance", f"got {tcfg.tolerance!r}; must be a number >= 0")
+    sampler = build_sampler(tcfg.sampler, tcfg.seed, space)
+    pruner = build_pruner(tcfg.pruner)
+    check_pruner(pruner, len(objectives), "tune.pruner.name")
+    return space, objectives, sampler, pruner
+
+
+def tune_pipeline(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    data: Any,
+    trainer: Any,
+    criterion: Any,
+    out: Path,
+) -> Tuning:
+    """Run the search configured in ``cfg.tune`` and return the parameters for the final run."""
+    from icep.app import seed_everything
+    from icep.config import validate
+    from icep.data import subsample
+    from icep.pipelines import PruningRun, run_ice
+
+    tcfg = cfg.tune
+    space, objectives, sampler, pruner = check_tune(cfg)
+    quiet_optuna()
+    url = storage_url(tcfg.storage, out / "tune.db")
+    study = load_or_create_study(
+        open_storage(url), tcfg.study_name, ["minimize"] * len(objectives), sampler, pruner
+    )
+    n_trials = int(tcfg.n_trials)
+    if tcfg.sampler == "grid" and n_trials > space.grid_size():
+        log.info("tune: the grid has %d points; running %d trials", space.grid_size(), n_trials)
+        n_trials = space.grid_size()
+    if not study.trials:
+        for point in tcfg.enqueue or []:
+            study.enqueue_trial(OmegaConf.to_container(point, resolve=True))
+
+    small = subsample(data, tcfg.train_fraction, tcfg.eval_fraction, seed=cfg.seed)
+    log.info(
+        "tune: %s search, %d trials, objectives %s, pruner %s, on %d train / %d %s samples; "
+        "study %r in %s",
+        tcfg.sampler,
+        n_trials,
+        objectives,
+        type(pruner).__name__,
+        len(small.train.dataset),
+        len(small.val.dataset if cfg.pipeline.decision_split == "val" else small.test.dataset),
+        cfg.pipeline.decision_split,
+        tcfg.study_name,
+        url,
+    )
+
+    def objective(trial: optuna.Trial) -> list[float]:
+        params = space.suggest(trial)
+        pipeline_cfg = OmegaConf.merge(cfg.pipeline, params)
+        validate(OmegaConf.create({"pipeline": pipeline_cfg}))  # a bad point fails the trial
+        logger = RunLogger(
+            out / "trials" / f"{trial.number:04d}",
+            OmegaConf.create({**OmegaConf.to_container(cfg.logger), "job_type": "trial"}),
+            config={
+                **OmegaConf.to_container(cfg, resolve=True),
+                "trial": trial.number,
+                "params": params,
+            },
+            group=cfg.name,
+            job_type="trial",
+            tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, "trial"],
+        )
+        head = {"trial": trial.number, "params": params}
+        failed = True
+        try:
+            run = PruningRun(
+                copy.deepcopy(model), small, dataclasses.replace(trainer), criterion, logger
+            )
+            if pruner_enabled(pruner):
+                run.on_step.append(StepReporter(trial))
+            seed_everything(cfg.seed, small)
+            summary = run_ice(run, pipeline_cfg)
+            logger.log_summary({**head, "status": "completed", **summary})
+            failed = False
+        except optuna.TrialPruned as exc:
+            logger.log_summary({**head, "status": "pruned", "reason": str(exc)})
+            raise
+        except Exception as exc:
+            logger.log_summary({**head, "status": "failed", "reason": str(exc)})
+            raise
+        finally:
+            logger.close(failed=failed)
+            del logger
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory trial must not starve the next
+        split = summary["decision_split"]
+        drop = summary[f"acc_drop_{split}"]
+        seconds = summary["time_total_s"]
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("finetunes", summary["finetunes"])
+        values = {"drop": drop, "time": seconds}
+        return [values[o] for o in objectives]
+
+    def write(trials: list[FrozenTrial], chosen: TrialResult | None) -> dict[str, Any]:
+        rows = trial_rows(trials, objectives)
+        write_trials_csv(out / "tune_trials.csv", rows)
+        completed = _results(trials)
+        result = {
+            "sampler": tcfg.sampler if isinstance(tcfg.sampler, str) else "custom",
+            "objectives": objectives,
+            "study_name": tcfg.study_name,
+            "storage": url,
+            "n_trials": n_trials,
+            **count_states(trials),
+            "search_seconds": sum(r["duration_s"] or 0.0 for r in rows),
+            "tolerance": tcfg.tolerance,
+            "train_samples": len(small.train.dataset),
+            "eval_samples": len(small.val.dataset),
+            "chosen": dataclasses.asdict(chosen) if chosen else None,
+            "params": dict(chosen.params) if chosen else None,
+            "pareto_front": [dataclasses.asdict(t) for t in pareto_front(completed)],
+            "trials": rows,
+        }
+        write_json(out / "tune_result.json", result)
+        return result
+
+    started = time.perf_counter()
+    trials = run_search(
+        study,
+        objective,
+        n_trials,
+        max_failure_share=tcfg.max_failure_share,
+        on_trial=lambda _: write(study.get_trials(deepcopy=False), None),
+    )
+    completed = _results(trials)
+    if not completed:
+        write(trials, None)
+        raise IcepError(
+            f"tune: none of the {len(trials)} trials completed (see {out / 'tune_trials.csv'}); "
+            "loosen the pruner (tune.pruner) or check the failures' reasons"
+        )
+    chosen = select_trial(completed, tcfg.tolerance)
+    result = write(trials, chosen)
+    log.info(
+        "tune: %d trials in %.1fs (%d complete, %d pruned, %d failed); chose trial %d: %s "
+        "(drop %.2f points, %.1fs)",
+        len(trials),
+        time.perf_counter() - started,
+        result["complete"],
+        result["pruned"],
+        result["fail"],
+        chosen.number,
+        ", ".join(f"{k}={v}" for k, v in chosen.params.items()),
+        chosen.drop,
+        chosen.seconds,
+    )
+    return Tuning(OmegaConf.merge(cfg.pipeline, chosen.params), result)
+
+
+def _results(trials: list[FrozenTrial]) -> list[TrialResult]:
+    return [
+        TrialResult(t.number, t.user_attrs["drop"], t.user_attrs["seconds"], dict(t.params))
+        for t in trials
+        if t.state == TrialState.COMPLETE and "drop" in t.user_attrs
+    ]

@@ -1,0 +1,321 @@
+"""Optuna studies for icep: storages, samplers and pruners by name, trials that report after each
+pruning step, and the trial table both the in-run tuning stage and the Hydra sweeper write.
+
+Storage strings (``tune.storage``, ``hydra.sweeper.storage``):
+
+- a SQLAlchemy URL: ``sqlite:///path/study.db``, ``postgresql://user:pw@host/db``, ...;
+- ``journal:PATH`` (or ``journal:///abs/path``): Optuna's journal file, for a shared filesystem
+  where SQLite's locking is not safe (NFS);
+- a plain file path: a SQLite file there.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from icep.errors import ConfigError
+from icep.serialization import atomic_open
+from icep.tune.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random", "grid", "nsga2", "qmc", "gp")
+PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "threshold", "none")
+REASON = "reason"  # user attribute holding why a trial failed or was pruned
+
+
+def storage_url(storage: str | Path | None, default: Path) -> str:
+    """The storage string to use: ``storage`` as given, or a SQLite file at ``default``. Plain
+    paths become absolute ``sqlite:///`` URLs so jobs started elsewhere open the same file."""
+    if storage is None or str(storage).strip() == "":
+        return f"sqlite:///{Path(default).resolve()}"
+    text = str(storage)
+    if text.startswith("journal:"):
+        path = text[len("journal:") :]
+        path = path[2:] if path.startswith("//") else path
+        return f"journal:{Path(path).resolve()}"
+    if "://" not in text:
+        return f"sqlite:///{Path(text).resolve()}"
+    return text
+
+
+def open_storage(url: str, key: str = "tune.storage") -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url`` (see :func:`storage_url`); bad URLs raise a ConfigError."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # SQLAlchemy's errors for unknown dialects, missing drivers, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            key,
+            f"cannot open {url!r} ({first}); use a SQLAlchemy URL such as sqlite:///study.db or "
+            "postgresql://user@host/db, or journal:PATH for a journal file",
+        ) from None
+
+
+def build_sampler(
+    spec: str | Mapping[str, Any], seed: int | None, space: SearchSpace, key: str = "tune.sampler"
+) -> optuna.samplers.BaseSampler:
+    """A sampler by name (``tpe``, ``random``, ``grid``, ``nsga2``, ``qmc``, ``gp``), or from a
+    mapping with ``_target_`` (any Optuna sampler and its arguments)."""
+    samplers = optuna.samplers
+    if isinstance(spec, Mapping):
+        from hydra.utils import instantiate
+
+        try:
+            return instantiate(dict(spec))
+        except Exception as exc:
+            raise ConfigError(key, f"cannot build {dict(spec)}: {exc}") from None
+    name = str(spec)
+    if name == "grid":
+        return samplers.GridSampler(space.grid(), seed=seed)
+    factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: samplers.TPESampler(seed=seed),
+        "random": lambda: samplers.RandomSampler(seed=seed),
+        "nsga2": lambda: samplers.NSGAIISampler(seed=seed),
+        "qmc": lambda: samplers.QMCSampler(seed=seed),
+        "gp": lambda: samplers.GPSampler(seed=seed),
+    }
+    if name not in factories:
+        raise ConfigError(key, f"got {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return factories[name]()
+
+
+def build_pruner(
+    spec: str | Mapping[str, Any] | None, key: str = "tune.pruner"
+) -> optuna.pruners.BasePruner:
+    """A pruner from ``{name: median, n_startup_trials: ..., ...}`` (the rest are its arguments),
+    a bare name, ``none``/null, or a mapping with ``_target_``."""
+    if spec is None:
+        return optuna.pruners.NopPruner()
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    spec = dict(spec)
+    if "_target_" in spec:
+        from hydra.utils import instantiate
+
+        try:
+            return instantiate(spec)
+        except Exception as exc:
+            raise ConfigError(key, f"cannot build {spec}: {exc}") from None
+    name = str(spec.pop("name", "none"))
+    classes = {
+        "median": CurrentMedianPruner,
+        "percentile": CurrentPercentilePruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        "threshold": optuna.pruners.ThresholdPruner,
+        "none": optuna.pruners.NopPruner,
+    }
+    if name not in classes:
+        raise ConfigError(f"{key}.name", f"got {name!r}; choose one of: {', '.join(PRUNERS)}")
+    if name == "none":
+        return optuna.pruners.NopPruner()  # settings left over from another pruner do not matter
+    try:
+        return classes[name](**spec)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, f"{name}: {exc}") from None
+
+
+def _current_only(trial: FrozenTrial) -> FrozenTrial:
+    """``trial`` with only its latest intermediate value."""
+    step = trial.last_step
+    return FrozenTrial(
+        number=trial.number,
+        state=trial.state,
+        value=None,
+        datetime_start=trial.datetime_start,
+        datetime_complete=trial.datetime_complete,
+        params=trial.params,
+        distributions=trial.distributions,
+        user_attrs=trial.user_attrs,
+        system_attrs=trial.system_attrs,
+        intermediate_values={} if step is None else {step: trial.intermediate_values[step]},
+        trial_id=trial._trial_id,
+    )
+
+
+class CurrentMedianPruner(optuna.pruners.MedianPruner):
+    """Optuna's MedianPruner judging a trial by its current value, not its best so far.
+
+    Optuna's percentile pruners compare a trial's best intermediate value with the other trials'
+    values at the same step, which suits training curves that improve. An accuracy drop grows as
+    pruning goes on, so its best value is its first one and a hopeless trial would never be
+    stopped; the current drop is what says whether it is falling behind.
+    """
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return super().prune(study, _current_only(trial))
+
+
+class CurrentPercentilePruner(optuna.pruners.PercentilePruner):
+    """Optuna's PercentilePruner judging a trial by its current value (see CurrentMedianPruner)."""
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return super().prune(study, _current_only(trial))
+
+
+def pruner_enabled(pruner: optuna.pruners.BasePruner) -> bool:
+    return not isinstance(pruner, optuna.pruners.NopPruner)
+
+
+def check_pruner(pruner: optuna.pruners.BasePruner, n_objectives: int, key: str) -> None:
+    """Optuna's pruners judge one objective; with two, a pruner is a configuration mistake."""
+    if pruner_enabled(pruner) and n_objectives > 1:
+        raise ConfigError(
+            key,
+            f"Optuna's pruners work on one objective and this study has {n_objectives}; "
+            f"set {key}=none or use a single objective",
+        )
+
+
+def load_or_create_study(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    directions: Sequence[str],
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    key: str = "tune",
+) -> optuna.Study:
+    """The study ``study_name`` in ``storage``, created when absent. An existing study must have
+    the same directions: a different objective cannot continue it."""
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        directions=list(directions),
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    have = [d.name.lower() for d in study.directions]
+    if have != [str(d).lower() for d in directions]:
+        raise ConfigError(
+            f"{key}.study_name",
+            f"study {study_name!r} in this storage optimises {have}, not {list(directions)}; "
+            "pick another study_name or storage",
+        )
+    return study
+
+
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a killed search as FAIL, with the reason; returns how many.
+    Only for a study that one process owns (the in-run tuning stage)."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for frozen in stale:
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        trial.set_user_attr(REASON, "interrupted: the search was stopped while it ran")
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    return len(stale)
+
+
+def attach_trial(storage_url: str, study_name: str, number: int) -> optuna.Trial:
+    """The running trial ``number`` of a study, rebuilt from its storage inside a sweep job so the
+    job can ``report()`` and ask ``should_prune()``. The sweeper stores its pruner's spec on the
+    study (``icep_pruner``), since storages do not keep pruners."""
+    storage = open_storage(storage_url, key="optuna.storage")
+    study_id = storage.get_study_id_from_name(study_name)
+    spec = storage.get_study_user_attrs(study_id).get("icep_pruner")
+    study = optuna.load_study(
+        study_name=study_name, storage=storage, pruner=build_pruner(spec, "hydra.sweeper.pruner")
+    )
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    return optuna.trial.Trial(study, trial_id)
+
+
+class StepReporter:
+    """A :class:`~icep.pipelines.PruningRun` step hook: report the accuracy drop so far (points,
+    on the decision split) after each step, and stop the trial when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+        self.enabled = len(trial.study.directions) == 1  # Optuna cannot report multi-objective
+
+    def __call__(self, run: Any, row: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        drop = run.acc_original - run.acc_now
+        self.trial.report(drop, row["step"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {row['step']}: drop {drop:.2f} points")
+
+
+# --- the trial table ------------------------------------------------------------------------
+
+
+def trial_rows(trials: Sequence[FrozenTrial], objectives: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per trial: number, state, one column per objective, duration, the last step it
+    reported, why it failed or was pruned, and its parameters."""
+    rows = []
+    for t in sorted(trials, key=lambda t: t.number):
+        values = t.values if t.values is not None else [None] * len(objectives)
+        if t.state == TrialState.PRUNED and t.values is None and t.intermediate_values:
+            values = [t.intermediate_values[max(t.intermediate_values)]] + [None] * (
+                len(objectives) - 1
+            )
+        duration = t.duration.total_seconds() if t.duration is not None else None
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                **dict(zip(objectives, values, strict=False)),
+                "duration_s": duration,
+                "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+                "reason": t.user_attrs.get(REASON, ""),
+                "params": dict(t.params),
+            }
+        )
+    return rows
+
+
+def write_trials_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` as CSV, parameters flattened to ``params.NAME`` columns; written atomically."""
+    names: list[str] = []
+    for row in rows:
+        names += [n for n in row["params"] if n not in names]
+    columns = [c for c in (rows[0] if rows else {"number": 0}) if c != "params"]
+    columns += [f"params.{n}" for n in names]
+    with atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            flat = {k: _cell(v) for k, v in row.items() if k != "params"}
+            flat.update({f"params.{k}": _cell(v) for k, v in row["params"].items()})
+            writer.writerow(flat)
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return "" if value is None else value
+
+
+def count_states(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    counts = {s.name.lower(): 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    for t in trials:
+        if t.state.is_finished():
+            counts[t.state.name.lower()] += 1
+    return counts
+
+
+def quiet_optuna() -> None:
+    """icep logs each trial itself; Optuna's own per-trial INFO lines would repeat them."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,0 +1,171 @@
+"""The auto-tuning stage of one run (tune=grid|tpe|nsga2): trials on a share of the data, the trial
+table and result, the selected parameters driving the final run, the pruner, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import FAST, run_icep
+from hydra import compose, initialize_config_module
+
+from icep.errors import ConfigError
+from icep.tune import SearchSpace
+from icep.tune.stage import check_tune
+
+# 600 digits train+val samples; each trial uses a quarter of train and half of val.
+SMALL = [*FAST, "dataset.train_subset=600", "tune.train_fraction=0.25", "tune.eval_fraction=0.5"]
+PAPER_GRID = SearchSpace(
+    {
+        "thre": "choice(0.5, 1.5)",
+        "fr": "choice(0.3, 0.9)",
+        "base": "choice(0.001, 0.005)",
+        "p": "choice(0.1, 0.15, 0.2)",
+        "beta": "choice(40, 50, 60)",
+        "delta": "choice(0.0006, 0.0007, 0.0008)",
+    }
+).grid()
+RANGES = {
+    "thre": (0.5, 1.5),
+    "fr": (0.3, 0.9),
+    "base": (0.001, 0.005),
+    "p": (0.1, 0.2),
+    "beta": (40, 60),
+    "delta": (0.0006, 0.0008),
+}
+
+
+def _csv(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["grid", "tpe", "nsga2"])
+def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp_path, cache_dir):
+    out = tmp_path / sampler
+    result = run_icep([f"tune={sampler}", "tune.n_trials=3", *SMALL], out, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    trials = _csv(out / "tune_trials.csv")
+    assert [int(t["number"]) for t in trials] == [0, 1, 2]
+    assert all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
+    tune = json.loads((out / "tune_result.json").read_text())
+    assert tune["sampler"] == sampler and tune["complete"] + tune["pruned"] == 3
+    assert tune["train_samples"] == 135  # a quarter of the 540 train samples
+    for t in trials:
+        params = {k[len("params.") :]: float(v) for k, v in t.items() if k.startswith("params.")}
+        assert set(params) == set(RANGES)
+        for name, value in params.items():
+            if sampler == "grid":
+                assert value in PAPER_GRID[name]
+            else:
+                low, high = RANGES[name]
+                assert low <= value <= high
+        assert (out / "trials" / f"{int(t['number']):04d}" / "summary.json").is_file()
+
+    chosen = tune["chosen"]
+    assert chosen["number"] in [p["number"] for p in tune["pareto_front"]]
+    best = min(p["drop"] for p in tune["pareto_front"])
+    assert chosen["drop"] <= best + tune["tolerance"]
+    if sampler == "nsga2":
+        assert tune["objectives"] == ["drop", "time"]
+        assert {"drop", "time"} <= set(trials[0])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    for name, value in chosen["params"].items():
+        assert summary["hyperparameters"][name] == pytest.approx(value)
+    assert summary["time_final_s"] == summary["time_total_s"]
+    assert summary["time_total_with_search_s"] == pytest.approx(
+        summary["time_search_s"] + summary["time_final_s"]
+    )
+    assert summary["time_search_s"] >= sum(float(t["duration_s"]) for t in trials) - 1e-6
+    assert "time with search" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_pruner_stops_a_hopeless_trial_and_a_rerun_continues_the_study(tmp_path, cache_dir):
+    storage = tmp_path / "study.db"
+    args = [
+        "tune=tpe",
+        *SMALL,
+        "tune.space={thre:'choice(0.0, 100.0)'}",
+        # thre=0 fine-tunes after every step; thre=100 never does, so its drop runs away.
+        "tune.enqueue=[{thre:0.0},{thre:100.0}]",
+        "tune.n_trials=2",
+        "tune.pruner.n_startup_trials=1",
+        "tune.pruner.n_warmup_steps=0",
+        f"tune.storage={storage}",
+    ]
+    first = run_icep(args, tmp_path / "first", cache_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = _csv(tmp_path / "first" / "tune_trials.csv")
+    assert [(t["params.thre"], t["state"]) for t in trials] == [
+        ("0.0", "COMPLETE"),
+        ("100.0", "PRUNED"),
+    ]
+    assert trials[1]["reason"].startswith("pruned at step ")
+    assert int(trials[1]["last_step"]) < 9  # stopped before the last of resnet20's 9 units
+    trial_summary = json.loads((tmp_path / "first/trials/0001/summary.json").read_text())
+    assert trial_summary["status"] == "pruned"
+    summary = json.loads((tmp_path / "first" / "summary.json").read_text())
+    assert summary["tuning"]["chosen"]["number"] == 0 and summary["hyperparameters"]["thre"] == 0
+
+    # The same storage again: both trials are finished, so none runs and the final run follows.
+    again = run_icep(args, tmp_path / "again", cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing study 'default-tune': 2 of 2 trials finished" in again.stdout
+    assert not (tmp_path / "again" / "trials").exists()
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["tuning"]["pruned"] == 1
+
+
+def _check(*overrides):
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        check_tune(compose("config", overrides=["tune=tpe", *overrides]))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pipeline=iterative"], "tune: auto-tuning searches ICE's hyperparameters"),
+        (["tune.sampler=cmaes2"], "tune.sampler: got 'cmaes2'; choose one of"),
+        (["tune.objectives=[drop,accuracy]"], "tune.objectives: got ['drop', 'accuracy']"),
+        (["+tune.space.lr_max='interval(0,1)'"], "tune.space: lr_max is not a pipeline key"),
+        (["tune.space.thre='interval(2,1)'"], "tune.space.thre: interval(2,1): the interval is"),
+        (["tune.objectives=[drop,time]"], "tune.pruner.name: Optuna's pruners work on one"),
+        (["tune.pruner.name=medain"], "tune.pruner.name: got 'medain'"),
+        (["tune.train_fraction=0"], "tune.train_fraction: got 0; must be in (0, 1]"),
+        (["tune=grid", "tune.space.fr='interval(0.1,0.5)'"], "tune.space.fr: a grid search needs"),
+    ],
+)
+def test_tuning_mistakes_name_the_key(args, message):
+    with pytest.raises(ConfigError) as err:
+        _check(*args)
+    assert message in str(err.value)
+
+
+def test_every_sampler_config_checks_out_for_every_ice_pipeline():
+    for tune in ("grid", "tpe", "nsga2"):
+        for pipeline in ("ice", "ice_densenet", "ice_wrn"):
+            _check(f"tune={tune}", f"pipeline={pipeline}")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tune=tpe", "tune.sampler=cmaes2"], "icep: error: tune.sampler: got 'cmaes2'"),
+        (
+            ["tune=tpe", "tune.space.thre=interval(0,1)"],
+            "quote the search expression so Hydra keeps it as text: "
+            """'tune.space.thre="interval(0,1)"'""",
+        ),
+    ],
+)
+def test_tuning_mistakes_end_in_one_line_before_any_work(args, message, tmp_path, cache_dir):
+    result = run_icep([*FAST, *args], tmp_path / "run", cache_dir, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "tune.db").exists()
