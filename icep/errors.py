@@ -10,4 +10,10 @@ class ConfigError(IcepError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.message = message
         super().__init__(f"{key}: {message}")
+
+    def __reduce__(self):
+        # Pickle with both arguments: a sweep job's error travels back to the sweeper this way
+        # (hydra/launcher=submitit_*), and the default reduce passes only the joined message.
+        return (type(self), (self.key, self.message))

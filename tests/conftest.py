@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# `make test` runs two pytest-xdist workers on two cores: each worker, and the runs it starts,
+# computes on one thread so they do not fight over the cores. Set before torch is imported.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

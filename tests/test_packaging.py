@@ -39,7 +39,13 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
         "icep/conf/dataset/digits.yaml",
     ):
         assert required in names
-    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "icep").rglob("*.py")}
+    sources = {
+        p.relative_to(ROOT).as_posix()
+        for package in ("icep", "hydra_plugins")
+        for p in (ROOT / package).rglob("*.py")
+    }
+    # hydra_plugins is a namespace package shared with other plugins: no __init__.py of its own.
+    assert "hydra_plugins/__init__.py" not in names
     assert sources <= set(names), f"not in the wheel: {sorted(sources - set(names))}"
     configs = {
         "icep/conf/" + p.relative_to(ROOT / "conf").as_posix()
@@ -68,3 +74,13 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "depth: 56" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "icep", "+experiment=ice_optuna_sweep", "--cfg", "hydra"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "IcepOptunaSweeper" in result.stdout  # the sweeper plugin is found from the wheel

@@ -44,7 +44,7 @@ def test_failed_trials_are_recorded_with_their_reason_and_the_search_goes_on(tmp
             raise RuntimeError("CUDA out of memory\nmore lines")
         return [x]
 
-    trials = run_search(study, objective, 4, max_failure_share=0.5)
+    trials = run_search(study, objective, 4, max_failure_rate=0.5)
     assert calls == [0, 1, 2, 3]
     states = [t.state for t in trials]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
@@ -59,10 +59,10 @@ def test_too_many_failures_stop_the_search_with_one_message(tmp_path):
         raise ValueError("loss is NaN")
 
     with pytest.raises(IcepError) as err:
-        run_search(study, objective, 4, max_failure_share=0.5)
+        run_search(study, objective, 4, max_failure_rate=0.5)
     message = str(err.value)
     assert "\n" not in message
-    assert "3 trials failed" in message and "max_failure_share=0.5" in message
+    assert "3 trials failed" in message and "max_failure_rate=0.5" in message
     assert "trial 0: ValueError: loss is NaN" in message
     assert len(study.trials) == 3  # stopped as soon as 3 > 0.5 * 4
 
@@ -76,7 +76,7 @@ def test_pruned_trials_are_pruned_not_failed(tmp_path):
             raise optuna.TrialPruned("pruned at step 3: drop 9.00 points")
         return [1.0]
 
-    trials = run_search(study, objective, 2, max_failure_share=0.0)
+    trials = run_search(study, objective, 2, max_failure_rate=0.0)
     assert trials[0].state == TrialState.PRUNED
     assert trials[0].user_attrs[REASON] == "pruned at step 3: drop 9.00 points"
     assert trials[1].state == TrialState.COMPLETE
@@ -89,12 +89,12 @@ def test_a_search_continues_its_study_from_sqlite(tmp_path):
         seen.append(trial.number)
         return [SPACE.suggest(trial)["x"]]
 
-    run_search(_study(tmp_path), objective, 2, max_failure_share=0.5)
+    run_search(_study(tmp_path), objective, 2, max_failure_rate=0.5)
     # A killed process leaves its last trial RUNNING.
     killed = _study(tmp_path)
     killed.ask()
     resumed = _study(tmp_path)  # a new process opening the same storage
-    trials = run_search(resumed, objective, 4, max_failure_share=0.5)
+    trials = run_search(resumed, objective, 4, max_failure_rate=0.5)
     # n_trials counts finished trials: 2 done + 1 interrupted, so one more runs.
     assert seen == [0, 1, 3]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [
@@ -102,6 +102,21 @@ def test_a_search_continues_its_study_from_sqlite(tmp_path):
         TrialState.COMPLETE,
     ]
     assert trials[2].user_attrs[REASON].startswith("interrupted")
+
+
+def test_a_grid_search_covers_its_grid_and_stops(tmp_path):
+    space = SearchSpace({"a": "choice(1, 2)", "b": "choice(x, y)"})
+    storage = open_storage(storage_url(tmp_path / "grid.db", tmp_path))
+    study = load_or_create_study(storage, "g", ["minimize"], build_sampler("grid", 3, space))
+    trials = run_search(
+        study, lambda t: [space.suggest(t)["a"]], space.grid_size(), max_failure_rate=0.0
+    )
+    assert sorted((t.params["a"], t.params["b"]) for t in trials) == [
+        (1, "x"),
+        (1, "y"),
+        (2, "x"),
+        (2, "y"),
+    ]
 
 
 def test_a_study_with_other_objectives_is_not_continued(tmp_path):
@@ -174,7 +189,7 @@ def test_the_trial_table_lists_every_trial_with_its_state_and_reason(tmp_path):
             raise ValueError("bad point")
         return [x]
 
-    trials = run_search(study, objective, 3, max_failure_share=1.0)
+    trials = run_search(study, objective, 3, max_failure_rate=1.0)
     rows = trial_rows(trials, ["drop"])
     write_trials_csv(tmp_path / "t.csv", rows)
     lines = (tmp_path / "t.csv").read_text().splitlines()

@@ -45,7 +45,8 @@ def _csv(path):
 @pytest.mark.parametrize("sampler", ["grid", "tpe", "nsga2"])
 def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp_path, cache_dir):
     out = tmp_path / sampler
-    result = run_icep([f"tune={sampler}", "tune.n_trials=3", *SMALL], out, cache_dir)
+    wandb = ["logger=wandb", "logger.mode=offline", "name=tunewb"] if sampler == "tpe" else []
+    result = run_icep([f"tune={sampler}", "tune.n_trials=3", *SMALL, *wandb], out, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 
     trials = _csv(out / "tune_trials.csv")
@@ -83,6 +84,13 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
     )
     assert summary["time_search_s"] >= sum(float(t["duration_s"]) for t in trials) - 1e-6
     assert "time with search" in result.stdout
+
+    if wandb:  # one W&B run per trial (job_type trial) and the final run, in one group
+        from wandb_offline import run_info
+
+        runs = [run_info(f) for f in out.glob("**/offline-run-*/run-*.wandb")]
+        assert sorted(r.job_type for r in runs) == ["final", "trial", "trial", "trial"]
+        assert {r.run_group for r in runs} == {"tunewb"}
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import IcepError
-from icep.tune.study import REASON, fail_stale_trials, finished
+from icep.tune.study import REASON, fail_stale_trials, finished, tell
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,13 @@ def run_search(
     objective: Objective,
     n_trials: int,
     *,
-    max_failure_share: float,
+    max_failure_rate: float,
     key: str = "tune",
     on_trial: Callable[[FrozenTrial], None] | None = None,
 ) -> list[FrozenTrial]:
     """Ask and tell until ``study`` has ``n_trials`` finished trials; returns all its trials.
 
-    The search stops with an :class:`IcepError` once more than ``max_failure_share`` of
+    The search stops with an :class:`IcepError` once more than ``max_failure_rate`` of
     ``n_trials`` have failed: so many failures point at the setup, not at unlucky parameters.
     """
     stale = fail_stale_trials(study)
@@ -55,23 +55,23 @@ def run_search(
         try:
             values = objective(trial)
         except optuna.TrialPruned as exc:
-            trial.set_user_attr(REASON, str(exc) or "stopped by the pruner")
-            frozen = study.tell(trial, state=TrialState.PRUNED)
+            frozen = tell(
+                study, trial, TrialState.PRUNED, reason=str(exc) or "stopped by the pruner"
+            )
         except Exception as exc:  # noqa: BLE001 - any error fails this trial, not the search
-            trial.set_user_attr(REASON, one_line(exc))
-            frozen = study.tell(trial, state=TrialState.FAIL)
+            frozen = tell(study, trial, TrialState.FAIL, reason=one_line(exc))
             log.debug("trial %d failed", trial.number, exc_info=True)
         else:
-            frozen = study.tell(trial, list(values))
+            frozen = tell(study, trial, TrialState.COMPLETE, values=list(values))
         _log_trial(frozen, len(finished(study)), n_trials, time.perf_counter() - start)
         if on_trial is not None:
             on_trial(frozen)
         failures = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if len(failures) > max_failure_share * n_trials:
+        if len(failures) > max_failure_rate * n_trials:
             first = failures[0]
             raise IcepError(
                 f"{key}: search stopped, {len(failures)} trials failed, more than "
-                f"{key}.max_failure_share={max_failure_share} of {n_trials}; first failure, "
+                f"{key}.max_failure_rate={max_failure_rate} of {n_trials}; first failure, "
                 f"trial {first.number}: {first.user_attrs.get(REASON, 'no reason recorded')}"
             )
     return study.get_trials(deepcopy=False)

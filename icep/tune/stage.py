@@ -153,7 +153,9 @@ def tune_pipeline(
         validate(OmegaConf.create({"pipeline": pipeline_cfg}))  # a bad point fails the trial
         logger = RunLogger(
             out / "trials" / f"{trial.number:04d}",
-            OmegaConf.create({**OmegaConf.to_container(cfg.logger), "job_type": "trial"}),
+            OmegaConf.create(
+                {**OmegaConf.to_container(cfg.logger, resolve=True), "job_type": "trial"}
+            ),
             config={
                 **OmegaConf.to_container(cfg, resolve=True),
                 "trial": trial.number,
@@ -223,7 +225,7 @@ def tune_pipeline(
         study,
         objective,
         n_trials,
-        max_failure_share=tcfg.max_failure_share,
+        max_failure_rate=tcfg.max_failure_rate,
         on_trial=lambda _: write(study.get_trials(deepcopy=False), None),
     )
     completed = _results(trials)

@@ -227,6 +227,27 @@ def fail_stale_trials(study: optuna.Study) -> int:
     return len(stale)
 
 
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    state: TrialState,
+    values: Sequence[float] | None = None,
+    reason: str | None = None,
+) -> FrozenTrial:
+    """Finish ``trial`` as ``state`` (with ``values`` when COMPLETE, ``reason`` otherwise) and
+    return its record."""
+    if reason is not None:
+        trial.set_user_attr(REASON, reason)
+    try:
+        study.tell(trial, values, state=state, skip_if_finished=True)
+    except RuntimeError as exc:
+        # GridSampler calls study.stop() once the grid is covered, which Optuna only allows inside
+        # study.optimize(); the trial's state is stored before that.
+        if "Study.stop" not in str(exc):
+            raise
+    return study._storage.get_trial(trial._trial_id)
+
+
 def attach_trial(storage_url: str, study_name: str, number: int) -> optuna.Trial:
     """The running trial ``number`` of a study, rebuilt from its storage inside a sweep job so the
     job can ``report()`` and ask ``should_prune()``. The sweeper stores its pruner's spec on the

@@ -1,0 +1,347 @@
+"""hydra/sweeper=icep_optuna: Optuna trials as Hydra jobs that report to their trial, PRUNED vs
+FAIL, resuming a study from its storage, and one-line errors for bad sweep settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import FAST, ROOT
+from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+# Tiny jobs (about a second each once the dense model is cached): 300 digits, no freezing
+# analysis, one thread per job so parallel jobs and other test processes do not thrash.
+JOB = [
+    *FAST,
+    "dataset=digits",
+    "dataset.train_subset=300",
+    "dataset.test_subset=100",
+    "model=resnet20",
+    "pipeline.ratio=0.5",
+    "pipeline.freeze=false",
+]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def sweep(args: list[str], sweep_dir: Path, cache: Path, timeout: float = 300):
+    """``python -m icep -m hydra/sweeper=icep_optuna ...`` as conftest's run_icep runs icep."""
+    env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", **ENV}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = ["-m", "hydra/sweeper=icep_optuna", f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(
+        [sys.executable, "-m", "icep", *command, "hydra.sweeper.seed=0", *JOB, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def trials_csv(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "tune_trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def job_config(sweep_dir: Path, number: int) -> dict:
+    return yaml.safe_load((sweep_dir / str(number) / ".hydra" / "config.yaml").read_text())
+
+
+def assert_one_error_line(result, *must_say: str) -> str:
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("icep: error: "), lines[0]
+    for text in must_say:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def check_completed_sweep(sweep_dir: Path, n_trials: int) -> list[dict]:
+    """The results files list ``n_trials`` completed trials with parameters inside their ranges,
+    and each job ran with its trial's values and received its trial."""
+    rows = trials_csv(sweep_dir)
+    assert [int(r["number"]) for r in rows] == list(range(n_trials))
+    assert {r["state"] for r in rows} == {"COMPLETE"}
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["name"] == "icep_optuna"
+    assert set(results["best_params"]) == {"pipeline.thre", "pipeline.beta"}
+    assert results["best_value"] == min(float(r["acc_drop_val"]) for r in rows)
+    for row in rows:
+        number, thre, beta = (
+            int(row["number"]),
+            float(row["params.pipeline.thre"]),
+            row["params.pipeline.beta"],
+        )
+        assert 0.5 <= thre <= 1.5 and 40 <= int(beta) <= 60 and beta == str(int(beta))
+        summary = json.loads((sweep_dir / str(number) / "summary.json").read_text())
+        assert summary["status"] == "completed"
+        assert summary["acc_drop_val"] == pytest.approx(float(row["acc_drop_val"]))
+        cfg = job_config(sweep_dir, number)
+        assert cfg["pipeline"]["thre"] == thre  # the exact float, read back as a float
+        assert cfg["pipeline"]["beta"] == int(beta) and isinstance(cfg["pipeline"]["beta"], int)
+        assert cfg["optuna"]["trial"] == number
+        assert cfg["optuna"]["storage"] == f"sqlite:///{sweep_dir.resolve() / 'optuna.db'}"
+    result = json.loads((sweep_dir / "tune_result.json").read_text())
+    assert (result["complete"], result["pruned"], result["fail"]) == (n_trials, 0, 0)
+    return rows
+
+
+SPACE = ["pipeline.thre=interval(0.5,1.5)", "pipeline.beta=int(interval(40,60))"]
+
+
+def test_sweep_runs_trials_as_jobs(tmp_path, cache_dir):
+    result = sweep([*SPACE, "hydra.sweeper.n_trials=3"], tmp_path / "sweep", cache_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    check_completed_sweep(tmp_path / "sweep", 3)
+    assert "0 of 3 trials finished" in result.stdout
+    for number in range(3):
+        assert f"icep_optuna: trial {number} ({number + 1}/3 finished" in result.stdout
+
+
+@pytest.mark.slow
+def test_sweep_with_the_submitit_launcher(tmp_path, cache_dir):
+    """Trials in other processes, two at a time: the results and a failed job's error (an
+    icep ConfigError, pickled) come back; the sweep goes on past the failure."""
+    result = sweep(
+        [
+            *SPACE,
+            "pipeline.delta=choice(0.0005,0.002)",  # 0.002 >= pipeline.base: the job fails
+            "hydra/launcher=submitit_local",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.max_failure_rate=1",
+        ],
+        tmp_path / "sweep",
+        cache_dir,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    rows = trials_csv(tmp_path / "sweep")
+    assert len(rows) == 4
+    for row in rows:
+        number = int(row["number"])
+        if float(row["params.pipeline.delta"]) == 0.002:
+            assert row["state"] == "FAIL"
+            assert row["reason"].startswith("ConfigError: pipeline.delta: got 0.002")
+        else:
+            assert row["state"] == "COMPLETE"
+            assert (tmp_path / "sweep" / str(number) / "summary.json").is_file()
+            assert job_config(tmp_path / "sweep", number)["optuna"]["trial"] == number
+    assert {r["state"] for r in rows} == {"COMPLETE", "FAIL"}  # seed 0 draws both
+
+
+def test_failed_trial_does_not_stop_the_sweep(tmp_path, cache_dir):
+    result = sweep(
+        [
+            "pipeline.delta=choice(0.0005,0.002)",  # 0.002 >= pipeline.base (0.001): rejected
+            "hydra.sweeper.sampler=grid",
+            "hydra.sweeper.n_trials=10",  # the grid has 2 points
+            "hydra.sweeper.max_failure_rate=0.5",
+        ],
+        tmp_path / "sweep",
+        cache_dir,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    rows = {float(r["params.pipeline.delta"]): r for r in trials_csv(tmp_path / "sweep")}
+    assert set(rows) == {0.0005, 0.002}
+    assert rows[0.002]["state"] == "FAIL"
+    assert rows[0.002]["reason"].startswith("ConfigError: pipeline.delta: got 0.002; must be below")
+    assert rows[0.0005]["state"] == "COMPLETE" and rows[0.0005]["reason"] == ""
+    assert "FAIL: ConfigError: pipeline.delta" in result.stdout
+
+
+def test_too_many_failures_stop_the_sweep_with_one_line(tmp_path, cache_dir):
+    # Both values are rejected; 2 failures > max_failure_rate 0.25 x n_trials 4.
+    result = sweep(
+        ["pipeline.delta=choice(0.002,0.003)", "hydra.sweeper.n_trials=4"],
+        tmp_path / "sweep",
+        cache_dir,
+    )
+    assert_one_error_line(
+        result, "hydra.sweeper: sweep stopped, 2 of the trials it ran failed", "trial 0"
+    )
+    rows = trials_csv(tmp_path / "sweep")  # the table of a stopped sweep is kept
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"]
+
+
+def test_pruned_trial_is_recorded_pruned_with_its_reason(tmp_path, cache_dir):
+    # Every drop is above -100 points: the pruner stops each job after its first step.
+    result = sweep(
+        [
+            "pipeline.thre=interval(0.5,1.5)",
+            "hydra.sweeper.pruner={name: threshold, upper: -100}",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.max_failure_rate=0",
+        ],
+        tmp_path / "sweep",
+        cache_dir,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    rows = trials_csv(tmp_path / "sweep")
+    assert [r["state"] for r in rows] == ["PRUNED", "PRUNED"]
+    for row in rows:
+        assert row["reason"].startswith("pruned at step 1: drop")
+        assert row["last_step"] == "1" and row["acc_drop_val"] != ""
+        summary = json.loads((tmp_path / "sweep" / row["number"] / "summary.json").read_text())
+        assert summary["status"] == "pruned"
+    study = optuna.load_study(
+        study_name="default", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
+    )
+    assert study.user_attrs["icep_pruner"] == {"name": "threshold", "upper": -100}
+
+
+def test_rerun_resumes_the_study_and_runs_only_missing_trials(tmp_path, cache_dir):
+    journal = tmp_path / "shared" / "study.log"
+    common = [*SPACE, f"hydra.sweeper.storage=journal:{journal}", "hydra.sweeper.study_name=s1"]
+    first = sweep([*common, "hydra.sweeper.n_trials=2"], tmp_path / "a", cache_dir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr
+    again = sweep([*common, "hydra.sweeper.n_trials=3"], tmp_path / "b", cache_dir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+    assert "study 's1'" in again.stdout and "2 of 3 trials finished" in again.stdout
+    # Only trial 2 ran; its job folder carries its number.
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_dir()) == ["2"]
+    assert [r["number"] for r in trials_csv(tmp_path / "b")] == ["0", "1", "2"]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))
+    )
+    assert optuna.get_all_study_names(storage) == ["s1"]
+    study = optuna.load_study(study_name="s1", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    # A third run with the same n_trials has nothing left to do.
+    done = sweep([*common, "hydra.sweeper.n_trials=3"], tmp_path / "c", cache_dir)
+    assert done.returncode == 0 and "3 of 3 trials finished" in done.stdout
+    assert not any(p.is_dir() for p in (tmp_path / "c").iterdir())
+
+
+BAD = {
+    "unknown sampler": (
+        ["hydra.sweeper.sampler=annealing", "pipeline.thre=0.5,1.5"],
+        ["hydra.sweeper.sampler", "'annealing'", "tpe"],
+    ),
+    "empty interval in params": (
+        ["hydra.sweeper.params={pipeline.thre: 'interval(1.5,0.5)'}"],
+        ["hydra.sweeper.params.pipeline.thre", "interval is empty"],
+    ),
+    "pruner with two objectives": (
+        [
+            "pipeline.thre=0.5,1.5",
+            "hydra.sweeper.direction=[minimize,minimize]",
+            "hydra.sweeper.objectives=[acc_drop_val,time_total_s]",
+        ],
+        ["hydra.sweeper.pruner", "hydra.sweeper.pruner=none"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_sweep_settings_end_as_one_line(case, tmp_path, cache_dir):
+    args, must_say = BAD[case]
+    result = sweep(args, tmp_path / "sweep", cache_dir, timeout=120)
+    assert_one_error_line(result, *must_say)
+    assert not (tmp_path / "sweep" / "optuna.db").exists()  # nothing was created
+
+
+def test_the_plugin_is_found_and_cheap_to_import():
+    """Hydra imports every plugin at startup; this one must not pull in Optuna, torch or icep."""
+    code = (
+        "import sys\n"
+        "from hydra.core.plugins import Plugins\n"
+        "from hydra.plugins.sweeper import Sweeper\n"
+        "names = [c.__name__ for c in Plugins.instance().discover(Sweeper)]\n"
+        "assert 'IcepOptunaSweeper' in names, names\n"
+        "heavy = [m for m in ('optuna', 'torch', 'icep') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_sampled_values_read_back_as_the_same_values():
+    from hydra_plugins.icep_optuna_sweeper._impl import format_value, quote
+
+    parser = OverridesParser.create()
+    values = [
+        0.1,
+        1e-05,
+        0.30000000000000004,
+        -2.5e300,
+        3,
+        -7,
+        True,
+        False,
+        None,
+        "resnet20",
+        "0.5",
+        "true",
+        "null",
+        "a b,c",
+        "it's",
+        "back\\slash\\",
+        "sqlite:////tmp/x y/optuna.db",
+        "postgresql://u:p@host:5432/db?sslmode=require&x=1",
+        "${name}",
+    ]
+    for value in values:
+        parsed = parser.parse_override(f"key={format_value(value)}").value()
+        assert parsed == value and type(parsed) is type(value), (value, format_value(value))
+    assert quote("it's") == "'it\\'s'"
+
+
+def test_example_experiment_composes_the_paper_grid():
+    from icep.tune import SearchSpace
+
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["+experiment=ice_optuna_sweep"], return_hydra_config=True
+        )
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("IcepOptunaSweeper")
+    assert list(sweeper.direction) == ["minimize", "minimize"]
+    assert list(sweeper.objectives) == ["acc_drop_val", "time_total_s"]
+    assert sweeper.pruner == "none" and sweeper.n_trials == 20 and sweeper.sampler == "tpe"
+    space = SearchSpace(dict(sweeper.params))
+    assert space.grid_size() == 216
+    assert space.grid()["pipeline.delta"] == [0.0006, 0.0007, 0.0008]
+
+
+def test_drop_and_time_objectives_get_the_pareto_front_and_a_selection(tmp_path):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from hydra_plugins.icep_optuna_sweeper._impl import _Results
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    space = {"pipeline.thre": FloatDistribution(0.5, 1.5)}
+    # (drop, seconds): 0 best drop but slow; 1 fastest within 0.5 points; 2 dominated by 1;
+    # 3 fastest but too lossy.
+    for thre, values in [
+        (0.5, [0.8, 100.0]),
+        (0.7, [1.2, 30.0]),
+        (0.9, [1.3, 50.0]),
+        (1.1, [3, 9]),
+    ]:
+        study.add_trial(
+            create_trial(params={"pipeline.thre": thre}, distributions=space, values=values)
+        )
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}))
+    objectives = ["acc_drop_val", "time_total_s"]
+    _Results(tmp_path, study, "sqlite:///x.db", objectives, ["minimize"] * 2, "tpe", 5, 0.5).write()
+    result = json.loads((tmp_path / "tune_result.json").read_text())
+    assert [p["number"] for p in result["pareto_front"]] == [3, 1, 0]
+    assert result["chosen"]["number"] == 1 and result["params"] == {"pipeline.thre": 0.7}
+    assert (result["complete"], result["fail"]) == (4, 1)
+    saved = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert sorted(t["number"] for t in saved["best_trials"]) == [0, 1, 3]
+    assert saved["selected"]["number"] == 1
+    assert [r["state"] for r in trials_csv(tmp_path)] == ["COMPLETE"] * 4 + ["FAIL"]
