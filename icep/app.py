@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -54,6 +55,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"pipeline.name: unknown pipeline '{cfg.pipeline.name}'; choose one of: dense, {', '.join(PIPELINES)}"
         )
     out = Path(HydraConfig.get().runtime.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint = _resume_from(cfg, out, _fingerprint(config))
+    if checkpoint == "completed":
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"icep: {out} holds a completed run; nothing to resume", flush=True)
+        return summary
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
     criterion = build_criterion(
@@ -71,11 +78,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     logger = RunLogger(
         out,
         cfg.logger,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=config,
         group=cfg.name,
         job_type="final" if cfg.get("tune") is not None else cfg.pipeline.name,
         tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, cfg.criterion.name],
     )
+    if cfg.resume and checkpoint is None:
+        logger.rewrite_steps([])  # starting afresh: no rows from the attempt before
     head = {
         "pipeline": cfg.pipeline.name,
         "model": cfg.model.name,
@@ -102,11 +111,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
                 tuning = tune_pipeline(cfg, model, data, trainer, criterion, out)
                 pipeline_cfg = tuning.pipeline_cfg
-            pruning = PruningRun(model, data, trainer, criterion, logger)
+            pruning = PruningRun(
+                model,
+                data,
+                trainer,
+                criterion,
+                logger,
+                checkpoint=out / CHECKPOINT,
+                config=_fingerprint(config),
+            )
             if cfg.optuna.trial is not None:
                 pruning.on_step.append(_sweep_reporter(cfg))
             # The pruning run must not depend on whether dense training ran or came from a cache.
             seed_everything(cfg.seed, data)
+            if checkpoint is not None:
+                pruning.restore(checkpoint)
             summary = {
                 **head,
                 "status": "completed",
@@ -120,6 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["model_path"] = str(out / "model.pt")
         summary["output_dir"] = str(out)
         logger.log_summary(summary)
+        (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt and summary.json replace it
         failed = False
     except Exception as exc:
         status = "pruned" if type(exc).__name__ == "TrialPruned" else "failed"
@@ -129,6 +149,73 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.close(failed=failed)
     print(format_table(summary), flush=True)
     return summary
+
+
+CHECKPOINT = "checkpoint.pt"
+# Keys that do not change what a run computes: a resume may differ in them.
+_RESUME_FREE = ("resume", "logger", "paths", "optuna", "trainer.progress", "trainer.num_workers")
+
+
+def _fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` flattened to dotted keys, without the keys a resume may change."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(config, "")
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == f or k.startswith(f + ".") for f in _RESUME_FREE)
+    }
+
+
+def _resume_from(cfg: DictConfig, out: Path, config: dict[str, Any]) -> dict[str, Any] | str | None:
+    """The checkpoint to continue from, "completed" when the run folder holds a finished run, or
+    None to start afresh. A folder that already holds a run is never overwritten."""
+    from icep.pipelines.base import CHECKPOINT_FORMAT
+
+    path, summary = out / CHECKPOINT, out / "summary.json"
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and path.is_file()
+    if not (cfg.resume or requeued):
+        if path.is_file() or summary.is_file():
+            raise IcepError(
+                f"{out} already holds a run ({'checkpoint.pt' if path.is_file() else 'summary.json'}"
+                "); resume=true continues it, or choose another hydra.run.dir"
+            )
+        return None
+    if not path.is_file():
+        if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+            return "completed"
+        log.warning("resume: %s has no checkpoint yet; starting the run from the beginning", out)
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IcepError(
+            f"resume: {path} cannot be read ({type(exc).__name__}); it is damaged: delete it to "
+            "start the run again from the beginning"
+        ) from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise IcepError(f"resume: {path} is not an icep checkpoint ({CHECKPOINT_FORMAT})")
+    saved = blob.get("config") or {}
+    differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differ:
+        shown = ", ".join(f"{k}={saved.get(k)!r} there, {config.get(k)!r} now" for k in differ[:3])
+        raise IcepError(
+            f"resume: {out} holds a run of another config ({shown}"
+            f"{', ...' if len(differ) > 3 else ''}); resume it with the same overrides, or start "
+            "a new run folder"
+        )
+    for stale in out.glob(f".{CHECKPOINT}.*.tmp"):  # a write the kill interrupted
+        stale.unlink()
+    log.info("resume: continuing %s after step %d", out, blob["steps"])
+    return blob
 
 
 def _sweep_reporter(cfg: DictConfig):

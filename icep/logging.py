@@ -70,6 +70,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if v is not None})
 
+    def rewrite_steps(self, rows: list[dict[str, Any]]) -> None:
+        """Make ``metrics.jsonl`` exactly ``rows`` (a resume drops what came after its
+        checkpoint), atomically."""
+        with atomic_open(self.metrics_path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
     def log_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary_path, summary)
         if self.wandb_run is not None:

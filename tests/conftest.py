@@ -27,19 +27,27 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
+def _icep_command(args: list[str], run_dir: Path, cache: Path, env: dict | None):
+    full_env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return [sys.executable, "-m", "icep", f"hydra.run.dir={run_dir}", *args], full_env
+
+
 def run_icep(
     args: list[str], run_dir: Path, cache: Path, timeout: float = 300, env: dict | None = None
 ):
     """``python -m icep ARGS`` in a subprocess with its run folder at ``run_dir``."""
-    full_env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    command, full_env = _icep_command(args, run_dir, cache, env)
     return subprocess.run(
-        [sys.executable, "-m", "icep", f"hydra.run.dir={run_dir}", *args],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_icep(args: list[str], run_dir: Path, cache: Path, env: dict | None = None):
+    """``python -m icep ARGS`` started in the background (a Popen), output discarded."""
+    command, full_env = _icep_command(args, run_dir, cache, env)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
 
 

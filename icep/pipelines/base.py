@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+import os
+import random
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from icep.data import Data
+from icep.errors import IcepError
 from icep.logging import RunLogger
 from icep.pruning import (
     PruningEngine,
@@ -20,12 +26,15 @@ from icep.pruning import (
     remaining_fraction,
     spatial_conv_weights,
 )
+from icep.serialization import atomic_open, layer_shapes
 from icep.train import Distillation, Trainer, sgd
 
 log = logging.getLogger(__name__)
 
-# Phases whose time is the pipeline's cost. Test-set evaluation is reporting, not cost.
+# Phases whose time is the pipeline's cost. Test-set evaluation is reporting, not cost; so is
+# writing checkpoints ("checkpoint").
 COST_PHASES = ("freeze_analysis", "prune", "finetune", "eval")
+CHECKPOINT_FORMAT = "icep.checkpoint/1"
 
 
 class PruningRun:
@@ -36,8 +45,14 @@ class PruningRun:
         trainer: Trainer,
         criterion: Any,
         logger: RunLogger,
+        checkpoint: str | Path | None = None,
+        config: dict[str, Any] | None = None,
     ):
+        """``checkpoint``: where to write the run's state after every step (None: nowhere), with
+        ``config``, the run's resolved config, so a resume with another config is refused."""
         self.model = model
+        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
+        self.checkpoint_config = config
         self.data = data
         self.trainer = trainer
         self.timer = trainer.timer
@@ -57,6 +72,10 @@ class PruningRun:
         # Called with (run, row) after each step is recorded, e.g. to report to an Optuna trial;
         # a hook may raise to stop the run (optuna.TrialPruned).
         self.on_step: list[Callable[[PruningRun, dict[str, Any]], None]] = []
+        # What a pipeline computes once and must not redo after a resume (ICE's frozen layers).
+        self.state: dict[str, Any] = {}
+        self.resumed_from: int | None = None  # the step a resumed run continues after
+        self._dense: nn.Module | None = None  # the unpruned model, kept when resuming
 
     @property
     def units(self) -> list[Unit]:
@@ -69,9 +88,23 @@ class PruningRun:
     def _loader(self, split: str):
         return self.data.val if split == "val" else self.data.test
 
+    def pending(self, steps: Sequence[Any]) -> Sequence[Any]:
+        """The ``steps`` not done yet: all of them, or those after a resumed run's checkpoint."""
+        return steps[len(self.rows) :]
+
     def start(self, decision_split: str = "val") -> float:
         """Measure the unpruned accuracy once: on ``decision_split`` for every decision, on the
-        other split for the report only."""
+        other split for the report only. A resumed run has it from its checkpoint."""
+        if self.resumed_from is not None:
+            log.info(
+                "resumed after step %d of %d: %s %.2f%% before pruning, %.2f%% now",
+                self.resumed_from,
+                len(self.units),
+                self.decision_split,
+                self.acc_original,
+                self.acc_now,
+            )
+            return self.acc_original
         self.decision_split = decision_split
         self.acc_original, _ = self.evaluate()
         with self.timer.phase("report"):
@@ -92,7 +125,8 @@ class PruningRun:
 
     def teacher(self, cfg: Any) -> Distillation:
         """The unpruned model, frozen, as a distillation teacher (call before pruning)."""
-        teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        source = self._dense if self._dense is not None else self.model
+        teacher = copy.deepcopy(source).eval().requires_grad_(False)
         return Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
 
     def evaluate(self) -> tuple[float, float]:
@@ -135,7 +169,12 @@ class PruningRun:
         target = self.model if model is None else model
         with self.timer.phase(phase) as t:
             optimizer = sgd(target, lr, momentum, weight_decay)
-            self.trainer.fit(target, self.data.train, optimizer, epochs, distill=distill, desc=desc)
+            try:
+                self.trainer.fit(
+                    target, self.data.train, optimizer, epochs, distill=distill, desc=desc
+                )
+            except IcepError as exc:  # a NaN loss: say where in the run and at which lr
+                raise IcepError(f"{desc} (after step {len(self.rows)}, lr {lr:g}): {exc}") from None
         if model is None:
             self.finetunes += 1
         return t["seconds"]
@@ -157,6 +196,7 @@ class PruningRun:
         }
         self.rows.append(row)
         self.logger.log_step(row)
+        self.save_checkpoint()
         log.info(
             "step %d/%d %s: %s %.2f%%, %s, remaining %.3f, %.1fs so far",
             row["step"],
@@ -171,6 +211,64 @@ class PruningRun:
         for hook in self.on_step:
             hook(self, row)
         return row
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write everything a resume needs, atomically: the pruned structure and weights, the
+        accuracies, the rows so far, the pipeline's one-off state, the timers and RNG states."""
+        if self.checkpoint_path is None:
+            return
+        with self.timer.phase("checkpoint"), atomic_open(self.checkpoint_path) as f:
+            torch.save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": self.checkpoint_config,
+                    "layers": layer_shapes(self.model),
+                    "state_dict": {
+                        k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
+                    },
+                    "steps": len(self.rows),
+                    "rows": self.rows,
+                    "decision_split": self.decision_split,
+                    "acc_original": self.acc_original,
+                    "acc_now": self.acc_now,
+                    "acc_original_report": self.acc_original_report,
+                    "finetunes": self.finetunes,
+                    "state": self.state,
+                    "timer": dict(self.timer.totals),
+                    "rng": _rng_state(self.data),
+                },
+                f,
+            )
+            if os.environ.get("ICEP_TEST_KILL_IN_CHECKPOINT") == str(len(self.rows)):
+                f.flush()  # fault injection for the tests: die with the new file half-way in
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def restore(self, blob: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`: rebuild the pruned
+        structure on the unpruned model, load its weights and every counter, then the RNG states
+        (last, so the next step draws what it would have drawn without the interruption)."""
+        self._dense = copy.deepcopy(self.model).eval().requires_grad_(False)
+        widths = {
+            name: attrs["out_channels"]
+            for name, attrs in blob["layers"].items()
+            if "out_channels" in attrs
+        }
+        self.engine.prune_to_widths(widths)
+        self.model.load_state_dict(blob["state_dict"])
+        self.trainer.prepare(self.model)
+        self.rows = list(blob["rows"])
+        self.decision_split = blob["decision_split"]
+        self.acc_original = blob["acc_original"]
+        self.acc_now = blob["acc_now"]
+        self.acc_original_report = blob["acc_original_report"]
+        self.finetunes = blob["finetunes"]
+        self.state = dict(blob["state"])
+        self.timer.totals.update(blob["timer"])
+        self.resumed_from = blob["steps"]
+        self.logger.rewrite_steps(self.rows)  # drops a row written after the checkpoint
+        _set_rng_state(blob["rng"], self.data)
 
     def summary(self, **extra: Any) -> dict[str, Any]:
         """Final accuracy (val and test), sizes and time per phase."""
@@ -208,5 +306,32 @@ class PruningRun:
             "time_eval_s": t.get("eval", 0.0),
             "time_freeze_analysis_s": t.get("freeze_analysis", 0.0),
             "time_report_s": t.get("report", 0.0),
+            "time_checkpoint_s": t.get("checkpoint", 0.0),
             **extra,
         }
+
+
+def _rng_state(data: Data) -> dict[str, Any]:
+    """Every random state a step draws from, in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    generator = getattr(data.train, "generator", None)
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "train_loader": generator.get_state() if generator is not None else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], data: Data) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(data.train, "generator", None)
+    if generator is not None and state["train_loader"] is not None:
+        generator.set_state(state["train_loader"])

@@ -110,10 +110,13 @@ def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
     distill = run.teacher(cfg) if cfg.distill else None
     frozen: list[str] = []
     if cfg.freeze:
-        scores, frozen = analyse_freezing(run, cfg, distill)
+        if "frozen" not in run.state:  # a resumed run has it from its checkpoint
+            scores, frozen = analyse_freezing(run, cfg, distill)
+            run.state["frozen"] = frozen
+            log.info("froze %d of %d layers: %s", len(frozen), len(scores), frozen)
+        frozen = run.state["frozen"]
         freeze_layers(run.model, run.engine, frozen)
-        log.info("froze %d of %d layers: %s", len(frozen), len(scores), frozen)
-    for unit in run.units:
+    for unit in run.pending(run.units):
         t_prune = run.prune(unit, cfg.ratio)
         acc_pruned, t_eval = run.evaluate() if cfg.trigger else (None, 0.0)
         triggered = not cfg.trigger or should_finetune(run.acc_original, acc_pruned, cfg.thre)

@@ -10,7 +10,7 @@ from icep.pipelines.base import PruningRun
 def run_iterative(run: PruningRun, cfg: Any) -> dict[str, Any]:
     run.start()
     distill = run.teacher(cfg) if cfg.distill else None
-    for unit in run.units:
+    for unit in run.pending(run.units):
         t_prune = run.prune(unit, cfg.ratio)
         t_finetune = run.finetune(
             cfg.finetune_epochs,

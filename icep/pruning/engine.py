@@ -199,6 +199,31 @@ class PruningEngine:
         self.refresh()
         return removed
 
+    def prune_to_widths(self, widths: dict[str, int]) -> None:
+        """Cut each unit conv named in ``widths`` down to that many output channels, taking the
+        first ones: it rebuilds a pruned model's structure on its unpruned form, whose weights
+        the caller then loads (resuming a run from its checkpoint)."""
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        for unit in self.units:
+            for name in unit.convs:
+                conv = self.model.get_submodule(name)
+                n = conv.out_channels - widths.get(name, conv.out_channels)
+                if n < 0 or n >= conv.out_channels:
+                    raise ValueError(
+                        f"{name} has {conv.out_channels} channels; cannot make it "
+                        f"{widths[name]} wide"
+                    )
+                if n:
+                    group = self.graph.get_pruning_group(
+                        conv, tp.prune_conv_out_channels, list(range(n))
+                    )
+                    with torch.no_grad():
+                        group.prune()
+        for name, param in self.model.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+        self.refresh()
+
     def touched_convs(self) -> list[str]:
         """Every conv whose channels some unit cuts (output or input side), in forward order.
 

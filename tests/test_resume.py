@@ -1,0 +1,117 @@
+"""Resume after a kill: a run killed with SIGKILL (between steps, or while it writes its
+checkpoint) and resumed with resume=true ends with the same metrics as a run never interrupted."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+import torch
+from conftest import FAST, read_jsonl, run_icep, start_icep
+
+# ICE with every component on and a low threshold, so steps differ in what they do.
+ARGS = [*FAST, "pipeline=ice", "pipeline.thre=0.5", "dataset.train_subset=600"]
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("full") / "run"
+    result = run_icep(ARGS, out, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "checkpoint.pt").exists()  # model.pt and summary.json replace it
+    return out
+
+
+def _kill_after(out, steps: int, proc, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            proc.kill()
+            proc.wait()
+            return
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no step {steps} within {timeout}s")
+
+
+def _assert_same_run(resumed, full) -> None:
+    assert _without_timings(read_jsonl(resumed / "metrics.jsonl")) == _without_timings(
+        read_jsonl(full / "metrics.jsonl")
+    )
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (resumed, full))
+    for key in ("acc_final_val", "acc_final_test", "params_after", "finetunes", "frozen_layers"):
+        assert a[key] == b[key], key
+    assert not (resumed / "checkpoint.pt").exists()
+    assert not list(resumed.glob(".checkpoint.pt.*"))
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_steps_resumes_to_the_same_metrics(tmp_path, cache_dir, uninterrupted):
+    kill_at = random.randint(2, 7)  # resnet20 has 9 steps
+    out = tmp_path / "killed"
+    _kill_after(out, kill_at, start_icep(ARGS, out, cache_dir))
+    blob = torch.load(out / "checkpoint.pt", weights_only=True)
+    # The kill may land between step kill_at's metrics row and its checkpoint.
+    assert kill_at - 1 <= blob["steps"] < 9, f"killed at step {kill_at}"
+
+    refused = run_icep(ARGS, out, cache_dir)  # without resume=true the folder is not touched
+    assert refused.returncode == 2 and "resume=true continues it" in refused.stderr
+    resumed = run_icep([*ARGS, "resume=true"], out, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"continuing {out} after step {blob['steps']}" in resumed.stdout
+    _assert_same_run(out, uninterrupted)
+
+    again = run_icep([*ARGS, "resume=true"], out, cache_dir)
+    assert again.returncode == 0 and "holds a completed run" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_one_before(
+    tmp_path, cache_dir, uninterrupted
+):
+    out = tmp_path / "killed"
+    env = {"ICEP_TEST_KILL_IN_CHECKPOINT": "4"}  # dies after writing step 4's file, before rename
+    result = run_icep(ARGS, out, cache_dir, env=env)
+    assert result.returncode < 0  # SIGKILL
+    assert list(out.glob(".checkpoint.pt.*.tmp"))  # the interrupted write
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["steps"] == 3
+    assert len(read_jsonl(out / "metrics.jsonl")) == 4  # step 4 was logged, not checkpointed
+
+    resumed = run_icep([*ARGS, "resume=true"], out, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(out, uninterrupted)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    killed = run_icep(
+        [*FAST, "pipeline=iterative"], out, cache_dir, env={"ICEP_TEST_KILL_IN_CHECKPOINT": "2"}
+    )
+    assert killed.returncode < 0
+    before = (out / "checkpoint.pt").read_bytes()  # step 1's
+    result = run_icep(
+        [*FAST, "pipeline=iterative", "pipeline.ratio=0.7", "resume=true"], out, cache_dir
+    )
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith("icep: error: resume: ") and "\n" not in line
+    assert "pipeline.ratio=0.6 there, 0.7 now" in line
+    assert (out / "checkpoint.pt").read_bytes() == before  # untouched
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    result = run_icep([*FAST, "resume=true"], out, cache_dir)
+    assert result.returncode == 2
+    assert "checkpoint.pt cannot be read" in result.stderr and "delete it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
