@@ -4,7 +4,8 @@ model, data, ratio and seed, in one table.
     python experiments/compare_pipelines.py                                   # toy: digits, CPU
     python experiments/compare_pipelines.py +experiment=resnet56_cifar10_ice dataset.root=PATH
 
-Every argument that is not an option of this script is a Hydra override passed to each run. Each
+Every argument that is not an option of this script is a Hydra override passed to each run
+(`tune.*` overrides only to the tuned variant). Each
 variant runs as `python -m icep` into OUT/<variant>/; the dense model is trained once (by the
 first variant) and reused from the cache by the others. The table goes to OUT/comparison.md and
 OUT/comparison.csv.
@@ -52,6 +53,8 @@ COLUMNS = [
 
 def run_variant(name: str, overrides: list[str], out: Path) -> dict:
     run_dir = out / name
+    if not any(o.startswith("tune=") for o in VARIANTS[name]):  # tune.* only where tuning runs
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith("tune.")]
     cmd = [sys.executable, "-m", "icep", *overrides, *VARIANTS[name], f"hydra.run.dir={run_dir}"]
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -300,20 +302,33 @@ def format_table(s: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Set by main() unless the user asked for Hydra's full tracebacks (HYDRA_FULL_ERROR).
+_describe_errors = False
+
+
 @hydra.main(version_base="1.3", config_path="pkg://icep.conf", config_name="config")
 def _app(cfg: DictConfig) -> dict[str, Any] | None:
     """Returns the summary: a sweeper reads its objectives from it (hydra.sweeper.objectives)."""
+    from icep.config import validate
+
     try:
+        validate(cfg)  # before run() imports the heavy modules: a bad value fails at once
         return run(cfg)
-    except IcepError as exc:
+    except Exception as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the job fails, the sweep goes on
-        _exit_with(str(exc))
+        # Here rather than in main(): an error leaving the job makes Hydra print a line first.
+        message = describe_error(exc) if _describe_errors else None
+        if message is None and isinstance(exc, IcepError):
+            message = str(exc)
+        if message is None:
+            raise
+        _exit_with(message)
     return None
 
 
 def _exit_with(message: str) -> None:
-    print(f"icep: error: {message}", file=sys.stderr)
+    print(f"icep: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -322,13 +337,66 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``raise ... from``), outermost first. Not
+    the ones it was raised while handling: that would pass a bug off as the error it hit."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__
+    return chain
+
+
+# Errors of the file system the user can fix: permissions, a read-only or full disk, a file where
+# a folder should be.
+_FILE_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+}
+
+
+def _describe_os_error(exc: BaseException, error: OSError) -> str:
+    where = f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
+    frames = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    if "run_job" in frames and "_app" not in frames:  # Hydra setting up the run folder
+        return (
+            f"cannot create the run folder ({where}); pick a writable folder with "
+            "hydra.run.dir=... (hydra.sweep.dir=... with -m) or paths.outputs=..."
+        )
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{where}; free some space, or write elsewhere with paths.outputs=... / paths.cache=..."
+        )
+    return (
+        f"{where}; fix its permissions, or use other folders: paths.outputs=..., paths.cache=... "
+        "(or $ICEP_CACHE), dataset.root=..."
+    )
+
+
 def describe_error(exc: BaseException) -> str | None:
     """One line for an error the user can fix, or None for a bug (which keeps its traceback)."""
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    if isinstance(exc, IcepError):
-        return str(exc)
+    chain = _chain(exc)
+    for link in chain:  # e.g. a builder's ConfigError inside Hydra's InstantiationException
+        if isinstance(link, IcepError):
+            return str(link)
+    for link in chain:
+        if isinstance(link, torch.cuda.OutOfMemoryError):  # outside the trainer's loops
+            what, *detail = (part.rstrip(".") for part in _one_line(link).split(". "))
+            return (
+                f"{what}{f' ({detail[0]})' if detail else ''}; lower trainer.batch_size and "
+                "trainer.eval_batch_size, or free the GPU of other work"
+            )
+        if isinstance(link, OSError) and link.errno in _FILE_ERRNOS:
+            return _describe_os_error(exc, link)
     if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         return f"{group}={name} is not an option; choose one of: {', '.join(exc.options)} (conf/{group}/)"
@@ -358,9 +426,11 @@ def describe_error(exc: BaseException) -> str | None:
 
 def main() -> None:
     """Run the Hydra app; errors the user can fix end as one line and exit code 2."""
+    global _describe_errors
     own_errors = "HYDRA_FULL_ERROR" not in os.environ
     if own_errors:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+        _describe_errors = True
     try:
         _app()
     except Exception as exc:

@@ -57,6 +57,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: _number(v) and 0 < v < 1,
         "a number strictly between 0 and 1",
     ),
+    "dataset.bad_images": (lambda v: v in ("error", "skip"), "error or skip"),
     "logger.mode": (
         lambda v: v in ("online", "offline", "disabled"),
         "online, offline or disabled",

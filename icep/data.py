@@ -9,6 +9,7 @@ and the loaders are made.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from icep.errors import ConfigError
+from icep.errors import ConfigError, IcepError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ _EXPECTED_TREE = (
 _CIFAR = {"cifar10": (datasets.CIFAR10, "CIFAR-10"), "cifar100": (datasets.CIFAR100, "CIFAR-100")}
 _CIFAR_IMAGE_SIZE = 32
 _AUGMENTS = ("cifar", "imagenet", "none")
+_BAD_IMAGES = ("error", "skip")
+_LISTED_BAD_IMAGES = 20  # the skip warning names this many files, then counts the rest
 _DIGITS_MAX = 16  # load_digits pixels run 0..16
 
 
@@ -277,7 +282,7 @@ def _build_cifar(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
         # The same images as an ImageFolder tree, e.g. the CIFAR-10 JPEG archive.
         tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
         if tree is not None:
-            return _image_folder_source(tree, train_tf, eval_tf)
+            return _image_folder_source(tree, train_tf, eval_tf, _bad_images_mode(cfg))
         if not cfg.download:
             raise ConfigError(
                 "dataset.root",
@@ -309,14 +314,18 @@ def _build_image_folder(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Sour
         raise ConfigError("dataset.root", f"{root} does not exist; expected {_EXPECTED_TREE}")
     tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
     if tree is None:
+        split = root.name in ("train", "val", "test") and (root.parent / "train").is_dir()
+        hint = f"; it is one split of a tree: set dataset.root={root.parent}" if split else ""
         raise ConfigError(
-            "dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}"
+            "dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}{hint}"
         )
     train_tf, eval_tf = _image_transforms(cfg, cfg.image_size, _augment_mode(cfg))
-    return _image_folder_source(tree, train_tf, eval_tf)
+    return _image_folder_source(tree, train_tf, eval_tf, _bad_images_mode(cfg))
 
 
-def _image_folder_source(tree: Path, train_tf: Callable, eval_tf: Callable) -> _Source:
+def _image_folder_source(
+    tree: Path, train_tf: Callable, eval_tf: Callable, bad_images: str = "error"
+) -> _Source:
     if not (tree / "test").is_dir():
         raise ConfigError(
             "dataset.root", f"{tree} has train/ but no test/; expected {_EXPECTED_TREE}"
@@ -324,6 +333,8 @@ def _image_folder_source(tree: Path, train_tf: Callable, eval_tf: Callable) -> _
     train = _image_folder(tree / "train")
     test = _image_folder(tree / "test", classes=train.classes)
     val = _image_folder(tree / "val", classes=train.classes) if (tree / "val").is_dir() else None
+    if bad_images == "skip":
+        _drop_undecodable([d for d in (train, val, test) if d is not None])
     return _Source(
         train,
         test,
@@ -337,7 +348,7 @@ def _image_folder_source(tree: Path, train_tf: Callable, eval_tf: Callable) -> _
 
 def _image_folder(folder: Path, classes: list[str] | None = None) -> datasets.ImageFolder:
     try:
-        dataset = datasets.ImageFolder(str(folder))
+        dataset = datasets.ImageFolder(str(folder), loader=load_image)
     except FileNotFoundError as err:  # no class folders, or no images in them
         raise ConfigError("dataset.root", f"{err}; expected {_EXPECTED_TREE}") from None
     if classes is not None and dataset.classes != classes:
@@ -346,6 +357,72 @@ def _image_folder(folder: Path, classes: list[str] | None = None) -> datasets.Im
             f"{folder} has classes {dataset.classes} but train/ has {classes}; they must match",
         )
     return dataset
+
+
+def _bad_images_mode(cfg: DictConfig) -> str:
+    mode = cfg.get("bad_images", "error")
+    if mode not in _BAD_IMAGES:
+        raise ConfigError("dataset.bad_images", f"got {mode!r}; expected error or skip")
+    return mode
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _decodes(path: str | Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, still reads every byte
+            image.load()
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        return False
+    return True
+
+
+def load_image(path: str) -> Image.Image:
+    """ImageFolder's loader, with an error naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:
+        raise IcepError(
+            f"dataset: cannot decode image {path} ({_reason(exc)}); replace or delete the file, "
+            "or set dataset.bad_images=skip to leave undecodable images out"
+        ) from None
+
+
+def _drop_undecodable(folders: list[datasets.ImageFolder]) -> None:
+    """dataset.bad_images=skip: decode every image once and leave out those that fail, with one
+    warning that names them."""
+    start = time.perf_counter()
+    bad: list[str] = []
+    for dataset in folders:
+        keep = []
+        for path, target in dataset.samples:
+            if _decodes(path):
+                keep.append((path, target))
+            else:
+                bad.append(path)
+        dataset.samples = dataset.imgs = keep
+        dataset.targets = [target for _, target in keep]
+        if not keep:
+            raise ConfigError("dataset.root", f"{dataset.root} holds no image that decodes")
+    log.info(
+        "dataset.bad_images=skip: checked %d images in %.1f s",
+        sum(len(d) for d in folders) + len(bad),
+        time.perf_counter() - start,
+    )
+    if bad:
+        shown = ", ".join(bad[:_LISTED_BAD_IMAGES])
+        more = f" and {len(bad) - _LISTED_BAD_IMAGES} more" if len(bad) > _LISTED_BAD_IMAGES else ""
+        log.warning(
+            "dataset.bad_images=skip: left out %d image(s) that cannot be decoded: %s%s",
+            len(bad),
+            shown,
+            more,
+        )
 
 
 def _find_tree(root: Path, max_depth: int = 3) -> Path | None:
@@ -388,9 +465,16 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        with tarfile.open(archive) as tar:
-            # The "data" filter refuses absolute paths, links out of the folder and devices.
-            tar.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                # The "data" filter refuses absolute paths, links out of the folder and devices.
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise ConfigError(
+                "dataset.root",
+                f"{archive} cannot be unpacked ({type(exc).__name__}: {exc}); the archive is "
+                "damaged or truncated: copy or download it again",
+            ) from None
         try:
             os.rename(tmp, target)
         except OSError:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from icep.data import Data
+from icep.errors import IcepError
 from icep.models import load_checkpoint
 from icep.serialization import load_model, save_model
 from icep.train import Trainer, sgd
@@ -55,7 +56,14 @@ def train_dense(model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig)
         milestones = [round(f * cfg.epochs) for f in cfg.milestones]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.gamma)
     trainer.fit(
-        model, data.train, optimizer, cfg.epochs, scheduler, desc="dense", val_loader=data.val
+        model,
+        data.train,
+        optimizer,
+        cfg.epochs,
+        scheduler,
+        desc="dense",
+        val_loader=data.val,
+        lr_key="dense.lr",
     )
 
 
@@ -67,7 +75,14 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
     path = cache_path(cfg, data)
     if cfg.dense.cache and path.is_file():
         log.info("dense model from the cache: %s", path)
-        return trainer.prepare(load_model(path)), {"source": str(path)}
+        try:
+            model = load_model(path)
+        except IcepError as exc:
+            raise IcepError(
+                f"the cached dense model is damaged: {exc}; delete it to train it again, or set "
+                "dense.cache=false"
+            ) from None
+        return trainer.prepare(model), {"source": str(path)}
     log.info(
         "model.checkpoint is null: training the dense %s for %d epochs (cached at %s)",
         cfg.model.name,

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from icep.serialization import atomic_open
 
 log = logging.getLogger(__name__)
+
+# W&B server URL -> why online runs cannot start there; checked once per process, so a tuning
+# stage's many runs warn once.
+_wandb_offline: dict[str, str | None] = {}
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -44,23 +50,55 @@ class RunLogger:
     def _start_wandb(self, cfg, config, group, job_type, tags):
         import wandb
 
-        run = wandb.init(
-            project=cfg.project,
-            entity=cfg.get("entity"),
-            group=cfg.get("group") or group,
-            job_type=cfg.get("job_type") or job_type,
-            tags=list(cfg.get("tags") or []) + list(tags or []),
-            name=cfg.get("run_name"),
-            mode=cfg.mode,
-            dir=str(self.run_dir),
-            config=config,
-            settings=wandb.Settings(quiet=True),
-            reinit="create_new",  # the tuning stage's trial runs live beside the final run
-        )
+        def init(mode: str, silent: bool = False):
+            timeout = cfg.get("init_timeout")
+            return wandb.init(
+                project=cfg.project,
+                entity=cfg.get("entity"),
+                group=cfg.get("group") or group,
+                job_type=cfg.get("job_type") or job_type,
+                tags=list(cfg.get("tags") or []) + list(tags or []),
+                name=cfg.get("run_name"),
+                mode=mode,
+                dir=str(self.run_dir),
+                config=config,
+                settings=wandb.Settings(
+                    quiet=True,
+                    silent=silent,  # after icep's own warning, wandb's offline notes repeat it
+                    **({"init_timeout": timeout} if timeout is not None else {}),
+                ),
+                reinit="create_new",  # the tuning stage's trial runs live beside the final run
+            )
+
+        mode = cfg.mode
+        if mode == "online":
+            base_url = wandb.setup().settings.base_url
+            if base_url not in _wandb_offline:
+                reason = _wandb_offline_reason(base_url, cfg.get("connect_timeout", 5.0))
+                _wandb_offline[base_url] = reason
+                if reason is not None:
+                    self._warn_offline(reason)
+            if _wandb_offline[base_url] is not None:
+                mode = "offline"
+        try:
+            run = init(mode, silent=mode != cfg.mode)
+        except wandb.errors.Error as exc:  # CommError (timeout), UsageError, AuthenticationError
+            if mode != "online":
+                raise
+            self._warn_offline(f"wandb.init failed ({type(exc).__name__}: {_first_line(exc)})")
+            run = init("offline", silent=True)
         # The pruning step is the x-axis of every per-step metric; t_total is the time axis.
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         return run
+
+    def _warn_offline(self, reason: str) -> None:
+        log.warning(
+            "W&B: %s; logging offline instead (logger.mode=offline): upload later with "
+            "`wandb sync %s`",
+            reason,
+            self.run_dir / "wandb" / "offline-run-*",
+        )
 
     def log_step(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -86,3 +124,37 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else "no message"
+
+
+def _wandb_offline_reason(base_url: str, timeout: float) -> str | None:
+    """Why an online W&B run cannot start (no API key, the server does not answer within
+    ``timeout`` seconds), or None. Checked up front: wandb.init would wait its whole
+    ``init_timeout`` for an unreachable server, or prompt for a key on a terminal."""
+    try:
+        from wandb.sdk.lib.wbauth import authenticate_session
+    except ImportError:  # another wandb layout: wandb.init's own errors are the fallback
+        pass
+    else:
+        try:
+            auth = authenticate_session(
+                host=base_url, source="icep", prompt=False, update_session=False
+            )
+        except Exception as exc:  # a malformed key
+            return f"the API key for {base_url} is not usable ({_first_line(exc)})"
+        if auth is None:
+            return f"no API key for {base_url} (run `wandb login` or set WANDB_API_KEY)"
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(base_url, method="HEAD"), timeout=timeout
+        ):
+            pass
+    except urllib.error.HTTPError:
+        pass  # the server answered
+    except (OSError, ValueError) as exc:  # refused, unreachable, timed out, a bad URL
+        return f"{base_url} cannot be reached ({getattr(exc, 'reason', None) or exc})"
+    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import time
 from collections.abc import Iterator
@@ -101,6 +100,9 @@ class Trainer:
     amp: bool = False
     channels_last: bool = False
     progress: bool = False
+    # Batches between checks for a NaN loss on an accelerator, where each check waits for the
+    # device; on the CPU every batch is checked.
+    nan_check_every: int = 32
     timer: PhaseTimer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,17 +143,33 @@ class Trainer:
 
         return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
 
+    def _out_of_memory(self, desc: str, loader: DataLoader, key: str) -> IcepError:
+        """The error for a CUDA out-of-memory; hands the failed batch's memory back first."""
+        torch.cuda.empty_cache()
+        return IcepError(
+            f"{desc}: out of GPU memory on {self.device} with batches of {loader.batch_size}; "
+            f"lower {key} (now {loader.batch_size}) or free the GPU of other work"
+        )
+
     def evaluate(self, model: nn.Module, loader: DataLoader, desc: str = "eval") -> float:
         """Top-1 accuracy in percent."""
         was_training = model.training
         model.eval()
         correct = total = 0
-        with torch.inference_mode(), self._autocast():
-            for x, y in self._batches(loader, desc):
-                y = y.to(self.device, non_blocking=True)
-                correct += (model(self._inputs(x)).argmax(1) == y).sum().item()
-                total += y.numel()
-        model.train(was_training)
+        out_of_memory = False
+        try:
+            with torch.inference_mode(), self._autocast():
+                for x, y in self._batches(loader, desc):
+                    y = y.to(self.device, non_blocking=True)
+                    correct += (model(self._inputs(x)).argmax(1) == y).sum().item()
+                    total += y.numel()
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True  # raised below, outside the handler, so the batch is freed
+        finally:
+            model.train(was_training)
+        if out_of_memory:
+            x = y = None  # the failed batch's tensors
+            raise self._out_of_memory(desc, loader, "trainer.eval_batch_size")
         return 100.0 * correct / max(total, 1)
 
     def train_epoch(
@@ -161,29 +179,50 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         distill: Distillation | None = None,
         desc: str = "train",
+        lr_key: str = "pipeline.lr (ICE: pipeline.base)",
     ) -> float:
-        """One epoch; returns the mean loss. Raises IcepError on a NaN or infinite loss."""
+        """One epoch; returns the mean loss.
+
+        Raises IcepError on a NaN or infinite loss (naming the batch, the optimizer's lr and
+        ``lr_key``, the setting to lower) and on CUDA running out of memory.
+        """
         model.train()
         loss_sum = torch.zeros((), device=self.device)
+        # Index of the first batch with a non-finite loss, kept on the device: no sync per batch.
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        check_every = 1 if self.device.type == "cpu" else self.nan_check_every
         batches = 0
-        for x, y in self._batches(loader, desc):
-            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-                if distill is not None:
-                    loss = loss + distill.loss(x, logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            batches += 1
-        mean = loss_sum.item() / max(batches, 1)
-        if not math.isfinite(mean):
+        out_of_memory = False
+        try:
+            for x, y in self._batches(loader, desc):
+                x, y = self._inputs(x), y.to(self.device, non_blocking=True)
+                with self._autocast():
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    if distill is not None:
+                        loss = loss + distill.loss(x, logits)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss = loss.detach()
+                loss_sum += loss
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batches, first_bad)
+                batches += 1
+                if batches % check_every == 0 and first_bad.item() >= 0:
+                    break
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True  # raised below, outside the handler, so the batch is freed
+        if out_of_memory:
+            x = y = logits = loss = None  # the failed batch's tensors
+            raise self._out_of_memory(desc, loader, "trainer.batch_size")
+        bad = first_bad.item()
+        if bad >= 0:
+            lr = optimizer.param_groups[0]["lr"]
             raise IcepError(
-                f"{desc}: the loss became {mean} (lr {optimizer.param_groups[0]['lr']:g}); lower the learning rate"
+                f"{desc}: the loss became {loss_sum.item()} at batch {bad + 1}/{len(loader)} "
+                f"(lr {lr:g}); the learning rate is too high for this model: lower {lr_key}"
             )
-        return mean
+        return loss_sum.item() / max(batches, 1)
 
     def fit(
         self,
@@ -195,12 +234,17 @@ class Trainer:
         distill: Distillation | None = None,
         desc: str = "train",
         val_loader: DataLoader | None = None,
+        lr_key: str = "pipeline.lr (ICE: pipeline.base)",
     ) -> float:
-        """Train ``epochs`` epochs, one log line each; returns the last epoch's mean loss."""
+        """Train ``epochs`` epochs, one log line each; returns the last epoch's mean loss.
+
+        ``lr_key`` is the setting a NaN loss tells the user to lower."""
         loss = float("nan")
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
-            loss = self.train_epoch(model, loader, optimizer, distill, f"{desc} {epoch}/{epochs}")
+            loss = self.train_epoch(
+                model, loader, optimizer, distill, f"{desc} epoch {epoch}/{epochs}", lr_key
+            )
             if scheduler is not None:
                 scheduler.step()
             msg = f"{desc} epoch {epoch}/{epochs}: loss {loss:.4f}"

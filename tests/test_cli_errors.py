@@ -1,35 +1,431 @@
-"""Bad config input ends as one line naming the key and what is allowed, exit code 2, no traceback."""
+"""Bad input and numerical faults end as one line naming the problem and the fix (``icep: error:
+...`` on stderr), exit code 2 and no traceback, and leave the results of earlier runs as they were.
+
+Most cases call ``icep.app.main()`` in this process: the same code path as ``python -m icep``
+without starting Python each time. A few run ``python -m icep`` for the command-line contract.
+"""
 
 from __future__ import annotations
 
-import pytest
-from conftest import run_icep
+import errno
+import json
+import logging
+import sys
+import tarfile
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from conftest import run_icep
+from PIL import Image
+
+from icep import app
+from icep.models import cifar_resnet
+
+# --- where a case writes, and the earlier results beside it ---------------------------------
+
+
+class Place:
+    """``outputs/`` with an earlier run in it, ``cache/`` with a dense model and an unpacked
+    dataset, and ``files/`` for a case's inputs. The case's own run goes to ``run_dir``."""
+
+    def __init__(self, root: Path):
+        self.outputs = root / "outputs"
+        self.cache = root / "cache"
+        self.files = root / "files"
+        self.run_dir = self.outputs / "default" / "this-run"
+        earlier = self.outputs / "default" / "earlier-run"
+        for path, text in {
+            earlier / "summary.json": '{"status": "completed"}\n',
+            earlier / "metrics.jsonl": '{"step": 1}\n',
+            earlier / "model.pt": "weights",
+            earlier / ".hydra" / "config.yaml": "seed: 0\n",
+            self.cache / "dense" / "resnet20-digits-0123456789ab.pt": "dense weights",
+            self.cache / "datasets" / "tiny-0123456789" / "train" / "a" / "0.png": "pixels",
+        }.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        self.files.mkdir()
+        self.before = self._snapshot()
+
+    def _snapshot(self) -> dict[Path, tuple[bytes, int]]:
+        return {
+            path: (path.read_bytes(), path.stat().st_mtime_ns)
+            for folder in (self.outputs, self.cache)
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and self.run_dir not in path.parents
+        }
+
+    def assert_untouched(self) -> None:
+        after = self._snapshot()
+        for path, (data, mtime) in self.before.items():
+            assert path in after, f"{path} was deleted"
+            assert after[path] == (data, mtime), f"{path} was modified"
+
+
+@pytest.fixture
+def place(tmp_path) -> Place:
+    return Place(tmp_path)
+
+
+def call_main(args: list[str], place: Place, monkeypatch, capsys, run_dir: bool = True):
+    """``icep.app.main()`` with ``args`` as the command line: (exit code, stdout, stderr)."""
+    monkeypatch.setenv("ICEP_CACHE", str(place.cache))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "")  # recorded, so teardown removes what main() sets
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    where = [f"hydra.run.dir={place.run_dir}"] if run_dir else []
+    argv = ["icep", *where, f"paths.outputs={place.outputs}", "trainer.device=cpu", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()
+    try:
+        app.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:  # Hydra configured logging for the run: put pytest's back
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, out: str, err: str) -> str:
+    """The error line, after checking the contract: exit 2, one stderr line, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("icep: error: ")
+    return lines[0].removeprefix("icep: error: ")
+
+
+# --- inputs a case needs ----------------------------------------------------------------------
+
+
+def image_tree(root: Path, classes=("ant", "bee", "cat"), per_class: int = 4) -> Path:
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.full((12, 12, 3), 60 * c + 20 + i, np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def checkpoint(place: Place, kind: str) -> Path:
+    path = place.files / f"{kind}.pt"
+    # The default run: ResNet-20 on digits (10 classes, 1 channel).
+    if kind == "other_architecture":
+        torch.save(cifar_resnet(32, num_classes=10, in_channels=1).state_dict(), path)
+    elif kind == "other_classes":
+        torch.save(cifar_resnet(20, num_classes=100, in_channels=1).state_dict(), path)
+    elif kind == "truncated":
+        torch.save(cifar_resnet(20, num_classes=10, in_channels=1).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "not_a_state_dict":
+        torch.save([torch.zeros(3)], path)
+    return path
+
+
+def dataset_root(place: Place, kind: str) -> Path:
+    root = place.files / kind
+    if kind == "empty":
+        root.mkdir()
+    elif kind == "no_class_folders":  # images straight in train/ and test/
+        for split in ("train", "test"):
+            (root / split).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / "0.png")
+    elif kind == "split":  # dataset.root at train/ instead of the folder holding it
+        root = image_tree(root) / "train"
+    elif kind == "damaged_archive":
+        archive = place.files / "tiny.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(image_tree(root), arcname="tiny")
+        archive.write_bytes(archive.read_bytes()[:300])
+        root = archive
+    elif kind == "undecodable":
+        image_tree(root)
+        (root / "train" / "bee" / "2.png").write_bytes(b"<html>not found</html>")
+    return root
+
+
+# --- the cases --------------------------------------------------------------------------------
+
+# name -> (arguments, texts the line must hold: the problem and the fix). {checkpoint:KIND} and
+# {data:KIND} stand for the files made above.
 CASES = {
-    "unknown group option": (["model=resnet57"], ["model=resnet57", "resnet56"]),
-    "misspelled key": (["pipeline.ratoi=0.5"], ["pipeline.ratoi", "ratio"]),
-    "ratio above 1": (["pipeline.ratio=1.5"], ["pipeline.ratio", "between 0 and 1"]),
-    "ratio zero": (["pipeline.ratio=0"], ["pipeline.ratio", "between 0 and 1"]),
-    "negative epochs": (["pipeline.finetune_epochs=-1"], ["pipeline.finetune_epochs", ">= 1"]),
-    "negative dense epochs": (["dense.epochs=-3"], ["dense.epochs", ">= 1"]),
+    "unknown model": (
+        ["model=resnet57"],
+        ["model=resnet57 is not an option", "choose", "resnet56"],
+    ),
+    "unknown dataset": (["dataset=cifar11"], ["dataset=cifar11 is not an option", "cifar10"]),
+    "unknown criterion": (["criterion=l3"], ["criterion=l3 is not an option", "l1, l2"]),
+    "unknown pipeline": (["pipeline=ice2"], ["pipeline=ice2 is not an option", "iterative"]),
+    "unknown pipeline name": (
+        ["pipeline.name=ice2"],
+        ["pipeline.name: unknown pipeline 'ice2'; choose one of: dense, iterative, ice"],
+    ),
+    "unknown criterion name": (
+        ["criterion.name=l3"],
+        ["criterion.name: unknown criterion 'l3'; choose one of: l1, l2"],
+    ),
+    "unknown torchvision model": (
+        ["model=torchvision", "model.name=resnet999"],
+        ["model.name: unknown torchvision model 'resnet999'; e.g. "],
+    ),
+    "misspelled key": (["pipeline.ratoi=0.5"], ["pipeline.ratoi is not a config key", "ratio"]),
+    "ratio above 1": (
+        ["pipeline.ratio=1.5"],
+        ["pipeline.ratio: got 1.5; must be a number strictly between 0 and 1"],
+    ),
+    "ratio zero": (["pipeline.ratio=0"], ["pipeline.ratio: got 0; must be", "between 0 and 1"]),
+    "ratio negative": (["pipeline.ratio=-0.2"], ["pipeline.ratio: got -0.2; must be"]),
+    "ratio not a number": (["pipeline.ratio=half"], ["pipeline.ratio: got 'half'; must be"]),
+    "zero epochs": (
+        ["pipeline.finetune_epochs=0"],
+        ["pipeline.finetune_epochs: got 0; must be an integer >= 1"],
+    ),
+    "negative epochs": (["pipeline.finetune_epochs=-1"], ["pipeline.finetune_epochs: got -1"]),
+    "zero dense epochs": (["dense.epochs=0"], ["dense.epochs: got 0; must be an integer >= 1"]),
+    "negative final epochs": (
+        ["pipeline.final_finetune_epochs=-1"],
+        ["pipeline.final_finetune_epochs: got -1; must be an integer >= 0"],
+    ),
+    "thre negative": (["pipeline.thre=-1"], ["pipeline.thre: got -1; must be a number >= 0"]),
+    "fr above 1": (["pipeline.fr=1.5"], ["pipeline.fr: got 1.5; must be a number in [0, 1]"]),
+    "p zero": (["pipeline.p=0"], ["pipeline.p: got 0; must be a number strictly between 0 and 1"]),
+    "p one": (["pipeline.p=1"], ["pipeline.p: got 1; must be a number strictly between 0 and 1"]),
+    "beta zero": (["pipeline.beta=0"], ["pipeline.beta: got 0; must be a number > 0"]),
+    "delta negative": (
+        ["pipeline.delta=-0.1"],
+        ["pipeline.delta: got -0.1; must be a number >= 0"],
+    ),
+    "delta above base": (
+        ["pipeline.delta=0.002"],
+        ["pipeline.delta: got 0.002; must be below pipeline.base (0.001)"],
+    ),
+    "lr zero": (
+        ["pipeline=iterative", "pipeline.lr=0"],
+        ["pipeline.lr: got 0; must be a number > 0"],
+    ),
+    "unknown device": (["trainer.device=tpu"], ["trainer.device: got 'tpu'; use auto, cpu"]),
+    "bad_images value": (
+        ["dataset=image_folder", "dataset.bad_images=ignore"],
+        ["dataset.bad_images: got 'ignore'; must be error or skip"],
+    ),
+    "missing checkpoint": (
+        ["model.checkpoint=/nonexistent/model.pt"],
+        ["model.checkpoint: /nonexistent/model.pt does not exist; give the path of a trained"],
+    ),
+    "checkpoint of another architecture": (
+        ["model.checkpoint={checkpoint:other_architecture}"],
+        [
+            "model.checkpoint: ",
+            "other_architecture.pt does not fit this model",
+            "model= and dataset=",
+        ],
+    ),
+    "checkpoint of another class count": (
+        ["model.checkpoint={checkpoint:other_classes}"],
+        ["other_classes.pt does not fit this model (shape of fc.weight", "class count"],
+    ),
+    "truncated checkpoint": (
+        ["model.checkpoint={checkpoint:truncated}"],
+        ["model.checkpoint: ", "truncated.pt cannot be read", "give a state dict or .safetensors"],
+    ),
+    "checkpoint without a state dict": (
+        ["model.checkpoint={checkpoint:not_a_state_dict}"],
+        ["not_a_state_dict.pt holds no state dict", "torch.save(model.state_dict(), path)"],
+    ),
     "missing dataset folder": (
         ["dataset=image_folder", "dataset.root=/nonexistent/imagenet"],
-        ["dataset.root", "/nonexistent/imagenet"],
+        ["dataset.root: /nonexistent/imagenet does not exist; expected a folder holding train/"],
     ),
-    "missing checkpoint": (["model.checkpoint=/nonexistent/model.pt"], ["model.checkpoint"]),
-    "unknown device": (["trainer.device=tpu"], ["trainer.device", "cpu"]),
+    "empty dataset folder": (
+        ["dataset=image_folder", "dataset.root={data:empty}"],
+        ["dataset.root: ", "empty holds no train/ folder; expected a folder holding train/"],
+    ),
+    "dataset without class folders": (
+        ["dataset=image_folder", "dataset.root={data:no_class_folders}"],
+        ["dataset.root: Couldn't find any class folder in", "expected a folder holding train/"],
+    ),
+    "dataset root at a split": (
+        ["dataset=image_folder", "dataset.root={data:split}"],
+        ["holds no train/ folder", "it is one split of a tree: set dataset.root="],
+    ),
+    "damaged dataset archive": (
+        ["dataset=image_folder", "dataset.root={data:damaged_archive}"],
+        ["dataset.root: ", "tiny.tar.gz cannot be unpacked", "copy or download it again"],
+    ),
+    "cifar10 folder without the data": (
+        ["dataset=cifar10", "dataset.root={data:empty}"],
+        ["dataset.root: ", "holds no CIFAR-10", "dataset.download=true"],
+    ),
+    "undecodable image": (
+        [
+            "dataset=image_folder",
+            "dataset.root={data:undecodable}",
+            "dataset.image_size=8",
+            "dense.epochs=1",
+            "trainer.num_workers=1",  # the error comes from a DataLoader worker
+        ],
+        ["dataset: cannot decode image ", "2.png (", "set dataset.bad_images=skip"],
+    ),
+    "run folder under a file": (
+        ["hydra.run.dir={file}/run"],
+        [
+            "cannot create the run folder (Not a directory: ",
+            "pick a writable folder with hydra.run.dir=",
+        ],
+    ),
+    "outputs under a file": (
+        ["paths.outputs={file}"],
+        ["cannot create the run folder (Not a directory: ", "paths.outputs="],
+    ),
 }
 
 
+def resolve(args: list[str], place: Place) -> list[str]:
+    out = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if value.startswith("{checkpoint:"):
+            value = str(checkpoint(place, value[len("{checkpoint:") : -1]))
+        elif value.startswith("{data:"):
+            value = str(dataset_root(place, value[len("{data:") : -1]))
+        elif value.startswith("{file}"):
+            (place.files / "a-file").write_text("not a folder")
+            value = value.replace("{file}", str(place.files / "a-file"))
+        out.append(f"{key}={value}")
+    return out
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_line(case, tmp_path, cache_dir):
+def test_bad_input_is_one_clear_line(case, place, monkeypatch, capsys):
     args, must_say = CASES[case]
-    result = run_icep(args, tmp_path / "run", cache_dir)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("icep: error: ")
+    args = resolve(args, place)
+    own_run_dir = not any(a.startswith(("hydra.run.dir=", "paths.outputs=")) for a in args)
+    line = one_line(*call_main(args, place, monkeypatch, capsys, run_dir=own_run_dir))
     for text in must_say:
-        assert text in lines[0], lines[0]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        assert text in line, line
+    assert not (place.run_dir / "metrics.jsonl").exists()
+    place.assert_untouched()
+
+
+def test_read_only_outputs_folder(place, monkeypatch, capsys):
+    # Permissions do not stop root, who runs the tests in containers: refuse the mkdir instead.
+    read_only = place.files / "read-only"
+    mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self == read_only or read_only in self.parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    code, out, err = call_main([f"paths.outputs={read_only}"], place, monkeypatch, capsys, False)
+    line = one_line(code, out, err)
+    assert line.startswith(f"cannot create the run folder (Permission denied: {read_only}/")
+    assert line.endswith(
+        "pick a writable folder with hydra.run.dir=... (hydra.sweep.dir=... with -m) or paths.outputs=..."
+    )
+    place.assert_untouched()
+
+
+def test_damaged_dense_cache_says_to_delete_it(place, monkeypatch, capsys):
+    cached = place.cache / "dense" / "resnet20-digits-0123456789ab.pt"
+    monkeypatch.setattr("icep.dense.cache_path", lambda cfg, data: cached)
+    line = one_line(*call_main([], place, monkeypatch, capsys))
+    assert line.startswith(f"the cached dense model is damaged: {cached} is not a readable")
+    assert line.endswith("delete it to train it again, or set dense.cache=false")
+    place.assert_untouched()
+
+
+@pytest.mark.parametrize(
+    ("error", "must_say"),
+    [
+        (
+            torch.cuda.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has"
+            ),
+            "CUDA out of memory (Tried to allocate 2.00 GiB); lower trainer.batch_size and "
+            "trainer.eval_batch_size, or free the GPU of other work",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/data/out/model.pt"),
+            "No space left on device: /data/out/model.pt; free some space, or write elsewhere "
+            "with paths.outputs=... / paths.cache=...",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/shared/cache/dense"),
+            "Permission denied: /shared/cache/dense; fix its permissions, or use other folders: "
+            "paths.outputs=..., paths.cache=... (or $ICEP_CACHE), dataset.root=...",
+        ),
+    ],
+)
+def test_faults_outside_the_trainer_are_one_line(error, must_say):
+    assert app.describe_error(error) == must_say
+
+
+def test_a_bug_keeps_its_traceback():
+    assert app.describe_error(KeyError("weight")) is None
+
+
+# --- python -m icep ---------------------------------------------------------------------------
+
+# One case per place an error can come from; an error deep in a run: the NaN test below.
+CLI_CASES = [
+    "unknown model",  # Hydra's composition
+    "ratio above 1",  # the config check
+    "run folder under a file",  # Hydra making the run folder
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_command_line_contract(case, place):
+    args = resolve(CASES[case][0], place)
+    run_dir = place.files / "a-file" / "run" if case == "run folder under a file" else place.run_dir
+    result = run_icep([f"paths.outputs={place.outputs}", *args], run_dir, place.cache)
+    line = one_line(result.returncode, result.stdout, result.stderr)
+    for text in CASES[case][1]:
+        assert text in line, line
+    place.assert_untouched()
+
+
+def test_nan_loss_fails_the_run_and_wandb_offline_fallback(place):
+    """A good run first (W&B online with no reachable server: it logs offline and goes on), then
+    a fine-tune at an absurd learning rate: one line, exit 2, summary.json says why, and the good
+    run and the dense model it cached are untouched."""
+    tiny = [
+        "dense.epochs=1",
+        "dataset.train_subset=300",
+        "trainer.batch_size=64",
+        "trainer.device=cpu",
+    ]
+    tiny.append(f"paths.outputs={place.outputs}")
+    good_dir = place.outputs / "default" / "good-run"
+    wandb = ["logger=wandb", "logger.mode=online", "logger.project=icep-test"]
+    env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "0" * 40}
+    good = run_icep([*tiny, "pipeline=dense", *wandb], good_dir, place.cache, env=env)
+    assert good.returncode == 0, good.stderr
+    said = [line for line in (good.stdout + good.stderr).splitlines() if "W&B" in line]
+    assert len(said) == 1, good.stdout + good.stderr
+    assert "http://127.0.0.1:9 cannot be reached" in said[0] and "logging offline" in said[0]
+    assert json.loads((good_dir / "summary.json").read_text())["status"] == "completed"
+    assert list((good_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    place.before = place._snapshot()  # now with the good run and its cached dense model
+    assert any(p.parent.name == "dense" and "digits" in p.name for p in place.before)
+
+    result = run_icep([*tiny, "pipeline=iterative", "pipeline.lr=1e30"], place.run_dir, place.cache)
+    line = one_line(result.returncode, result.stdout, result.stderr)
+    assert "fine-tune" in line and "epoch 1/1: the loss became " in line, line
+    assert "(lr 1e+30); the learning rate is too high for this model: lower pipeline.lr" in line
+    summary = json.loads((place.run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == line
+    place.assert_untouched()

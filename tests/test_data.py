@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from icep.data import Data, build_data
-from icep.errors import ConfigError
+from icep.errors import ConfigError, IcepError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHARED_CIFAR = CONF.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -276,6 +276,62 @@ def test_image_folder_test_classes_must_match(tmp_path):
     (tree / "test" / "ant").rename(tree / "test" / "ape")
     with pytest.raises(ConfigError, match="classes"):
         build(dataset_cfg("image_folder", root=str(tree)))
+
+
+def test_image_folder_root_at_a_split_says_to_use_its_parent(tmp_path):
+    tree = make_tree(tmp_path / "tiny")
+    with pytest.raises(ConfigError, match=f"one split of a tree: set dataset.root={tree}$"):
+        build(dataset_cfg("image_folder", root=str(tree / "train")))
+
+
+def test_damaged_archive_names_the_file_and_leaves_no_cache(tmp_path):
+    archive = make_archive(make_tree(tmp_path / "tiny"), tmp_path / "tiny.tar.gz")
+    archive.write_bytes(archive.read_bytes()[:2000])
+    with pytest.raises(ConfigError, match="tiny.tar.gz cannot be unpacked.*download it again"):
+        build(dataset_cfg("image_folder", root=str(archive)), cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # the half-unpacked copy is gone
+
+
+def spoil(tree: Path) -> list[Path]:
+    """Make two images of ``tree`` undecodable: one truncated, one not an image at all."""
+    truncated, garbage = tree / "train" / "bee" / "1.png", tree / "test" / "cat" / "2.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    garbage.write_bytes(b"<html>not found</html>")
+    return [truncated, garbage]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_image_is_an_error_naming_it(tmp_path, workers):
+    tree = make_tree(tmp_path / "tiny")
+    bad, _ = spoil(tree)
+    data = build(dataset_cfg("image_folder", root=str(tree)), num_workers=workers)
+    with pytest.raises(IcepError) as err:  # from a worker too: one line, not its traceback
+        for _ in data.train:
+            pass
+    assert str(err.value).startswith(f"dataset: cannot decode image {bad} (")
+    assert str(err.value).endswith("or set dataset.bad_images=skip to leave undecodable images out")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["image_folder", "cifar10"])
+def test_undecodable_images_are_skipped_with_one_warning(tmp_path, caplog, name):
+    tree = make_tree(tmp_path / "tiny")
+    bad = spoil(tree)
+    with caplog.at_level(logging.WARNING, logger="icep.data"):
+        data = build(dataset_cfg(name, root=str(tree), bad_images="skip"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"dataset.bad_images=skip: left out 2 image(s) that cannot be decoded: {bad[0]}, {bad[1]}"
+    ]
+    assert len(data.train.dataset) + len(data.val.dataset) == 11
+    assert len(data.test.dataset) == 11
+    assert sum(len(y) for _, y in data.train) == len(data.train.dataset)  # all decode
+
+
+def test_bad_images_setting_is_checked(tmp_path):
+    cfg = dataset_cfg("image_folder", root=str(make_tree(tmp_path / "tiny")), bad_images="ignore")
+    with pytest.raises(ConfigError, match="dataset.bad_images: got 'ignore'; expected error or"):
+        build(cfg)
 
 
 # --- CIFAR --------------------------------------------------------------------------------------

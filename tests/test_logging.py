@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from omegaconf import OmegaConf
 from wandb_offline import history, run_info, summary
@@ -60,3 +61,19 @@ def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
     logged_summary = summary(files[0])
     assert logged_summary["acc_final_val"] == 87.0
     assert logged_summary["frozen_layers"] == ["a", "b"]
+
+
+def test_wandb_online_without_key_or_server_says_why_at_once(monkeypatch):
+    from icep.logging import _wandb_offline_reason
+
+    unreachable = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", "/nonexistent")
+    reason = _wandb_offline_reason(unreachable, timeout=5)
+    assert reason == f"no API key for {unreachable} (run `wandb login` or set WANDB_API_KEY)"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    start = time.perf_counter()
+    reason = _wandb_offline_reason(unreachable, timeout=5)
+    assert reason.startswith(f"{unreachable} cannot be reached (")
+    assert time.perf_counter() - start < 5

@@ -73,3 +73,18 @@ def test_checkpoint_is_not_unpickled(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:1000])
     with pytest.raises(ConfigError, match="cannot be read"):
         load_checkpoint(cifar_resnet(20), truncated)
+
+
+def test_checkpoint_of_a_deeper_model_is_refused(tmp_path):
+    # ResNet-32 holds every ResNet-20 key with the same shapes, plus blocks ResNet-20 lacks.
+    path = tmp_path / "r32.pt"
+    torch.save(cifar_resnet(32, num_classes=10).state_dict(), path)
+    with pytest.raises(ConfigError, match="unexpected layer1.3.*another architecture"):
+        load_checkpoint(cifar_resnet(20, num_classes=10), path)
+
+
+def test_checkpoint_without_a_state_dict_is_refused(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ConfigError, match="holds no state dict"):
+        load_checkpoint(cifar_resnet(20), path)

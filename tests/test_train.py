@@ -52,8 +52,58 @@ def test_distillation_from_identical_teacher_adds_no_loss():
 def test_nan_loss_is_a_clear_error():
     model = nn.Linear(8, 4)
     trainer = Trainer(torch.device("cpu"))
-    with pytest.raises(IcepError, match="lr 1e\\+30"):
-        trainer.fit(model, loader(), sgd(model, 1e30), epochs=3)
+    with pytest.raises(IcepError, match="lr 1e\\+30") as err:
+        trainer.fit(model, loader(), sgd(model, 1e30), epochs=3, desc="dense", lr_key="dense.lr")
+    message = str(err.value)
+    assert message.startswith("dense epoch 1/3: the loss became ")
+    assert "lower dense.lr" in message and "\n" not in message
+
+
+class NanFrom(nn.Module):
+    """A linear model whose output turns NaN from the ``start``-th forward call on."""
+
+    def __init__(self, start: int):
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+        self.start, self.calls = start, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.linear(x)
+        return out * float("nan") if self.calls >= self.start else out
+
+
+def test_nan_loss_names_epoch_batch_and_lr():
+    model = NanFrom(start=8 + 3)  # 8 batches per epoch: the 3rd batch of epoch 2
+    trainer = Trainer(torch.device("cpu"))
+    with pytest.raises(IcepError) as err:
+        trainer.fit(model, loader(), sgd(model, 0.05), epochs=3, desc="fine-tune")
+    assert str(err.value) == (
+        "fine-tune epoch 2/3: the loss became nan at batch 3/8 (lr 0.05); the learning rate is "
+        "too high for this model: lower pipeline.lr (ICE: pipeline.base)"
+    )
+    assert model.calls == 8 + 3  # stopped at the batch, not at the end of the epoch
+
+
+class OutOfMemory(nn.Linear):
+    def forward(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+
+def test_out_of_memory_names_the_batch_size(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model = OutOfMemory(8, 4)
+    trainer = Trainer(torch.device("cpu"))
+    data = loader()  # batches of 32
+    with pytest.raises(IcepError) as err:
+        trainer.fit(model, data, sgd(model, 0.1), epochs=1, desc="dense")
+    assert str(err.value) == (
+        "dense epoch 1/1: out of GPU memory on cpu with batches of 32; lower trainer.batch_size "
+        "(now 32) or free the GPU of other work"
+    )
+    with pytest.raises(IcepError, match="lower trainer.eval_batch_size \\(now 32\\)"):
+        trainer.evaluate(model, data, desc="val")
+    assert model.training  # evaluate restores the mode it found
 
 
 def test_sgd_leaves_frozen_parameters_out():

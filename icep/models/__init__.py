@@ -118,16 +118,30 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(
+            "model.checkpoint",
+            f"{path} holds no state dict (a mapping of parameter names to tensors, at the top "
+            "or under 'state_dict'); save one with torch.save(model.state_dict(), path)",
+        )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
-    if mismatched or missing:
-        what = f"shape of {mismatched[0]}" if mismatched else f"missing {missing[0]}"
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        what = (
+            f"shape of {mismatched[0]}: {tuple(state[mismatched[0]].shape)} there, "
+            f"{tuple(own[mismatched[0]].shape)} here"
+            if mismatched
+            else f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
+        )
         raise ConfigError(
             "model.checkpoint",
             f"{path} does not fit this model ({what}); it is for another architecture or class "
             "count: check model= and dataset=",
         )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state)
     return model

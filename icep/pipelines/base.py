@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from icep.data import Data
-from icep.errors import IcepError
 from icep.logging import RunLogger
 from icep.pruning import (
     PruningEngine,
@@ -169,12 +168,8 @@ class PruningRun:
         target = self.model if model is None else model
         with self.timer.phase(phase) as t:
             optimizer = sgd(target, lr, momentum, weight_decay)
-            try:
-                self.trainer.fit(
-                    target, self.data.train, optimizer, epochs, distill=distill, desc=desc
-                )
-            except IcepError as exc:  # a NaN loss: say where in the run and at which lr
-                raise IcepError(f"{desc} (after step {len(self.rows)}, lr {lr:g}): {exc}") from None
+            # A NaN loss raises an IcepError naming ``desc`` (the step) and the lr.
+            self.trainer.fit(target, self.data.train, optimizer, epochs, distill=distill, desc=desc)
         if model is None:
             self.finetunes += 1
         return t["seconds"]
