@@ -127,7 +127,9 @@ def build_data(
             generator=torch.Generator().manual_seed(seed) if shuffle else None,
             num_workers=workers,
             pin_memory=pin_memory,
-            persistent_workers=workers > 0,
+            # Train workers restart each epoch, seeded from the loader's generator, so a resumed
+            # run (which restores that generator) augments exactly as an uninterrupted one.
+            persistent_workers=workers > 0 and not shuffle,
             drop_last=False,
         )
 
@@ -176,7 +178,7 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
             generator=torch.Generator().manual_seed(seed) if shuffle else None,
             num_workers=workers,
             pin_memory=loader.pin_memory,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0 and not shuffle,  # as in build_data
         )
 
     generator = torch.Generator().manual_seed(seed)

@@ -184,6 +184,23 @@ def test_image_folder_from_a_folder(tmp_path):
     assert x.shape == (12, 3, 24, 24) and sorted(set(y.tolist())) == [0, 1, 2]
 
 
+def test_augmentation_in_workers_repeats_from_the_restored_loader_state(tmp_path):
+    """What resume relies on: with the train loader's generator state restored, the next epoch
+    draws the same order and the same random crops and flips, worker processes included."""
+    tree = make_tree(tmp_path / "tiny")
+    cfg = dataset_cfg("image_folder", root=str(tree), image_size=24, val_fraction=0.25)
+    data = build(cfg, cache_dir=tmp_path / "cache", num_workers=1, batch_size=4)
+    assert not data.train.persistent_workers and data.train.num_workers == 1
+    next(iter(data.train))  # an epoch in progress, as before a checkpoint
+    state = data.train.generator.get_state()
+    first = [x for x, _ in data.train]
+    data.train.generator.set_state(state)
+    again = [x for x, _ in data.train]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    later = [x for x, _ in data.train]  # the epoch after: other crops
+    assert not all(torch.equal(a, b) for a, b in zip(first, later, strict=True))
+
+
 def test_image_folder_uses_a_val_folder(tmp_path):
     tree = make_tree(tmp_path / "tiny", splits=("train", "val", "test"), per_class=2)
     data = build(dataset_cfg("image_folder", root=str(tree)))
