@@ -17,6 +17,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -220,6 +221,26 @@ def _resume_from(cfg: DictConfig, out: Path, config: dict[str, Any]) -> dict[str
     return blob
 
 
+# Hydra writes .hydra/*.yaml into the run folder before icep starts: when that folder holds an
+# earlier run, its files are kept here so that a start icep refuses can put them back.
+_earlier_hydra_files: dict[Path, bytes] = {}
+
+
+class KeepEarlierRun(Callback):
+    """A Hydra callback (conf/config.yaml, hydra.callbacks) that snapshots the earlier run's
+    .hydra/*.yaml when ``hydra.run.dir`` already holds a run."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        out, sub = Path(str(config.hydra.run.dir)), config.hydra.output_subdir
+        if sub is not None and ((out / CHECKPOINT).is_file() or (out / "summary.json").is_file()):
+            _earlier_hydra_files.update({f: f.read_bytes() for f in (out / sub).glob("*.yaml")})
+
+
+def _put_back_earlier_hydra_files() -> None:
+    for path, data in _earlier_hydra_files.items():
+        path.write_bytes(data)
+
+
 def _sweep_reporter(cfg: DictConfig):
     """Report to the Optuna trial that hydra/sweeper=icep_optuna made for this job."""
     from icep.tune.study import StepReporter, attach_trial
@@ -315,6 +336,7 @@ def _app(cfg: DictConfig) -> dict[str, Any] | None:
         validate(cfg)  # before run() imports the heavy modules: a bad value fails at once
         return run(cfg)
     except Exception as exc:
+        _put_back_earlier_hydra_files()  # a refused or failed start leaves an earlier run as it was
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the job fails, the sweep goes on
         # Here rather than in main(): an error leaving the job makes Hydra print a line first.

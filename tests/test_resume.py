@@ -97,6 +97,7 @@ def test_resuming_with_another_config_is_refused(tmp_path, cache_dir):
     )
     assert killed.returncode < 0
     before = (out / "checkpoint.pt").read_bytes()  # step 1's
+    hydra_files = {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")}
     result = run_icep(
         [*FAST, "pipeline=iterative", "pipeline.ratio=0.7", "resume=true"], out, cache_dir
     )
@@ -105,6 +106,8 @@ def test_resuming_with_another_config_is_refused(tmp_path, cache_dir):
     assert line.startswith("icep: error: resume: ") and "\n" not in line
     assert "pipeline.ratio=0.6 there, 0.7 now" in line
     assert (out / "checkpoint.pt").read_bytes() == before  # untouched
+    # Hydra rewrote .hydra/ with the refused config before icep ran; icep put the run's back.
+    assert {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")} == hydra_files
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path, cache_dir):
