@@ -196,7 +196,7 @@ def test_ice_fine_tunes_less_than_the_baseline(digits, dense_state, tmp_path):
     base_cfg = OmegaConf.load(ROOT / "conf" / "pipeline" / "iterative.yaml")
     _, base = run_pipeline(run_iterative, base_cfg, digits, dense_state, tmp_path / "it")
     assert ice["finetunes"] < base["finetunes"]
-    assert ice["time_finetune_s"] < base["time_finetune_s"]
+    # Fewer fine-tunes is the saving; how much time that is belongs to the benchmarks, not here.
     assert ice["params_after"] == base["params_after"]  # same pruning, different cost
 
 

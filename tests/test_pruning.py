@@ -270,11 +270,11 @@ def test_norm_criteria_score_each_filter():
 
 
 def test_criteria_registry():
-    assert set(CRITERIA) == {"l1", "l2"}
+    assert {"l1", "l2"} <= set(CRITERIA)  # the others: tests/test_criteria.py
     assert isinstance(build_criterion("l1"), L1)
     assert isinstance(build_criterion("l2"), L2)
     assert not build_criterion("l1").needs_data
-    with pytest.raises(ConfigError, match="unknown criterion 'x'; choose one of: l1, l2") as err:
+    with pytest.raises(ConfigError, match="unknown criterion 'x'; choose one of: l1, l2, ") as err:
         build_criterion("x")
     assert err.value.key == "criterion.name"
     with pytest.raises(ConfigError, match="criterion"):

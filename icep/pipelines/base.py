@@ -22,6 +22,7 @@ from icep.pruning import (
     PruningEngine,
     Unit,
     count_macs_params,
+    prepare_criterion,
     remaining_fraction,
     spatial_conv_weights,
 )
@@ -145,6 +146,10 @@ class PruningRun:
 
     def prune(self, unit: Unit, ratio: float) -> float:
         with self.timer.phase("prune") as t:
+            # What a criterion looks at first (gradients, activations) is pruning cost too.
+            prepare_criterion(
+                self.criterion, self.engine, unit.convs, self.data.train, self.trainer.device
+            )
             self.engine.prune_unit(unit.index, ratio, self.criterion)
             self.trainer.prepare(self.model)  # pruned weights come back in the default layout
         return t["seconds"]

@@ -4,32 +4,52 @@ A criterion is a class with one ``__call__(conv) -> Tensor`` that returns a scor
 filter of ``conv``; the engine removes the lowest-scoring filters first. Scores are compared only
 within one layer, so they need no normalisation.
 
-Criteria that need data or gradients (Taylor, mean activation, entropy) fit the same interface:
-they set ``needs_data = True`` and collect what they need in ``prepare(model, batches)``, which a
-pipeline calls right before each pruning step; ``__call__`` then reads the collected statistics
-for the given conv. The weight-only criteria below ignore ``prepare``.
+Before each pruning step the pipeline calls :func:`prepare_criterion`, which hands the criterion
+the engine (the model and its graph), the names of the convs about to be scored and, when the
+criterion sets ``needs_data``, the training loader. ``prepare`` collects what ``__call__`` then
+reads: the BatchNorm after each conv (bn_scale), gradients (taylor), activations
+(mean_activation, entropy). Its time counts as pruning cost. Weight-only criteria ignore it.
+
+Torch-Pruning's importance classes score a whole coupled group (the conv, its BatchNorm and the
+next layer's input channels) and reduce over it; METHOD.md defines each criterion on the filter
+(or its one BatchNorm channel) alone, so the criteria below compute their scores directly.
+
+Every criterion is registered in :data:`CRITERIA` by name and has a config in conf/criterion/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, ClassVar
+import zlib
+from collections.abc import Iterable, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from icep.errors import ConfigError
+from icep.errors import ConfigError, IcepError
+
+if TYPE_CHECKING:
+    from icep.pruning.engine import PruningEngine
 
 
 class Criterion:
     """Scores the output filters of a conv; low score = pruned first."""
 
     name: ClassVar[str] = ""
-    #: True when ``prepare`` must see data (forward or backward passes) before scoring.
+    #: True when ``prepare`` must see training batches (forward or backward passes).
     needs_data: ClassVar[bool] = False
 
-    def prepare(self, model: nn.Module, batches: Iterable[Any]) -> None:
-        """Collect whatever the scores need from ``model`` on ``batches`` (no-op by default)."""
+    def prepare(
+        self,
+        engine: PruningEngine,
+        convs: Sequence[str],
+        loader: Iterable[Any] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Collect what scoring the convs named ``convs`` needs (no-op by default). ``loader``
+        yields ``(inputs, targets)`` batches; it is None unless ``needs_data`` is set."""
 
     def __call__(self, conv: nn.Conv2d) -> torch.Tensor:
         """A float tensor of shape ``[conv.out_channels]``."""
@@ -37,6 +57,21 @@ class Criterion:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def prepare_criterion(
+    criterion: Any,
+    engine: PruningEngine,
+    convs: Sequence[str],
+    loader: Iterable[Any] | None,
+    device: torch.device | str,
+) -> None:
+    """Let ``criterion`` look at the model before it scores ``convs`` (a plain callable has no
+    ``prepare`` and is left alone); the loader goes only to criteria that need data."""
+    prepare = getattr(criterion, "prepare", None)
+    if prepare is not None:
+        needs_data = getattr(criterion, "needs_data", False)
+        prepare(engine, convs, loader if needs_data else None, device)
 
 
 class FilterNorm(Criterion):
@@ -77,7 +112,224 @@ class L2(FilterNorm):
         return "L2()"
 
 
-CRITERIA: dict[str, type[Criterion]] = {"l1": L1, "l2": L2}
+class FPGM(Criterion):
+    """Sum of Euclidean distances from each filter to the other filters of the layer.
+
+    FPGM (He et al., 2019): a filter near the geometric median of its layer is redundant; its
+    score is small and it is pruned first."""
+
+    name = "fpgm"
+
+    def __call__(self, conv: nn.Conv2d) -> torch.Tensor:
+        weight = conv.weight.detach().flatten(1).float()
+        return torch.cdist(weight, weight).sum(dim=1)
+
+
+class BNScale(Criterion):
+    """|gamma| of the BatchNorm channel that follows the conv (Liu et al., 2017)."""
+
+    name = "bn_scale"
+
+    def __init__(self):
+        self.norms: dict[nn.Module, nn.Module] = {}
+
+    def prepare(self, engine, convs, loader=None, device="cpu") -> None:
+        self.norms = {}
+        for name in convs:
+            norm = engine.norm_after(name)
+            module = engine.model.get_submodule(norm) if norm is not None else None
+            if not isinstance(module, nn.modules.batchnorm._NormBase) or module.weight is None:
+                raise IcepError(
+                    f"criterion bn_scale: {name} is not followed by a BatchNorm with a scale; "
+                    "choose another criterion for this model"
+                )
+            self.norms[engine.model.get_submodule(name)] = module
+
+    def __call__(self, conv: nn.Conv2d) -> torch.Tensor:
+        if conv not in self.norms:
+            raise ValueError("bn_scale: call prepare() with this conv's name before scoring it")
+        return self.norms[conv].weight.detach().abs().float()
+
+
+class _DataCriterion(Criterion):
+    """A criterion computed from ``batches`` training batches; ``prepare`` stores one score
+    tensor per conv, ``__call__`` returns it."""
+
+    needs_data = True
+
+    def __init__(self, batches: int = 8):
+        if batches < 1:
+            raise ValueError(f"batches must be at least 1, got {batches}")
+        self.batches = batches
+        self.scores: dict[nn.Module, torch.Tensor] = {}
+
+    def prepare(self, engine, convs, loader=None, device="cpu") -> None:
+        if loader is None:
+            raise ValueError(f"{self.name} needs training batches to score filters")
+        model = engine.model
+        modules = [model.get_submodule(name) for name in convs]
+        flags = {m: m.training for m in model.modules()}
+        model.eval()  # BatchNorm statistics and dropout stay as they are
+        try:
+            self.scores = self.collect(engine, convs, modules, loader, device)
+        finally:
+            for module, training in flags.items():
+                module.training = training
+
+    def collect(
+        self,
+        engine: PruningEngine,
+        names: Sequence[str],
+        convs: list[nn.Conv2d],
+        loader: Iterable[Any],
+        device: torch.device | str,
+    ) -> dict[nn.Module, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, conv: nn.Conv2d) -> torch.Tensor:
+        scores = self.scores.get(conv)
+        if scores is None:
+            raise ValueError(f"{self.name}: call prepare() with this conv's name before scoring it")
+        if scores.shape != (conv.out_channels,):
+            raise ValueError(f"{self.name}: scores were collected for another width of this conv")
+        return scores
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batches={self.batches})"
+
+
+class Taylor(_DataCriterion):
+    """First-order Taylor: (sum over the filter of grad * weight)^2, summed over batches.
+
+    Molchanov et al. (2019); the gradient is that of the cross-entropy loss on ``batches``
+    training batches, in eval mode (BatchNorm statistics untouched)."""
+
+    name = "taylor"
+
+    def collect(self, engine, names, convs, loader, device):
+        weights = [conv.weight for conv in convs]
+        flags = [w.requires_grad for w in weights]
+        scores = [torch.zeros(conv.out_channels, device=device) for conv in convs]
+        try:
+            for w in weights:  # a frozen conv is scored too; it needs a gradient meanwhile
+                w.requires_grad_(True)
+            with torch.enable_grad():
+                for x, y in islice(loader, self.batches):
+                    x, y = x.to(device), y.to(device)
+                    loss = F.cross_entropy(engine.model(x), y)
+                    grads = torch.autograd.grad(loss, weights)
+                    for score, w, g in zip(scores, weights, grads, strict=True):
+                        score += (g.detach() * w.detach()).flatten(1).sum(dim=1).float().pow(2)
+        finally:
+            for w, flag in zip(weights, flags, strict=True):
+                w.requires_grad_(flag)
+        return {conv: s.cpu() for conv, s in zip(convs, scores, strict=True)}
+
+
+class _ActivationCriterion(_DataCriterion):
+    """Scores from the per-image mean of each channel's ReLU'd BatchNorm output (the conv's own
+    output when no BatchNorm follows)."""
+
+    def collect(self, engine, names, convs, loader, device):
+        means: dict[nn.Module, list[torch.Tensor]] = {conv: [] for conv in convs}
+        hooks = []
+        for name, conv in zip(names, convs, strict=True):
+            norm = engine.norm_after(name)
+            watched = engine.model.get_submodule(norm) if norm is not None else conv
+
+            def record(_module, _inputs, output, conv=conv):
+                means[conv].append(output.detach().float().relu().mean(dim=(2, 3)).cpu())
+
+            hooks.append(watched.register_forward_hook(record))
+        try:
+            with torch.no_grad():
+                for x, _ in islice(loader, self.batches):
+                    engine.model(x.to(device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {conv: self.reduce(torch.cat(per_image)) for conv, per_image in means.items()}
+
+    def reduce(self, per_image: torch.Tensor) -> torch.Tensor:
+        """``[images, channels]`` per-image means -> one score per channel."""
+        raise NotImplementedError
+
+
+class MeanActivation(_ActivationCriterion):
+    """Mean over images and positions of the ReLU'd BatchNorm output of each channel."""
+
+    name = "mean_activation"
+
+    def reduce(self, per_image: torch.Tensor) -> torch.Tensor:
+        return per_image.mean(dim=0)
+
+
+class Entropy(_ActivationCriterion):
+    """Entropy of a histogram of each channel's per-image mean activation.
+
+    ``bins`` bins over the channel's own range, in nats: a channel that is always the same
+    carries no information and scores 0."""
+
+    name = "entropy"
+
+    def __init__(self, batches: int = 8, bins: int = 20):
+        super().__init__(batches)
+        if bins < 2:
+            raise ValueError(f"bins must be at least 2, got {bins}")
+        self.bins = bins
+
+    def reduce(self, per_image: torch.Tensor) -> torch.Tensor:
+        scores = torch.zeros(per_image.shape[1])
+        for c, values in enumerate(per_image.double().T):
+            low, high = values.min().item(), values.max().item()
+            if high - low <= 1e-12 * max(1.0, abs(high)):
+                continue  # constant: one bin, zero entropy
+            p = torch.histc(values, bins=self.bins, min=low, max=high)
+            p = p[p > 0] / values.numel()
+            scores[c] = float(-(p * p.log()).sum())
+        return scores
+
+    def __repr__(self) -> str:
+        return f"Entropy(batches={self.batches}, bins={self.bins})"
+
+
+class Random(Criterion):
+    """A uniformly random choice of filters without replacement (a control).
+
+    Each conv gets a random permutation as its scores. The permutation depends on ``seed`` and,
+    after ``prepare``, on the conv's name and width only, so a resumed run draws the same one."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+        self.names: dict[nn.Module, str] = {}
+        self._fallback = torch.Generator().manual_seed(self.seed)
+
+    def prepare(self, engine, convs, loader=None, device="cpu") -> None:
+        self.names = {engine.model.get_submodule(name): name for name in convs}
+
+    def __call__(self, conv: nn.Conv2d) -> torch.Tensor:
+        name = self.names.get(conv)
+        if name is None:  # no prepare: one stream of draws from the seed
+            generator = self._fallback
+        else:
+            key = zlib.crc32(f"{self.seed}/{name}/{conv.out_channels}".encode())
+            generator = torch.Generator().manual_seed(key)
+        return torch.randperm(conv.out_channels, generator=generator).float()
+
+    def __repr__(self) -> str:
+        return f"Random(seed={self.seed})"
+
+
+CRITERIA: dict[str, type[Criterion]] = {
+    c.name: c for c in (L1, L2, FPGM, BNScale, Taylor, Random, MeanActivation, Entropy)
+}
+
+
+def list_criteria() -> list[str]:
+    """The registered criterion names, in registry order."""
+    return list(CRITERIA)
 
 
 def build_criterion(name: str, **kwargs: Any) -> Criterion:
@@ -88,5 +340,5 @@ def build_criterion(name: str, **kwargs: Any) -> Criterion:
         )
     try:
         return CRITERIA[name](**kwargs)
-    except TypeError as exc:  # an option the criterion does not take
+    except (TypeError, ValueError) as exc:  # an option it does not take, or a bad value
         raise ConfigError("criterion", f"bad options for '{name}': {exc}") from None
