@@ -1,0 +1,86 @@
+"""Pruning schedules (METHOD.md section 4): per-step shares that add up to the target."""
+
+from __future__ import annotations
+
+import pytest
+
+from icep.errors import ConfigError
+from icep.pruning.schedules import (
+    SCHEDULES,
+    agp,
+    constant,
+    geometric,
+    hybrid,
+    increments,
+    one_shot,
+    step_ratios,
+)
+
+
+@pytest.mark.parametrize(
+    "schedule, kwargs",
+    [
+        (one_shot, {}),
+        (constant, {"steps": 7}),
+        (geometric, {"steps": 10}),
+        (hybrid, {"steps": 5, "one_shot_share": 0.2}),
+        (agp, {"steps": 12}),
+        (agp, {"steps": 12, "initial": 0.1}),
+    ],
+)
+@pytest.mark.parametrize("target", [0.3, 0.7, 0.9, 0.99])
+def test_every_schedule_reaches_its_target(schedule, kwargs, target):
+    cumulative = schedule(target, **kwargs)
+    assert sum(increments(cumulative)) == pytest.approx(target)
+    assert cumulative[-1] == pytest.approx(target)
+    assert all(b > a for a, b in zip([0.0, *cumulative], cumulative, strict=False))
+    # Removing each step's share of what is left ends at the same place.
+    left = 1.0
+    for r in step_ratios(cumulative):
+        assert 0 < r < 1
+        left *= 1 - r
+    assert 1 - left == pytest.approx(target)
+
+
+def test_geometric_removes_the_same_share_of_what_remains():
+    cumulative = geometric(0.9, 10)
+    assert increments(cumulative)[0] == pytest.approx(0.2057, abs=5e-5)  # 1 - 0.1 ** 0.1
+    assert step_ratios(cumulative) == pytest.approx([0.2057] * 10, abs=5e-5)
+
+
+def test_constant_slices_are_equal_and_one_shot_is_one_step():
+    assert increments(constant(0.6, 3)) == pytest.approx([0.2, 0.2, 0.2])
+    assert one_shot(0.8) == [0.8]
+
+
+def test_hybrid_starts_with_its_one_shot_slice_then_goes_geometric():
+    cumulative = hybrid(0.9, 4, one_shot_share=0.5)
+    assert len(cumulative) == 5 and cumulative[0] == 0.5
+    rest = step_ratios(cumulative)[1:]
+    assert rest == pytest.approx([rest[0]] * 4)  # the same share of what is left
+    assert rest[0] == pytest.approx(1 - (0.1 / 0.5) ** (1 / 4))
+
+
+def test_agp_is_cubic_fast_first_and_slow_at_the_end():
+    cumulative = agp(0.8, 10)
+    slices = increments(cumulative)
+    assert slices == sorted(slices, reverse=True)
+    assert cumulative[4] == pytest.approx(0.8 * (1 - 0.5**3))  # half way: 7/8 of the target
+
+
+@pytest.mark.parametrize(
+    "call, key",
+    [
+        (lambda: geometric(1.0, 10), "pipeline.target"),
+        (lambda: constant(0.5, 0), "pipeline.steps"),
+        (lambda: hybrid(0.5, 3, one_shot_share=0.6), "pipeline.one_shot"),
+        (lambda: agp(0.5, 3, initial=0.5), "pipeline.initial"),
+    ],
+)
+def test_bad_schedule_settings_name_the_key(call, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        call()
+
+
+def test_the_registry_lists_every_schedule():
+    assert set(SCHEDULES) == {"one_shot", "constant", "geometric", "hybrid", "agp"}
