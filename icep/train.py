@@ -148,7 +148,7 @@ class Trainer:
         torch.cuda.empty_cache()
         return IcepError(
             f"{desc}: out of GPU memory on {self.device} with batches of {loader.batch_size}; "
-            f"lower {key} (now {loader.batch_size}) or free the GPU of other work"
+            f"try {key}={max(1, loader.batch_size // 2)} or free the GPU of other work"
         )
 
     def evaluate(self, model: nn.Module, loader: DataLoader, desc: str = "eval") -> float:
