@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """One run in the Hydra output folder; returns the summary."""
     # Imports here keep `python -m icep --help` and config errors fast.
     from icep.config import validate
-    from icep.data import build_data
+    from icep.data import data_from_config
     from icep.dense import arch_spec, dense_model
     from icep.logging import RunLogger
     from icep.pipelines import PIPELINES, PruningRun
@@ -69,15 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     criterion = build_criterion(
         cfg.criterion.name, **{k: v for k, v in cfg.criterion.items() if k != "name"}
     )
-    data = build_data(
-        cfg.dataset,
-        seed=cfg.seed,
-        batch_size=cfg.trainer.batch_size,
-        eval_batch_size=cfg.trainer.eval_batch_size,
-        num_workers=cfg.trainer.num_workers,
-        pin_memory=trainer.device.type == "cuda",
-        cache_dir=Path(cfg.paths.cache) / "datasets",
-    )
+    data = data_from_config(cfg, pin_memory=trainer.device.type == "cuda")
     logger = RunLogger(
         out,
         cfg.logger,

@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
     from icep.app import seed_everything
     from icep.config import validate
-    from icep.data import build_data
+    from icep.data import data_from_config
     from icep.dense import dense_model
     from icep.errors import ConfigError
     from icep.train import Trainer
@@ -279,15 +279,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         criteria[name] = build_criterion(name, **kwargs)
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
-    data = build_data(
-        cfg.dataset,
-        seed=cfg.seed,
-        batch_size=cfg.trainer.batch_size,
-        eval_batch_size=cfg.trainer.eval_batch_size,
-        num_workers=cfg.trainer.num_workers,
-        pin_memory=trainer.device.type == "cuda",
-        cache_dir=Path(cfg.paths.cache) / "datasets",
-    )
+    data = data_from_config(cfg, pin_memory=trainer.device.type == "cuda")
     model, _ = dense_model(cfg, data, trainer)
     engine = PruningEngine(model, torch.zeros(1, *data.input_shape, device=trainer.device))
     layers = score_layers(engine, criteria, data.train, trainer.device)

@@ -154,6 +154,20 @@ def build_data(
     )
 
 
+def data_from_config(cfg: DictConfig, pin_memory: bool = False) -> Data:
+    """The run's data from its whole config: ``dataset``, the ``trainer`` batch sizes and
+    workers, the run seed and the dataset cache under ``paths.cache``."""
+    return build_data(
+        cfg.dataset,
+        seed=cfg.seed,
+        batch_size=cfg.trainer.batch_size,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        num_workers=cfg.trainer.num_workers,
+        pin_memory=pin_memory,
+        cache_dir=Path(cfg.paths.cache) / "datasets",
+    )
+
+
 def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int) -> Data:
     """A seeded share of each split of ``data`` (the tuning stage's small data): ``train_fraction``
     of train, ``eval_fraction`` of val and of test, at least one sample each. Same seed, same

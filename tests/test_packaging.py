@@ -64,23 +64,18 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
         check=True,
     )
     assert result.stdout.startswith(str(site))
-    result = subprocess.run(
-        [sys.executable, "-m", "icep", "+experiment=resnet56_cifar10", "--cfg", "job"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "depth: 56" in result.stdout
-    result = subprocess.run(
-        [sys.executable, "-m", "icep", "+experiment=ice_optuna_sweep", "--cfg", "hydra"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "IcepOptunaSweeper" in result.stdout  # the sweeper plugin is found from the wheel
+    for args, expected in (
+        (["+experiment=resnet56_cifar10", "--cfg", "job"], "depth: 56"),
+        # The sweeper plugin is found from the wheel.
+        (["+experiment=ice_optuna_sweep", "--cfg", "hydra"], "IcepOptunaSweeper"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "icep", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert expected in result.stdout

@@ -7,8 +7,10 @@ import csv
 import json
 
 import pytest
-from conftest import FAST, run_icep
+from conftest import FAST, ROOT, run_icep
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from test_tune_space import PAPER_GRID as PAPER_GRID_EXPRESSIONS
 
 from icep.errors import ConfigError
 from icep.tune import SearchSpace
@@ -16,16 +18,7 @@ from icep.tune.stage import check_tune
 
 # 600 digits train+val samples; each trial uses a quarter of train and half of val.
 SMALL = [*FAST, "dataset.train_subset=600", "tune.train_fraction=0.25", "tune.eval_fraction=0.5"]
-PAPER_GRID = SearchSpace(
-    {
-        "thre": "choice(0.5, 1.5)",
-        "fr": "choice(0.3, 0.9)",
-        "base": "choice(0.001, 0.005)",
-        "p": "choice(0.1, 0.15, 0.2)",
-        "beta": "choice(40, 50, 60)",
-        "delta": "choice(0.0006, 0.0007, 0.0008)",
-    }
-).grid()
+PAPER_GRID = SearchSpace(PAPER_GRID_EXPRESSIONS).grid()
 RANGES = {
     "thre": (0.5, 1.5),
     "fr": (0.3, 0.9),
@@ -152,6 +145,11 @@ def test_tuning_mistakes_name_the_key(args, message):
     with pytest.raises(ConfigError) as err:
         _check(*args)
     assert message in str(err.value)
+
+
+def test_the_ice_config_carries_the_papers_grid():
+    grid = OmegaConf.load(ROOT / "conf" / "pipeline" / "ice.yaml").grid
+    assert SearchSpace(grid).grid() == PAPER_GRID
 
 
 def test_every_sampler_config_checks_out_for_every_ice_pipeline():

@@ -43,7 +43,9 @@ from icep.tune.study import (
     check_pruner,
     count_states,
     finished,
+    format_params,
     load_or_create_study,
+    log_trial,
     open_storage,
     quiet_optuna,
     storage_url,
@@ -283,7 +285,7 @@ class IcepOptunaSweeperImpl:
                 for trial in batch:
                     frozen = tell(study, trial, TrialState.FAIL, reason=f"launch: {reason}")
                     failed.append(frozen)
-                    _log_trial(frozen, study, n_trials)
+                    log_trial(frozen, len(finished(study)), n_trials, prefix="icep_optuna")
                 results.write()
                 if isinstance(exc, (HydraException, IcepError)) or not isinstance(exc, Exception):
                     raise
@@ -293,7 +295,7 @@ class IcepOptunaSweeperImpl:
                     frozen = self._tell_return(study, trial, ret, objectives)
                     if frozen.state == TrialState.FAIL:
                         failed.append(frozen)
-                    _log_trial(frozen, study, n_trials)
+                    log_trial(frozen, len(finished(study)), n_trials, prefix="icep_optuna")
                 results.write()
             log.debug("batch of %d took %.1fs", len(batch), time.perf_counter() - started)
             if len(failed) > max_failure_rate * n_trials:
@@ -398,28 +400,6 @@ def _lookup(mapping: Mapping, key: str) -> Any:
     return node
 
 
-def _log_trial(trial: FrozenTrial, study: optuna.Study, n_trials: int) -> None:
-    params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-    if trial.state == TrialState.COMPLETE:
-        outcome = "values " + ", ".join(f"{v:.4g}" for v in trial.values)
-    else:
-        outcome = f"{trial.state.name}: {trial.user_attrs.get(REASON, '')}"
-    seconds = trial.duration.total_seconds() if trial.duration is not None else 0.0
-    log.info(
-        "icep_optuna: trial %d (%d/%d finished, %.1fs) %s -> %s",
-        trial.number,
-        len(finished(study)),
-        n_trials,
-        seconds,
-        params,
-        outcome,
-    )
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _describe(dist: BaseDistribution) -> str:
     if hasattr(dist, "choices"):
         return "{" + ", ".join(map(str, dist.choices)) + "}"
@@ -505,7 +485,9 @@ class _Results:
             yaml["best_value"] = best.value if best else None
             result["best"] = _point(best) if best else None
             if best:
-                line += f"; best trial {best.number}: {_params(best)} -> {best.value:.4g}"
+                line += (
+                    f"; best trial {best.number}: {format_params(best.params)} -> {best.value:.4g}"
+                )
         else:
             best_trials = self.study.best_trials if complete else []
             yaml["best_trials"] = [_point(t) for t in best_trials]
@@ -526,7 +508,7 @@ class _Results:
             if chosen:
                 line += (
                     f"; selected trial {chosen.number} (fastest within {self.tolerance} points "
-                    f"of the best drop): {_params(chosen)} -> drop {chosen.drop:.4g}, "
+                    f"of the best drop): {format_params(chosen.params)} -> drop {chosen.drop:.4g}, "
                     f"{chosen.seconds:.4g}s"
                 )
         result["trials"] = rows
@@ -550,7 +532,3 @@ def drop_and_time(objectives: Sequence[str], directions: Sequence[str]) -> tuple
 
 def _point(trial: FrozenTrial) -> dict[str, Any]:
     return {"number": trial.number, "params": dict(trial.params), "values": list(trial.values)}
-
-
-def _params(trial: Any) -> str:
-    return ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())

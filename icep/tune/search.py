@@ -5,14 +5,13 @@ pruner stops as PRUNED. A study that already holds trials (from its storage) is 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import IcepError
-from icep.tune.study import REASON, fail_stale_trials, finished, tell
+from icep.tune.study import REASON, fail_stale_trials, finished, log_trial, tell
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ def run_search(
         )
     while len(finished(study)) < n_trials:
         trial = study.ask()
-        start = time.perf_counter()
         try:
             values = objective(trial)
         except optuna.TrialPruned as exc:
@@ -63,7 +61,7 @@ def run_search(
             log.debug("trial %d failed", trial.number, exc_info=True)
         else:
             frozen = tell(study, trial, TrialState.COMPLETE, values=list(values))
-        _log_trial(frozen, len(finished(study)), n_trials, time.perf_counter() - start)
+        log_trial(frozen, len(finished(study)), n_trials, prefix="tune")
         if on_trial is not None:
             on_trial(frozen)
         failures = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
@@ -75,24 +73,3 @@ def run_search(
                 f"trial {first.number}: {first.user_attrs.get(REASON, 'no reason recorded')}"
             )
     return study.get_trials(deepcopy=False)
-
-
-def _log_trial(trial: FrozenTrial, done: int, n_trials: int, seconds: float) -> None:
-    params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-    if trial.state == TrialState.COMPLETE:
-        outcome = "values " + ", ".join(f"{v:.4g}" for v in trial.values)
-    else:
-        outcome = f"{trial.state.name.lower()}: {trial.user_attrs.get(REASON, '')}"
-    log.info(
-        "tune: trial %d (%d/%d finished, %.1fs) %s -> %s",
-        trial.number,
-        done,
-        n_trials,
-        seconds,
-        params,
-        outcome,
-    )
-
-
-def _short(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -33,6 +33,7 @@ from icep.tune.study import (
     build_sampler,
     check_pruner,
     count_states,
+    format_params,
     load_or_create_study,
     open_storage,
     pruner_enabled,
@@ -246,7 +247,7 @@ def tune_pipeline(
         result["pruned"],
         result["fail"],
         chosen.number,
-        ", ".join(f"{k}={v}" for k, v in chosen.params.items()),
+        format_params(chosen.params),
         chosen.drop,
         chosen.seconds,
     )

@@ -279,6 +279,35 @@ class StepReporter:
             raise optuna.TrialPruned(f"pruned at step {row['step']}: drop {drop:.2f} points")
 
 
+# --- reporting ------------------------------------------------------------------------------
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """``name=value, ...`` with floats to four significant digits."""
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def log_trial(trial: FrozenTrial, done: int, n_trials: int, prefix: str) -> None:
+    """One progress line per finished trial: its parameters and values, or why it stopped."""
+    if trial.state == TrialState.COMPLETE:
+        outcome = "values " + ", ".join(f"{v:.4g}" for v in trial.values)
+    else:
+        outcome = f"{trial.state.name}: {trial.user_attrs.get(REASON, '')}"
+    seconds = trial.duration.total_seconds() if trial.duration is not None else 0.0
+    log.info(
+        "%s: trial %d (%d/%d finished, %.1fs) %s -> %s",
+        prefix,
+        trial.number,
+        done,
+        n_trials,
+        seconds,
+        format_params(trial.params),
+        outcome,
+    )
+
+
 # --- the trial table ------------------------------------------------------------------------
 
 
