@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -24,6 +25,8 @@ def records(path: Path):
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos : pos + HEADER])
         pos += HEADER
+        if pos + length > len(raw):  # a record the writer has not finished
+            break
         chunk = raw[pos : pos + length]
         pos += length
         if kind == FULL:
@@ -43,20 +46,35 @@ def records(path: Path):
         yield record
 
 
+def finished(path: Path, timeout: float = 60.0) -> list:
+    """The file's records once its ``exit`` record is in. ``run.finish()`` returns when the W&B
+    service has handled the exit, but the service may still be writing the transaction log: on
+    a loaded machine a reader can otherwise see the header and none of the history."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in found):
+            return found
+        if time.monotonic() > deadline:
+            kinds = [r.WhichOneof("record_type") for r in found]
+            raise AssertionError(f"{path} has no exit record after {timeout}s: {kinds}")
+        time.sleep(0.1)
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
 def history(path: Path) -> list[dict]:
     rows = []
-    for r in records(path):
+    for r in finished(path):
         if r.WhichOneof("record_type") == "history":
             rows.append({_key(i): json.loads(i.value_json) for i in r.history.item})
     return rows
 
 
 def run_info(path: Path):
-    for r in records(path):
+    for r in finished(path):
         if r.WhichOneof("record_type") == "run":
             return r.run
     return None
@@ -64,7 +82,7 @@ def run_info(path: Path):
 
 def summary(path: Path) -> dict:
     out = {}
-    for r in records(path):
+    for r in finished(path):
         if r.WhichOneof("record_type") == "summary":
             out.update({_key(i): json.loads(i.value_json) for i in r.summary.update if _key(i)})
     return out
