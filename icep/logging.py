@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # W&B server URL -> why online runs cannot start there; checked once per process, so a tuning
 # stage's many runs warn once.
 _wandb_offline: dict[str, str | None] = {}
+WANDB_ID_FILE = ".wandb-run-id"  # the W&B run of a run folder, continued by a resume
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -38,17 +39,24 @@ class RunLogger:
         group: str | None = None,
         job_type: str | None = None,
         tags: list[str] | None = None,
+        name: str | None = None,
+        resume: bool = False,
     ):
+        """``resume``: the run continues from a checkpoint, so its W&B run continues too (the
+        id kept in ``.wandb-run-id``) instead of a second, partial run in the dashboards."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self.wandb_run = None
         if cfg is not None and cfg.get("name") == "wandb":
-            self.wandb_run = self._start_wandb(cfg, config, group, job_type, tags)
+            self.wandb_run = self._start_wandb(cfg, config, group, job_type, tags, name, resume)
 
-    def _start_wandb(self, cfg, config, group, job_type, tags):
+    def _start_wandb(self, cfg, config, group, job_type, tags, name, resume):
         import wandb
+
+        id_path = self.run_dir / WANDB_ID_FILE
+        run_id = id_path.read_text().strip() if resume and id_path.is_file() else None
 
         def init(mode: str, silent: bool = False):
             timeout = cfg.get("init_timeout")
@@ -58,7 +66,9 @@ class RunLogger:
                 group=cfg.get("group") or group,
                 job_type=cfg.get("job_type") or job_type,
                 tags=list(cfg.get("tags") or []) + list(tags or []),
-                name=cfg.get("run_name"),
+                name=cfg.get("run_name") or name,
+                id=run_id,
+                resume="allow" if run_id else None,
                 mode=mode,
                 dir=str(self.run_dir),
                 config=config,
@@ -87,9 +97,12 @@ class RunLogger:
                 raise
             self._warn_offline(f"wandb.init failed ({type(exc).__name__}: {_first_line(exc)})")
             run = init("offline", silent=True)
-        # The pruning step is the x-axis of every per-step metric; t_total is the time axis.
+        id_path.write_text(run.id + "\n")
+        # The pruning step is the x-axis of every per-step metric; t_total (cumulative seconds of
+        # pruning cost) is the second axis a panel can pick ("accuracy vs time").
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
+        run.define_metric("t_total", step_metric="step", summary="max")
         return run
 
     def _warn_offline(self, reason: str) -> None:

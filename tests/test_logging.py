@@ -77,3 +77,25 @@ def test_wandb_online_without_key_or_server_says_why_at_once(monkeypatch):
     reason = _wandb_offline_reason(unreachable, timeout=5)
     assert reason.startswith(f"{unreachable} cannot be reached (")
     assert time.perf_counter() - start < 5
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """A run resumed from its checkpoint (a requeued job) logs into the same W&B run, so the
+    dashboards hold one run per setting, not a partial one per attempt."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create({"name": "wandb", "mode": "offline", "project": "icep-test"})
+    ids = []
+    for attempt, rows in enumerate((ROWS[:2], ROWS[2:])):
+        logger = RunLogger(tmp_path, cfg, group="exp", job_type="ice", resume=attempt > 0)
+        for row in rows:
+            logger.log_step(row)
+        ids.append(logger.wandb_run.id)
+        logger.close()
+    assert ids[0] == ids[1]
+    # Each attempt's offline folder is named by its start second: one or two folders.
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert {run_info(f).run_id for f in files} == {ids[0]}
+    assert 3 in {r["step"] for f in files for r in history(f)}
+    fresh = RunLogger(tmp_path / "other", cfg, group="exp", job_type="ice", resume=True)
+    assert fresh.wandb_run.id != ids[0]  # nothing to continue: a new run
+    fresh.close()

@@ -139,11 +139,18 @@ def test_dense_model_is_cached_and_reused(digits_run, tmp_path, cache_dir):
 
 
 def test_wandb_offline_through_the_app(tmp_path, cache_dir):
-    from wandb_offline import history, run_info
+    from wandb_offline import history, run_info, summary
 
     run_dir = tmp_path / "wb"
     result = run_icep(
-        [*FAST, "pipeline=iterative", "logger=wandb", "logger.mode=offline", "name=wbtest"],
+        [
+            *FAST,
+            "pipeline=iterative",
+            "pipeline.ratio=0.7",
+            "logger=wandb",
+            "logger.mode=offline",
+            "name=wbtest",
+        ],
         run_dir,
         cache_dir,
     )
@@ -155,7 +162,12 @@ def test_wandb_offline_through_the_app(tmp_path, cache_dir):
     assert [r["step"] for r in logged] == [r["step"] for r in local]
     assert [r["val_acc"] for r in logged] == [r["val_acc"] for r in local]
     info = run_info(files[0])
+    # One experiment, one group; the pipeline is the job type; tags and name tell runs apart.
     assert info.run_group == "wbtest" and info.job_type == "iterative"
+    assert info.display_name == "iterative-l1-r0.7-s0"
+    assert set(info.tags) == {"iterative", "resnet20", "digits", "l1", "ratio=0.7", "seed=0"}
+    summary_keys = set(summary(files[0]))
+    assert {"acc_final_val", "acc_drop_val", "time_total_s", "finetunes", "macs_after"} <= summary_keys
 
 
 @pytest.mark.slow

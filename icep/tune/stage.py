@@ -165,6 +165,7 @@ def tune_pipeline(
             group=cfg.name,
             job_type="trial",
             tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, "trial"],
+            name=f"{cfg.pipeline.name}-trial{trial.number}",
         )
         head = {"trial": trial.number, "params": params}
         failed = True
