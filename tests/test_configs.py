@@ -75,3 +75,21 @@ def test_paper_experiments_select_ratio_and_either_pipeline(experiment, model, u
     assert base.pipeline.lr == ice.pipeline.base
     assert "thre" not in base.pipeline
     assert ice.pipeline.distill == base.pipeline.distill
+
+
+@pytest.mark.parametrize(
+    ("experiment", "model", "dataset"),
+    [("paper_comparison", "resnet152", "cifar10"), ("paper_comparison_toy", "resnet20", "digits")],
+)
+def test_paper_comparison_sweeps_baseline_and_ice_over_ratios_and_seeds(experiment, model, dataset):
+    """The paper's table as one multirun: 2 pipelines x 3 ratios x 3 seeds, the rest shared."""
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+        params = dict(cfg.hydra.sweeper.params)
+        assert params == {"pipeline": "iterative,ice", "pipeline.ratio": "0.6,0.7,0.8", "seed": "0,1,2"}
+        for pipeline in params["pipeline"].split(","):
+            job = compose(
+                "config", overrides=[f"+experiment={experiment}", f"pipeline={pipeline}", "seed=2"]
+            )
+            assert (job.pipeline.name, job.model.name, job.dataset.name) == (pipeline, model, dataset)
+            assert job.pipeline.distill and job.pipeline.lr == 0.001 and job.name == experiment

@@ -1,0 +1,367 @@
+"""python -m icep.report: the comparison report of run folders (rows, speed-ups against the right
+baseline, aggregates, plots, runs that failed or did not finish, one-line errors)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FAST, ROOT
+from PIL import Image
+
+from icep import report
+
+PNGS = ["accuracy_vs_step.png", "time_vs_step.png", "accuracy_vs_time.png", "time_per_phase.png"]
+# Tiny jobs, as in test_sweeper.py (the dense model is shared through the session's cache).
+JOB = [*FAST, "dataset.train_subset=300", "dataset.test_subset=100", "pipeline.ratio=0.5"]
+
+
+def python_m(module: str, *args: str, cache: Path | None = None, timeout: float = 120):
+    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    if cache is not None:
+        env["ICEP_CACHE"] = str(cache)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def check_pngs(folder: Path) -> None:
+    for name in PNGS:
+        with Image.open(folder / name) as image:
+            image.verify()  # raises on a damaged file
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG"
+            assert image.size[0] > 0 and image.size[1] > 0
+
+
+# --- one real multirun: iterative and ICE on digits ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory, cache_dir) -> Path:
+    sweep = tmp_path_factory.mktemp("report") / "multirun"
+    result = python_m(
+        "icep",
+        "-m",
+        "pipeline=iterative,ice",
+        f"hydra.sweep.dir={sweep}",
+        *JOB,
+        cache=cache_dir,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return sweep
+
+
+def test_report_of_a_multirun_of_two_pipelines(multirun):
+    result = python_m("icep.report", str(multirun))
+    assert result.returncode == 0, result.stderr
+    assert str(multirun) in result.stdout  # says where the files went (default: the folder)
+    rows = {r["pipeline"]: r for r in read_csv(multirun / "report.csv")}
+    assert set(rows) == {"iterative", "ice"}
+    summaries = {
+        json.loads((multirun / job / "summary.json").read_text())["pipeline"]: job
+        for job in ("0", "1")
+    }
+    for pipeline, row in rows.items():
+        assert row["run"] == summaries[pipeline]
+        assert row["status"] == "completed"
+        assert (row["model"], row["dataset"], row["criterion"]) == ("resnet20", "digits", "l1")
+        assert float(row["ratio"]) == 0.5 and row["seed"] == "0"
+        summary = json.loads((multirun / row["run"] / "summary.json").read_text())
+        assert float(row["time_total_s"]) == pytest.approx(summary["time_total_s"])
+        assert float(row["acc_final_test"]) == pytest.approx(summary["acc_final_test"])
+        assert int(row["finetunes"]) == summary["finetunes"]
+        assert int(row["params_after"]) == summary["params_after"]
+    base, ice = rows["iterative"], rows["ice"]
+    assert float(base["speedup"]) == 1.0
+    assert float(ice["speedup"]) == pytest.approx(
+        float(base["time_total_s"]) / float(ice["time_total_s"])
+    )
+    check_pngs(multirun)
+    md = (multirun / "report.md").read_text()
+    assert "| iterative | resnet20 | digits | l1 | 0.5 | 0 | completed |" in md
+    assert "## Mean ± std over seeds" in md
+    page = (multirun / "report.html").read_text()
+    for name in PNGS:
+        assert f'src="{name}"' in page
+    assert "<table>" in page
+
+
+# --- hand-written run folders ----------------------------------------------------------------
+
+
+def make_run(
+    folder: Path,
+    pipeline: str = "iterative",
+    ratio: float = 0.5,
+    seed: int = 0,
+    time_s: float | None = 10.0,
+    status: str | None = "completed",
+    steps: int = 3,
+    checkpoint: bool = False,
+    ratio_key: str = "ratio",
+    reason: str | None = None,
+) -> Path:
+    """A run folder as icep writes it; ``status=None``: no summary.json (killed or running)."""
+    (folder / ".hydra").mkdir(parents=True)
+    config = {
+        "pipeline": {"name": pipeline, ratio_key: ratio},
+        "model": {"name": "resnet20"},
+        "dataset": {"name": "digits"},
+        "criterion": {"name": "l1"},
+        "seed": seed,
+    }
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    overrides = [f"pipeline={pipeline}", f"pipeline.{ratio_key}={ratio}", f"seed={seed}"]
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    rows = [
+        {
+            "step": i,
+            "unit": f"layer{i}",
+            "params": 1000 - 100 * i,
+            "macs": 5000 - 500 * i,
+            "remaining": 1 - 0.1 * i,
+            "val_acc": 90.0 - i,
+            "finetuned": i % 2 == 1,
+            "t_total": (time_s or 1.0) * i / steps,
+        }
+        for i in range(1, steps + 1)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if checkpoint:
+        (folder / "checkpoint.pt").write_bytes(b"not read by the report")
+    if status is not None:
+        summary = {"status": status, "pipeline": pipeline, "seed": seed, "ratio": ratio}
+        if status == "completed":
+            summary.update(
+                decision_split="val",
+                acc_original_val=91.0,
+                acc_final_val=90.0 - steps,
+                acc_original_test=92.0,
+                acc_final_test=89.0 - steps,
+                acc_drop_val=1.0 + steps,
+                acc_drop_test=3.0 + steps,
+                params_before=1000,
+                params_after=1000 - 100 * steps,
+                macs_before=5000,
+                macs_after=5000 - 500 * steps,
+                steps=steps,
+                finetunes=2,
+                time_total_s=time_s,
+                time_prune_s=0.1 * time_s,
+                time_finetune_s=0.8 * time_s,
+                time_eval_s=0.1 * time_s,
+                time_freeze_analysis_s=0.0,
+            )
+        else:
+            summary["reason"] = reason or "something went wrong; fix it"
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def report_rows(tmp_path: Path, *args: str) -> dict[str, dict]:
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args]) == 0
+    return {r["run"]: r for r in read_csv(tmp_path / "out" / "report.csv")}
+
+
+def test_the_baseline_is_the_run_of_the_same_setting(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for ratio, base_time in ((0.5, 10.0), (0.7, 30.0)):
+        for seed in (0, 1):
+            t = base_time + seed  # each ratio and seed its own baseline time
+            make_run(runs / f"it-{ratio}-{seed}", "iterative", ratio, seed, time_s=t)
+            make_run(runs / f"ice-{ratio}-{seed}", "ice", ratio, seed, time_s=2.0)
+    make_run(runs / "ice-0.7-2", "ice", 0.7, 2, time_s=4.0)  # no iterative run of seed 2
+    make_run(runs / "ice-0.9-0", "ice", 0.9, 0, time_s=4.0)  # no iterative run of ratio 0.9
+    rows = report_rows(tmp_path)
+    speedup = {name: row["speedup"] for name, row in rows.items()}
+    assert speedup == {
+        "it-0.5-0": "1.0",
+        "it-0.5-1": "1.0",
+        "it-0.7-0": "1.0",
+        "it-0.7-1": "1.0",
+        "ice-0.5-0": str(10.0 / 2.0),
+        "ice-0.5-1": str(11.0 / 2.0),
+        "ice-0.7-0": str(30.0 / 2.0),
+        "ice-0.7-1": str(31.0 / 2.0),
+        "ice-0.7-2": str(30.5 / 4.0),  # the mean over the baseline's seeds, and says so
+        "ice-0.9-0": "",
+    }
+    assert rows["ice-0.7-2"]["speedup_basis"] == "seed mean"
+    assert rows["ice-0.7-1"]["speedup_basis"] == "seed"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "7.62x *" in md and "no `iterative` run with this seed" in md
+    assert "no completed `iterative` run of that setting" in md
+    assert "read 10 runs: 10 completed" in capsys.readouterr().out
+
+
+def test_another_baseline_pipeline(tmp_path):
+    make_run(tmp_path / "runs" / "a", "iterative", time_s=10.0)
+    make_run(tmp_path / "runs" / "b", "ice", time_s=5.0)
+    rows = report_rows(tmp_path, "--baseline", "ice")
+    assert (rows["a"]["speedup"], rows["b"]["speedup"]) == ("0.5", "1.0")
+    rows = report_rows(tmp_path, "--baseline", "nosuch")
+    assert rows["a"]["speedup"] == rows["b"]["speedup"] == ""
+
+
+def test_mean_and_std_over_seeds(tmp_path):
+    for seed, t in enumerate((10.0, 20.0, 30.0)):
+        make_run(tmp_path / "runs" / f"it{seed}", "iterative", seed=seed, time_s=t)
+        make_run(tmp_path / "runs" / f"ice{seed}", "ice", seed=seed, time_s=t / 2)
+    make_run(tmp_path / "runs" / "ice-killed", "ice", seed=3, status=None, checkpoint=True)
+    report_rows(tmp_path)
+    groups = {g["pipeline"]: g for g in read_csv(tmp_path / "out" / "report_aggregate.csv")}
+    assert set(groups) == {"iterative", "ice"}
+    assert float(groups["iterative"]["time_total_s_mean"]) == pytest.approx(20.0)
+    assert float(groups["iterative"]["time_total_s_std"]) == pytest.approx(10.0)
+    assert float(groups["ice"]["speedup_mean"]) == pytest.approx(2.0)
+    assert groups["ice"]["seeds"] == "0 1 2"
+    assert (groups["ice"]["completed"], groups["ice"]["runs"]) == ("3", "4")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| resnet20 | digits | l1 | iterative | 0.5 | 3 / 3 | 0 1 2 |" in md
+    assert "20.00 ± 10.00" in md
+
+
+def test_failed_incomplete_and_unreadable_runs_are_listed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    make_run(runs / "done", "iterative", time_s=10.0)
+    make_run(runs / "killed", "ice", status=None, steps=3, checkpoint=True)
+    make_run(runs / "starting", "ice", seed=1, status=None, steps=0)
+    make_run(
+        runs / "failed", "ice", seed=2, status="failed", reason="the loss became nan; lower lr"
+    )
+    make_run(runs / "pruned", "ice", seed=3, status="pruned", reason="pruned at step 2")
+    (runs / "broken" / ".hydra").mkdir(parents=True)
+    (runs / "broken" / ".hydra" / "config.yaml").write_text("pipeline: [unclosed\n")
+    make_run(runs / "bad-summary", "ice", seed=4)
+    (runs / "bad-summary" / "summary.json").write_text('{"status": "compl')
+    (runs / "no-config").mkdir()
+    (runs / "no-config" / "summary.json").write_text('{"status": "completed"}')
+    rows = report_rows(tmp_path)
+    captured = capsys.readouterr()
+    status = {name: row["status"] for name, row in rows.items()}
+    assert status == {
+        "done": "completed",
+        "killed": "incomplete",
+        "starting": "incomplete",
+        "failed": "failed",
+        "pruned": "pruned",
+        "broken": "unreadable",
+        "bad-summary": "unreadable",
+        "no-config": "unreadable",
+    }
+    killed = rows["killed"]
+    assert killed["steps"] == "3" and "3 steps done" in killed["reason"]
+    assert float(killed["time_total_s"]) == pytest.approx(10.0)  # the time so far
+    assert killed["params_after"] == "700" and killed["speedup"] == ""
+    assert "no steps yet" in rows["starting"]["reason"]
+    assert rows["failed"]["reason"].startswith("the loss became nan; lower lr")
+    assert "pruned at step 2" in rows["pruned"]["reason"]
+    assert "summary.json is not valid JSON" in rows["bad-summary"]["reason"]
+    assert "no .hydra/config.yaml" in rows["no-config"]["reason"]
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 3 and all("unreadable" in line for line in warnings)
+    md = (tmp_path / "out" / "report.md").read_text()
+    problems = md.split("## Failed, pruned, incomplete and unreadable runs")[1]
+    for name in ("killed", "starting", "failed", "pruned", "broken", "bad-summary", "no-config"):
+        assert f"| {name} |" in problems
+    assert "the loss became nan; lower lr" in problems
+    check_pngs(tmp_path / "out")
+
+
+def test_run_folders_are_found_where_they_are(tmp_path):
+    runs = tmp_path / "runs"
+    tuned = make_run(runs / "sweep" / "0", "ice", time_s=3.0)
+    make_run(tuned / "trials" / "0000", "ice", time_s=1.0)  # part of the run: not a row
+    make_run(runs / "other" / "deep" / "run", "iterative", time_s=6.0)
+    (runs / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
+    (runs / "sweep" / ".hydra").mkdir()  # a multirun root's own .hydra: not a run
+    (runs / "sweep" / ".hydra" / "config.yaml").write_text("hydra: {}\n")
+    found = report.find_run_folders([runs])
+    assert [p.relative_to(runs.resolve()).as_posix() for p in found] == [
+        "other/deep/run",
+        "sweep/0",
+    ]
+    trial = report.find_run_folders([tuned / "trials" / "0000"])  # given directly: counts
+    assert trial == [(tuned / "trials" / "0000").resolve()]
+
+
+def test_a_folder_that_cannot_be_listed_is_unreadable(tmp_path, monkeypatch, capsys):
+    make_run(tmp_path / "runs" / "a")
+    (tmp_path / "runs" / "locked").mkdir()
+    scandir = os.scandir
+
+    def refuse(path="."):  # chmod does not stop root, so refuse the listing here
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    rows = report_rows(tmp_path)
+    assert rows["locked"]["status"] == "unreadable"
+    assert "Permission denied" in rows["locked"]["reason"]
+    assert rows["a"]["status"] == "completed"
+    assert "locked" in capsys.readouterr().err
+
+
+def test_a_target_instead_of_a_ratio(tmp_path):
+    make_run(tmp_path / "runs" / "a", "iterative", ratio=0.7, time_s=8.0)
+    make_run(tmp_path / "runs" / "b", "global", ratio=0.7, ratio_key="target", time_s=4.0)
+    rows = report_rows(tmp_path)
+    assert rows["b"]["ratio"] == "0.7" and rows["b"]["speedup"] == "2.0"
+
+
+def test_no_html_and_default_out(tmp_path, monkeypatch):
+    make_run(tmp_path / "a", "iterative")
+    make_run(tmp_path / "b", "ice")
+    monkeypatch.chdir(tmp_path)
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--no-html"]) == 0
+    assert (tmp_path / "report.csv").is_file() and not (tmp_path / "report.html").exists()
+    assert len(read_csv(tmp_path / "report.csv")) == 2
+
+
+# --- bad input: one line, exit code 2 ----------------------------------------------------------
+
+
+def test_a_missing_path_is_one_line_and_exit_2(tmp_path):
+    result = python_m("icep.report", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("icep.report: error: ") and "nowhere does not exist" in line
+
+
+@pytest.mark.parametrize("case", ["no runs", "out is a file", "no path", "bad option"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
+    make_run(tmp_path / "runs" / "a")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("in the way")
+    argv, says = {
+        "no runs": ([str(tmp_path / "empty")], "no run folders under"),
+        "out is a file": ([str(tmp_path / "runs"), "--out", str(tmp_path / "file")], "--out DIR"),
+        "no path": ([], "PATH"),
+        "bad option": ([str(tmp_path / "runs"), "--nosuch"], "--nosuch"),
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("icep.report: error: ") and says in line
