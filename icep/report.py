@@ -251,18 +251,26 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
 # --- the numbers -----------------------------------------------------------------------------
 
 
+def cost_seconds(summary: dict[str, Any]) -> float | int | None:
+    """What a run cost: ``time_total_s``, plus the search of a tuned run
+    (``time_total_with_search_s``; METHOD.md 3.4: a tuned run's total includes its search)."""
+    with_search = _number(summary.get("time_total_with_search_s"))
+    return with_search if with_search is not None else _number(summary.get("time_total_s"))
+
+
 def attach_speedups(runs: Sequence[Run], baseline: str) -> None:
-    """Speed-up = the baseline's time_total_s / the run's, where the baseline is the completed
-    run of pipeline ``baseline`` with the same model, dataset, criterion, ratio and seed (the
-    mean of several); without a same-seed one, the mean over the seeds of that setting."""
+    """Speed-up = the baseline's cost / the run's (:func:`cost_seconds`), where the baseline is
+    the completed run of pipeline ``baseline`` with the same model, dataset, criterion, ratio and
+    seed (the mean of several); without a same-seed one, the mean over the seeds of that
+    setting."""
     times: dict[tuple, dict[Any, list[float]]] = {}
     for run in runs:
         if run.done and run.pipeline == baseline:
-            t = _number(run.summary["time_total_s"])
+            t = cost_seconds(run.summary)
             if t:
                 times.setdefault(run.key(), {}).setdefault(run.setting.get("seed"), []).append(t)
     for run in runs:
-        t = _number(run.summary.get("time_total_s")) if run.done else None
+        t = cost_seconds(run.summary) if run.done else None
         if not t:
             continue
         if run.pipeline == baseline:
@@ -451,9 +459,10 @@ def _aggregate_cells(row: dict[str, Any]) -> list[str]:
 
 def _notes(runs: Sequence[Run], baseline: str) -> list[str]:
     notes = [
-        f"Speed-up: the time_total_s of the `{baseline}` run with the same model, dataset, "
-        f"criterion, ratio and seed over this run's (pipeline time: prune, fine-tune, validation "
-        f"evaluations, freeze analysis; without dense training, test evaluation or a search)."
+        f"Speed-up: the cost of the `{baseline}` run with the same model, dataset, criterion, "
+        f"ratio and seed over this run's. Cost: time_total_s (prune, fine-tune, validation "
+        f"evaluations, freeze analysis; not dense training or test evaluation), plus the search "
+        f"of a tuned run (time_total_with_search_s)."
     ]
     if any(r.speedup_basis == "seed mean" for r in runs):
         notes.append(

@@ -365,3 +365,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("icep.report: error: ") and says in line
+
+
+def test_a_tuned_run_pays_for_its_search(tmp_path):
+    """METHOD.md 3.4: a tuned run's total includes its search, so its speed-up does too."""
+    runs = tmp_path / "runs"
+    make_run(runs / "it", "iterative", 0.6, 0, time_s=30.0)
+    tuned = make_run(runs / "ice", "ice", 0.6, 0, time_s=3.0)
+    summary = json.loads((tuned / "summary.json").read_text())
+    summary.update(time_search_s=7.0, time_final_s=3.0, time_total_with_search_s=10.0)
+    (tuned / "summary.json").write_text(json.dumps(summary))
+    rows = report_rows(tmp_path)
+    assert float(rows["ice"]["speedup"]) == pytest.approx(3.0)  # 30 / (3 + 7), not 30 / 3
