@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -21,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from icep.config import pruned_share, uses_ratio
 from icep.errors import IcepError
 
 log = logging.getLogger("icep")
@@ -43,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from icep.data import data_from_config
     from icep.dense import arch_spec, dense_model
     from icep.logging import RunLogger
-    from icep.pipelines import PIPELINES, PruningRun
+    from icep.pipelines import PIPELINES, PruningRun, check_pipeline
     from icep.pruning import build_criterion
     from icep.serialization import save_model
     from icep.train import Trainer
@@ -57,6 +59,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise IcepError(
             f"pipeline.name: unknown pipeline '{cfg.pipeline.name}'; choose one of: dense, {', '.join(PIPELINES)}"
         )
+    if cfg.pipeline.name != "dense":
+        check_pipeline(cfg.pipeline)  # its own keys, before the data and the dense model
     out = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = _resume_from(cfg, out, _fingerprint(config))
@@ -64,6 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary = json.loads((out / "summary.json").read_text())
         print(f"icep: {out} holds a completed run; nothing to resume", flush=True)
         return summary
+    _mark_job(out)
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
     criterion = build_criterion(
@@ -76,7 +81,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         config=config,
         group=cfg.name,
         job_type="final" if cfg.get("tune") is not None else cfg.pipeline.name,
-        tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, cfg.criterion.name],
+        tags=_run_tags(cfg),
+        name=_run_name(cfg),
+        resume=checkpoint is not None,
     )
     if cfg.resume and checkpoint is None:
         logger.rewrite_steps([])  # starting afresh: no rows from the attempt before
@@ -124,7 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             summary = {
                 **head,
                 "status": "completed",
-                "ratio": pipeline_cfg.get("ratio"),
+                "ratio": pipeline_cfg.ratio if uses_ratio(pipeline_cfg) else None,
                 **PIPELINES[cfg.pipeline.name](pruning, pipeline_cfg),
                 "dense": origin,
             }
@@ -144,6 +151,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.close(failed=failed)
     print(format_table(summary), flush=True)
     return summary
+
+
+def _run_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags that tell runs of one experiment apart in filters and grouped views."""
+    share = pruned_share(cfg.pipeline)
+    return [
+        cfg.pipeline.name,
+        cfg.model.name,
+        cfg.dataset.name,
+        cfg.criterion.name,
+        *([f"ratio={share}"] if share is not None else []),
+        f"seed={cfg.seed}",
+    ]
+
+
+def _run_name(cfg: DictConfig) -> str:
+    """The W&B run name: pipeline, criterion, ratio and seed, e.g. ``ice-l1-r0.6-s0``."""
+    share = pruned_share(cfg.pipeline)
+    return "-".join(
+        [cfg.pipeline.name, cfg.criterion.name, *([f"r{share}"] if share is not None else [])]
+        + [f"s{cfg.seed}"]
+    )
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -176,7 +205,7 @@ def _resume_from(cfg: DictConfig, out: Path, config: dict[str, Any]) -> dict[str
     from icep.pipelines.base import CHECKPOINT_FORMAT
 
     path, summary = out / CHECKPOINT, out / "summary.json"
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and path.is_file()
+    requeued = path.is_file() and _requeued(out)
     if not (cfg.resume or requeued):
         if path.is_file() or summary.is_file():
             raise IcepError(
@@ -211,6 +240,39 @@ def _resume_from(cfg: DictConfig, out: Path, config: dict[str, Any]) -> dict[str
         stale.unlink()
     log.info("resume: continuing %s after step %d", out, blob["steps"])
     return blob
+
+
+JOB_MARK = ".icep-job"  # the scheduler job that wrote the run folder's checkpoint
+
+
+def _scheduler_job() -> str | None:
+    """The id of the Slurm or submitit job running this process, or None. A requeued job keeps
+    its id (``scontrol requeue``; submitit's local executor restarts the same job)."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    if os.environ.get("SLURM_JOB_ID"):
+        array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{array[0]}_{array[1]}" if all(array) else os.environ["SLURM_JOB_ID"]
+    return None
+
+
+def _requeued(out: Path) -> bool:
+    """Whether this job is a requeue of the one that checkpointed in ``out``: Slurm says so
+    (``SLURM_RESTART_COUNT`` > 0), or the folder's job mark names this job. A new job meeting
+    an old checkpoint is no requeue: it needs resume=true."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        return True
+    job, mark = _scheduler_job(), out / JOB_MARK
+    return job is not None and mark.is_file() and mark.read_text().strip() == job
+
+
+def _mark_job(out: Path) -> None:
+    """Note the scheduler job that runs in ``out``, so its requeue finds its checkpoint."""
+    job = _scheduler_job()
+    if job is not None:
+        (out / JOB_MARK).write_text(job + "\n")
 
 
 # Hydra writes .hydra/*.yaml into the run folder before icep starts: when that folder holds an
@@ -260,6 +322,15 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
+def _share(s: dict[str, Any]) -> str:
+    """How much the run pruned: a per-unit ratio, or a schedule's target and where it ended."""
+    if s.get("target") is None:
+        return f"ratio {s.get('ratio')}"
+    if "sparsity" in s:
+        return f"target {s['target']}, sparsity {s['sparsity']:.4f}"
+    return f"target {s['target']}, channels pruned {s['channels_pruned_share']:.4f}"
+
+
 def format_table(s: dict[str, Any]) -> str:
     """The closing report: accuracy, size, fine-tunes, time per phase, where the outputs are."""
     if s["pipeline"] == "dense":
@@ -277,7 +348,7 @@ def format_table(s: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows) + 2
     lines = [
         f"\nicep: {s['pipeline']} pruning of {s['model']} on {s['dataset']} "
-        f"(ratio {s.get('ratio')}, {s['device']})"
+        f"({_share(s)}, {s['device']})"
     ]
     lines += [f"  {a:<{width}}{b:>10}  {c:>10}" for a, b, c in rows]
     lines.append(f"  {'fine-tuned':<{width}}{s['finetunes']} of {s['steps']} steps")
@@ -411,6 +482,24 @@ def describe_error(exc: BaseException) -> str | None:
             )
         if isinstance(link, OSError) and link.errno in _FILE_ERRNOS:
             return _describe_os_error(exc, link)
+    for link in chain:  # the submitit launcher's sbatch call
+        if (
+            isinstance(link, subprocess.CalledProcessError)
+            and Path(str(link.cmd[0])).name == "sbatch"
+        ):
+            said = _one_line(RuntimeError(link.stderr or link.output or f"exit {link.returncode}"))
+            return (
+                f"sbatch refused the sweep ({said}); check the hydra.launcher.* keys "
+                "(partition, account, qos, gpus_per_node, mem_gb, timeout_min: "
+                "conf/hydra/launcher/slurm.yaml)"
+            )
+    if isinstance(exc, ValueError) and str(exc).startswith("Only one of --run, --multirun"):
+        return f"{exc}: print a multirun's config with --cfg job, without -m"
+    if 'Could not detect "srun"' in str(exc):
+        return (
+            "hydra/launcher=slurm needs a Slurm cluster (no srun on PATH here); on one machine "
+            "use hydra/launcher=local"
+        )
     if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         return f"{group}={name} is not an option; choose one of: {', '.join(exc.options)} (conf/{group}/)"

@@ -16,6 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 from icep.errors import ConfigError
 
 
+def uses_ratio(pipeline: Any) -> bool:
+    """Whether a pipeline config prunes by a per-unit ``ratio`` (ICE, the block-wise baseline)
+    rather than to a schedule's ``target``. Takes a DictConfig or a plain dict."""
+    return (
+        pipeline.get("ratio") is not None and pipeline.get("schedule", "blockwise") == "blockwise"
+    )
+
+
+def pruned_share(pipeline: Any) -> float | None:
+    """How much a pipeline config prunes: its ``ratio`` or its ``target`` (None: the dense
+    model). Names runs, tags them and groups them in the comparison report."""
+    return pipeline.get("ratio") if uses_ratio(pipeline) else pipeline.get("target")
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from icep.config import pruned_share
 from icep.errors import IcepError
 
 PROG = "python -m icep.report"
@@ -178,7 +179,7 @@ def _read_run(path: Path) -> Run:
     if not isinstance(config, dict):
         return Run(path, "unreadable", ".hydra/config.yaml holds no config mapping")
     pipeline = config.get("pipeline") or {}
-    ratio = pipeline.get("ratio", pipeline.get("target"))
+    ratio = pruned_share(pipeline)
     setting = {
         "pipeline": pipeline.get("name"),
         "model": (config.get("model") or {}).get("name"),

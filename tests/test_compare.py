@@ -24,6 +24,7 @@ def test_comparison_table_on_digits(tmp_path, cache_dir):
             "--variants",
             "baseline,ice,ice_no_trigger",
             *FAST,
+            "dataset.train_subset=600",
         ],
         cwd=ROOT,
         env=env,

@@ -86,10 +86,18 @@ def test_paper_comparison_sweeps_baseline_and_ice_over_ratios_and_seeds(experime
     with initialize_config_module("icep.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
         params = dict(cfg.hydra.sweeper.params)
-        assert params == {"pipeline": "iterative,ice", "pipeline.ratio": "0.6,0.7,0.8", "seed": "0,1,2"}
+        assert params == {
+            "pipeline": "iterative,ice",
+            "pipeline.ratio": "0.6,0.7,0.8",
+            "seed": "0,1,2",
+        }
         for pipeline in params["pipeline"].split(","):
             job = compose(
                 "config", overrides=[f"+experiment={experiment}", f"pipeline={pipeline}", "seed=2"]
             )
-            assert (job.pipeline.name, job.model.name, job.dataset.name) == (pipeline, model, dataset)
+            assert [job.pipeline.name, job.model.name, job.dataset.name] == [
+                pipeline,
+                model,
+                dataset,
+            ]
             assert job.pipeline.distill and job.pipeline.lr == 0.001 and job.name == experiment

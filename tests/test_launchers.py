@@ -62,9 +62,7 @@ def test_local_launcher_runs_each_job_and_a_signalled_job_resumes(tmp_path, cach
     Slurm sends before a time limit or a preemption): submitit requeues them, and a requeued job
     continues after its last completed step instead of refusing the folder or starting over."""
     sweep_dir = tmp_path / "sweep"
-    proc = _multirun(
-        ["hydra/launcher=local", "pipeline=iterative,ice"], sweep_dir, _env(cache_dir)
-    )
+    proc = _multirun(["hydra/launcher=local", "pipeline=iterative,ice"], sweep_dir, _env(cache_dir))
     deadline = time.monotonic() + 240
     while not any((sweep_dir / str(n) / "checkpoint.pt").is_file() for n in (0, 1)):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -100,7 +98,10 @@ def test_slurm_launcher_submits_the_options_a_user_sets(tmp_path, cache_dir):
     bin_dir.mkdir()
     for name, body in (
         ("srun", "exit 0"),
-        ("sbatch", f'cp "$1" {kept}\necho "sbatch: error: invalid partition specified" >&2\nexit 1'),
+        (
+            "sbatch",
+            f'cp "$1" {kept}\necho "sbatch: error: invalid partition specified" >&2\nexit 1',
+        ),
     ):
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
@@ -125,7 +126,8 @@ def test_slurm_launcher_submits_the_options_a_user_sets(tmp_path, cache_dir):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, output[-3000:]
     assert "Traceback" not in output
-    assert output.strip().splitlines()[-1].startswith(
+    last_line = output.strip().splitlines()[-1]
+    assert last_line.startswith(
         "icep: error: sbatch refused the sweep (sbatch: error: invalid partition specified); "
         "check the hydra.launcher.* keys"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from icep.errors import ConfigError
+from icep.pruning import uniform_widths
 from icep.pruning.schedules import (
     SCHEDULES,
     agp,
@@ -84,3 +85,13 @@ def test_bad_schedule_settings_name_the_key(call, key):
 
 def test_the_registry_lists_every_schedule():
     assert set(SCHEDULES) == {"one_shot", "constant", "geometric", "hybrid", "agp"}
+
+
+def test_uniform_widths_come_from_the_original_counts():
+    original = {"a": 16, "b": 10, "c": 3}
+    # 0.7 * 10 is 7.000000000000001 in binary: still 7 channels go, not 8.
+    assert uniform_widths(original, 0.7) == {"a": 4, "b": 3, "c": 1}
+    # The widths after a step depend only on its cumulative share, not on the steps before.
+    for cumulative in (geometric(0.7, 4), constant(0.7, 3), one_shot(0.7)):
+        assert uniform_widths(original, cumulative[-1]) == uniform_widths(original, 0.7)
+    assert uniform_widths(original, 0.99) == {"a": 1, "b": 1, "c": 1}  # never empty

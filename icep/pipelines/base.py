@@ -75,6 +75,7 @@ class PruningRun:
         # What a pipeline computes once and must not redo after a resume (ICE's frozen layers).
         self.state: dict[str, Any] = {}
         self.resumed_from: int | None = None  # the step a resumed run continues after
+        self.planned_steps: int | None = None  # a schedule's step count; None: one per unit
         self._dense: nn.Module | None = None  # the unpruned model, kept when resuming
 
     @property
@@ -99,7 +100,7 @@ class PruningRun:
             log.info(
                 "resumed after step %d of %d: %s %.2f%% before pruning, %.2f%% now",
                 self.resumed_from,
-                len(self.units),
+                self.planned_steps or len(self.units),
                 self.decision_split,
                 self.acc_original,
                 self.acc_now,
@@ -179,14 +180,86 @@ class PruningRun:
             self.finetunes += 1
         return t["seconds"]
 
-    def record(self, unit: Unit, **fields: Any) -> dict[str, Any]:
+    def optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+        """The SGD of a pipeline that trains across steps (AGP, EPI): a fresh one, or, in a run
+        resumed from a checkpoint, the one saved there with :meth:`keep_optimizer` (momentum
+        included), so the resumed run trains on as the uninterrupted one would."""
+        optimizer = sgd(self.model, lr, momentum, weight_decay)
+        saved = self.state.pop("optimizer", None)
+        if saved is not None:
+            optimizer.load_state_dict(saved)
+        return optimizer
+
+    def keep_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put ``optimizer``'s state in the next checkpoint."""
+        self.state["optimizer"] = optimizer.state_dict()
+
+    def recover(
+        self,
+        cfg: Any,
+        lr: float,
+        distill: Distillation | None = None,
+        desc: str = "fine-tune",
+    ) -> dict[str, Any]:
+        """Fine-tune after a prune as ``cfg.finetune_policy`` says, and leave ``acc_now``
+        measured on the weights it ends with. Returns the step row's ``t_finetune``, ``t_eval``
+        and ``epochs`` (the epochs actually run).
+
+        ``fixed``: ``cfg.finetune_epochs`` epochs, then one evaluation. ``patience``: one SGD
+        for epoch after epoch, each evaluated on the decision split; it stops once ``patience``
+        epochs in a row did not beat the best accuracy by more than ``min_delta`` points, or after
+        ``max_epochs``, and puts back the weights of the best epoch.
+        """
+        if cfg.finetune_policy == "fixed":
+            t_finetune = self.finetune(
+                cfg.finetune_epochs, lr, cfg.momentum, cfg.weight_decay, distill, desc
+            )
+            _, t_eval = self.evaluate()
+            return {"t_finetune": t_finetune, "t_eval": t_eval, "epochs": cfg.finetune_epochs}
+        return self._finetune_with_patience(cfg, lr, distill, desc)
+
+    def _finetune_with_patience(
+        self, cfg: Any, lr: float, distill: Distillation | None, desc: str
+    ) -> dict[str, Any]:
+        t_finetune = t_eval = 0.0
+        best_acc, best_epoch, best_state = float("-inf"), 0, None
+        epoch = 0
+        with self.timer.phase("finetune") as t:
+            optimizer = sgd(self.model, lr, cfg.momentum, cfg.weight_decay)
+        t_finetune += t["seconds"]
+        while epoch < cfg.max_epochs and epoch - best_epoch < cfg.patience:
+            epoch += 1
+            with self.timer.phase("finetune") as t:
+                self.trainer.fit(
+                    self.model, self.data.train, optimizer, 1, distill=distill, desc=desc
+                )
+            t_finetune += t["seconds"]
+            acc, seconds = self.evaluate()
+            t_eval += seconds
+            if acc > best_acc + cfg.min_delta:
+                with self.timer.phase("finetune") as t:
+                    best_acc, best_epoch = acc, epoch
+                    best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                t_finetune += t["seconds"]
+        if best_epoch != epoch:
+            with self.timer.phase("finetune") as t:
+                self.model.load_state_dict(best_state)
+            t_finetune += t["seconds"]
+            self.acc_now = best_acc  # what the evaluation of these weights gave
+        log.info("%s: %d epochs, best %.2f%% after epoch %d", desc, epoch, best_acc, best_epoch)
+        self.finetunes += 1
+        return {"t_finetune": t_finetune, "t_eval": t_eval, "epochs": epoch}
+
+    def record(self, unit: Unit | str, **fields: Any) -> dict[str, Any]:
         """Append one step's row to metrics.jsonl (and W&B), adding size, the accuracy after the
         step on the decision split (``val_acc``, or ``test_acc`` when deciding on test) and the
-        cumulative time."""
+        cumulative time. ``unit`` is the unit the step pruned, or a label for a step that pruned
+        more than one."""
+        label = unit if isinstance(unit, str) else unit.name
         macs, params = count_macs_params(self.model, self.example_inputs)
         row = {
             "step": len(self.rows) + 1,
-            "unit": unit.name,
+            "unit": label,
             "params": params,
             "macs": macs,
             "remaining": self.remaining(),
@@ -200,8 +273,8 @@ class PruningRun:
         log.info(
             "step %d/%d %s: %s %.2f%%, %s, remaining %.3f, %.1fs so far",
             row["step"],
-            len(self.units),
-            unit.name,
+            self.planned_steps or len(self.units),
+            label,
             self.decision_split,
             self.acc_now,
             "fine-tuned" if row.get("finetuned") else "no fine-tune",
@@ -253,7 +326,7 @@ class PruningRun:
         widths = {
             name: attrs["out_channels"]
             for name, attrs in blob["layers"].items()
-            if "out_channels" in attrs
+            if name in self.engine.original_widths
         }
         self.engine.prune_to_widths(widths)
         self.model.load_state_dict(blob["state_dict"])
@@ -298,6 +371,7 @@ class PruningRun:
             "macs_before": self.macs_before,
             "macs_after": macs,
             "remaining": self.remaining(),
+            "channels_pruned_share": self.engine.pruned_share(),
             "steps": len(self.rows),
             "finetunes": self.finetunes,
             "time_total_s": self.timer.total(*COST_PHASES),

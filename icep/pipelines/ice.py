@@ -122,18 +122,14 @@ def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
         t_prune = run.prune(unit, cfg.ratio)
         acc_pruned, t_eval = run.evaluate() if cfg.trigger else (None, 0.0)
         triggered = not cfg.trigger or should_finetune(run.acc_original, acc_pruned, cfg.thre)
-        lr, t_finetune = None, 0.0
+        lr, t_finetune, epochs = None, 0.0, 0
         if triggered:
             lr = learning_rate(run, cfg)
-            t_finetune = run.finetune(
-                cfg.finetune_epochs,
-                lr,
-                cfg.momentum,
-                cfg.weight_decay,
-                distill,
-                desc=f"fine-tune {unit.index + 1}/{len(run.units)}",
+            fields = run.recover(
+                cfg, lr, distill, desc=f"fine-tune {unit.index + 1}/{len(run.units)}"
             )
-            t_eval += run.evaluate()[1]
+            t_finetune, epochs = fields["t_finetune"], fields["epochs"]
+            t_eval += fields["t_eval"]
         run.record(
             unit,
             ratio=cfg.ratio,
@@ -141,7 +137,7 @@ def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
             triggered=triggered,
             finetuned=triggered,
             lr=lr,
-            epochs=cfg.finetune_epochs if triggered else 0,
+            epochs=epochs,
             frozen_params=run.frozen_params(),
             t_prune=t_prune,
             t_finetune=t_finetune,
@@ -182,6 +178,7 @@ HYPERPARAMETERS = (
     "adaptive_lr",
     "decision_split",
     "finetune_epochs",
+    "finetune_policy",
     "final_finetune_epochs",
     "distill",
 )

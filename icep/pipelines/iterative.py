@@ -1,34 +1,25 @@
-"""Baseline iterative pruning (METHOD.md section 2): every step prunes one unit, then fine-tunes."""
+"""Iterative pruning. ``schedule: blockwise`` is the baseline of METHOD.md section 2: every step
+prunes one unit by ``ratio``, then fine-tunes. ``constant`` and ``geometric`` (section 4) prune
+every unit at each step, to the schedule's cumulative share of ``target`` over ``steps`` steps
+(:mod:`icep.pipelines.schedule`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from icep.pipelines.base import PruningRun
+from icep.pipelines.schedule import cumulative_schedule, run_schedule
 
 
 def run_iterative(run: PruningRun, cfg: Any) -> dict[str, Any]:
+    if cfg.schedule != "blockwise":
+        return run_schedule(run, cfg, cumulative_schedule(cfg))
     run.start()
     distill = run.teacher(cfg) if cfg.distill else None
     for unit in run.pending(run.units):
         t_prune = run.prune(unit, cfg.ratio)
-        t_finetune = run.finetune(
-            cfg.finetune_epochs,
-            cfg.lr,
-            cfg.momentum,
-            cfg.weight_decay,
-            distill,
-            desc=f"fine-tune {unit.index + 1}/{len(run.units)}",
+        fields = run.recover(
+            cfg, cfg.lr, distill, desc=f"fine-tune {unit.index + 1}/{len(run.units)}"
         )
-        _, t_eval = run.evaluate()
-        run.record(
-            unit,
-            ratio=cfg.ratio,
-            finetuned=True,
-            lr=cfg.lr,
-            epochs=cfg.finetune_epochs,
-            t_prune=t_prune,
-            t_finetune=t_finetune,
-            t_eval=t_eval,
-        )
+        run.record(unit, ratio=cfg.ratio, finetuned=True, lr=cfg.lr, t_prune=t_prune, **fields)
     return run.summary()

@@ -1,4 +1,5 @@
-"""Structured pruning: the dependency-graph engine, its units and the filter criteria."""
+"""Pruning: the dependency-graph engine and its units, the filter criteria, the schedules and
+unstructured magnitude masks."""
 
 from icep.pruning.criteria import (
     CRITERIA,
@@ -19,10 +20,14 @@ from icep.pruning.criteria import (
 from icep.pruning.engine import (
     PruningEngine,
     Unit,
+    ceil_share,
     count_macs_params,
     remaining_fraction,
+    select_global,
     spatial_conv_weights,
+    uniform_widths,
 )
+from icep.pruning.unstructured import MagnitudePruner
 
 __all__ = [
     "CRITERIA",
@@ -36,12 +41,16 @@ __all__ = [
     "MeanActivation",
     "Random",
     "Taylor",
+    "MagnitudePruner",
     "PruningEngine",
     "Unit",
     "build_criterion",
     "list_criteria",
     "prepare_criterion",
+    "ceil_share",
     "count_macs_params",
     "remaining_fraction",
+    "select_global",
     "spatial_conv_weights",
+    "uniform_widths",
 ]

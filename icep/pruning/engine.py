@@ -49,8 +49,9 @@ What that gives (``tests/test_pruning.py`` checks all but the last two items):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,8 @@ class PruningEngine:
             self.ignored_layers.append(classifier)
         self.graph, conv_order = _trace(model, example_inputs)
         self.units = self._find_units(conv_order)
+        # Schedules are shares of these counts, so rounding never drifts from step to step.
+        self.original_widths = self.unit_widths()
 
     def _find_units(self, conv_order: list[nn.Conv2d]) -> list[Unit]:
         names = {module: name for name, module in self.model.named_modules()}
@@ -170,59 +173,97 @@ class PruningEngine:
             raise IndexError(f"unit {index} does not exist; the model has {len(self.units)} units")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"pruning ratio must lie in [0, 1], got {ratio}")
-        unit = self.units[index]
-        # Torch-Pruning's new Parameters always require grad; frozen layers must stay frozen.
-        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-        removed = 0
-        for name in unit.convs:
-            conv = self.model.get_submodule(name)
-            channels = conv.out_channels
-            n = min(math.ceil(ratio * channels - _CEIL_TOLERANCE), channels - 1)
-            if n <= 0:
-                continue
-            scores = criterion(conv)
-            if scores.shape != (channels,):
-                raise ValueError(
-                    f"{criterion!r} gave scores of shape {tuple(scores.shape)} for {name}, "
-                    f"expected ({channels},)"
-                )
-            idxs = torch.argsort(scores.detach().cpu(), stable=True)[:n].tolist()
-            group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs)
-            if not self.graph.check_pruning_group(group):
-                raise RuntimeError(f"pruning {n} channels of {name} would empty a coupled layer")
-            with torch.no_grad():
-                group.prune()
-            removed += n
-        for name, param in self.model.named_parameters():
-            if name in frozen:
-                param.requires_grad_(False)
-        self.refresh()
-        return removed
+        widths = {}
+        for name in self.units[index].convs:
+            channels = self.model.get_submodule(name).out_channels
+            widths[name] = channels - min(ceil_share(ratio, channels), channels - 1)
+        return self.prune_to_widths(widths, criterion)
 
-    def prune_to_widths(self, widths: dict[str, int]) -> None:
-        """Cut each unit conv named in ``widths`` down to that many output channels, taking the
-        first ones: it rebuilds a pruned model's structure on its unpruned form, whose weights
-        the caller then loads (resuming a run from its checkpoint)."""
-        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-        for unit in self.units:
-            for name in unit.convs:
+    def prune_to_widths(
+        self,
+        widths: dict[str, int],
+        criterion: Callable[[nn.Conv2d], torch.Tensor] | None = None,
+    ) -> int:
+        """Cut each unit conv named in ``widths`` down to that many output channels: the ones
+        ``criterion`` scores lowest go. Without a criterion the first ones go, which rebuilds a
+        pruned model's structure on its unpruned form before the caller loads its weights
+        (resuming a run from its checkpoint). Returns the number of channels removed."""
+        with self._keep_frozen():
+            removed = 0
+            for name, width in widths.items():
                 conv = self.model.get_submodule(name)
-                n = conv.out_channels - widths.get(name, conv.out_channels)
+                n = conv.out_channels - width
                 if n < 0 or n >= conv.out_channels:
                     raise ValueError(
-                        f"{name} has {conv.out_channels} channels; cannot make it "
-                        f"{widths[name]} wide"
+                        f"{name} has {conv.out_channels} channels; cannot make it {width} wide"
                     )
                 if n:
-                    group = self.graph.get_pruning_group(
-                        conv, tp.prune_conv_out_channels, list(range(n))
-                    )
-                    with torch.no_grad():
-                        group.prune()
-        for name, param in self.model.named_parameters():
-            if name in frozen:
-                param.requires_grad_(False)
-        self.refresh()
+                    # Scored just before its own cut: cutting an earlier conv of the same unit
+                    # changes this one's filters (their input channels).
+                    if criterion is None:
+                        idxs = list(range(n))
+                    else:
+                        order = torch.argsort(self.scores(name, criterion), stable=True)
+                        idxs = order[:n].tolist()
+                    self._prune_conv(name, idxs)
+                    removed += n
+        return removed
+
+    def prune_channels(self, channels: dict[str, Sequence[int]]) -> int:
+        """Remove the given output channels (indices into the current width) of each named unit
+        conv, with everything coupled to them. Returns the number of channels removed."""
+        with self._keep_frozen():
+            for name, idxs in channels.items():
+                if len(idxs):
+                    self._prune_conv(name, list(idxs))
+        return sum(len(idxs) for idxs in channels.values())
+
+    def scores(self, name: str, criterion: Callable[[nn.Conv2d], torch.Tensor]) -> torch.Tensor:
+        """``criterion``'s score for each output channel of conv ``name``, on the CPU."""
+        conv = self.model.get_submodule(name)
+        scores = criterion(conv)
+        if scores.shape != (conv.out_channels,):
+            raise ValueError(
+                f"{criterion!r} gave scores of shape {tuple(scores.shape)} for {name}, "
+                f"expected ({conv.out_channels},)"
+            )
+        return scores.detach().float().cpu()
+
+    def _prune_conv(self, name: str, idxs: list[int]) -> None:
+        conv = self.model.get_submodule(name)
+        group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs)
+        if not self.graph.check_pruning_group(group):
+            raise RuntimeError(
+                f"pruning {len(idxs)} channels of {name} would empty a coupled layer"
+            )
+        with torch.no_grad():
+            group.prune()
+
+    @contextlib.contextmanager
+    def _keep_frozen(self) -> Iterator[None]:
+        """Torch-Pruning's new Parameters always require grad; frozen layers must stay frozen.
+        The unit widths are re-read at the end."""
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        try:
+            yield
+        finally:
+            for name, param in self.model.named_parameters():
+                if name in frozen:
+                    param.requires_grad_(False)
+            self.refresh()
+
+    def unit_widths(self) -> dict[str, int]:
+        """The current output channels of every unit conv, in unit order."""
+        return {
+            name: c
+            for unit in self.units
+            for name, c in zip(unit.convs, unit.channels, strict=True)
+        }
+
+    def pruned_share(self) -> float:
+        """The share of the unit convs' original output channels removed so far."""
+        original = sum(self.original_widths.values())
+        return 1.0 - sum(self.unit_widths().values()) / original if original else 0.0
 
     def touched_convs(self) -> list[str]:
         """Every conv whose channels some unit cuts (output or input side), in forward order.
@@ -255,6 +296,48 @@ class PruningEngine:
         """Re-read the current out channels of every unit's convs."""
         for unit in self.units:
             unit.channels = [self.model.get_submodule(n).out_channels for n in unit.convs]
+
+
+def ceil_share(share: float, count: int) -> int:
+    """``ceil(share * count)``, without float noise adding one (0.7 * 10 is 7.000000000000001)."""
+    return math.ceil(share * count - _CEIL_TOLERANCE)
+
+
+def uniform_widths(original: dict[str, int], share: float) -> dict[str, int]:
+    """Scope ``uniform``: every conv keeps ``C - ceil(share * C)`` of its ORIGINAL C channels
+    (at least one), so a cumulative schedule gives the same widths whatever the steps before."""
+    return {name: max(1, c - ceil_share(share, c)) for name, c in original.items()}
+
+
+def select_global(
+    scores: dict[str, torch.Tensor],
+    original: dict[str, int],
+    share: float,
+    min_channels_share: float,
+) -> dict[str, list[int]]:
+    """Scope ``global``: the channels to remove so that ``ceil(share * N)`` of the N original
+    channels of all convs are gone, chosen by one ranking across layers.
+
+    ``scores`` holds each conv's current per-channel scores. They are divided by the layer's
+    largest absolute score, so every layer's best channel scores 1 whatever the scale of its
+    weights; the lowest normalised scores go first. A floor keeps at least
+    ``max(1, ceil(min_channels_share * C_orig))`` channels in every conv: when the floors stop
+    the ranking short of the target, the share ends below it.
+    """
+    total = sum(original.values())
+    already = total - sum(len(s) for s in scores.values())
+    wanted = ceil_share(share, total) - already
+    candidates = []
+    for layer, (name, layer_scores) in enumerate(scores.items()):
+        floor = max(1, ceil_share(min_channels_share, original[name]))
+        normalised = layer_scores / layer_scores.abs().max().clamp_min(torch.finfo().tiny)
+        order = torch.argsort(normalised, stable=True)
+        removable = order[: max(0, len(layer_scores) - floor)].tolist()
+        candidates += [(float(normalised[i]), layer, i, name) for i in removable]
+    chosen: dict[str, list[int]] = {name: [] for name in scores}
+    for _, _, index, name in sorted(candidates)[: max(0, wanted)]:
+        chosen[name].append(index)
+    return chosen
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
