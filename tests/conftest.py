@@ -17,14 +17,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 # Small, fast settings for end-to-end runs on digits.
-FAST = ["dense.epochs=3", "trainer.batch_size=64", "trainer.device=cpu"]
+# 700 of the 1,437 train+val digits: half the cost of an epoch, decisions that still vary.
+FAST = [
+    "dense.epochs=3",
+    "trainer.batch_size=64",
+    "trainer.device=cpu",
+    "dataset.train_subset=700",
+]
 
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One dense-model and dataset cache for the whole session (dense models are reused)."""
-    path = Path(os.environ.get("ICEP_TEST_CACHE") or tmp_path_factory.mktemp("icep-cache"))
-    return path
+    """One dense-model and dataset cache for the whole session (dense models are reused), shared
+    by the pytest-xdist workers: the cache is safe to share (archives unpack into a temp folder
+    renamed into place, models are written atomically), and a worker then neither unpacks
+    CIFAR-10 nor trains a dense model that the other one already did."""
+    if os.environ.get("ICEP_TEST_CACHE"):
+        return Path(os.environ["ICEP_TEST_CACHE"])
+    if "PYTEST_XDIST_WORKER" in os.environ:  # basetemp is <session temp>/popen-gwN
+        path = tmp_path_factory.getbasetemp().parent / "icep-cache"
+        path.mkdir(exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("icep-cache")
 
 
 def _icep_command(args: list[str], run_dir: Path, cache: Path, env: dict | None):

@@ -22,7 +22,7 @@ def test_comparison_table_on_digits(tmp_path, cache_dir):
             "--out",
             str(out),
             "--variants",
-            "baseline,ice,ice_no_trigger",
+            "baseline,ice",
             *FAST,
             "dataset.train_subset=600",
         ],
@@ -34,14 +34,14 @@ def test_comparison_table_on_digits(tmp_path, cache_dir):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = {r["variant"]: r for r in csv.DictReader((out / "comparison.csv").open())}
-    assert set(rows) == {"baseline", "ice", "ice_no_trigger"}
-    base, ice, no_trigger = rows["baseline"], rows["ice"], rows["ice_no_trigger"]
+    assert set(rows) == {"baseline", "ice"}
+    base, ice = rows["baseline"], rows["ice"]
     assert float(base["speedup"]) == pytest.approx(1.0)
     assert float(ice["speedup"]) == pytest.approx(
         float(base["time_total_s"]) / float(ice["time_total_s"])
     )
     assert float(ice["cost_s"]) == pytest.approx(float(ice["time_total_s"]))  # no search
-    assert int(base["finetunes"]) == int(no_trigger["finetunes"]) == 9
+    assert int(base["finetunes"]) == 9
     assert int(ice["finetunes"]) <= 9
     assert base["params_after"] == ice["params_after"]  # the same pruning, different cost
     assert float(base["drop_test"]) == pytest.approx(

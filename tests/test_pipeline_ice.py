@@ -66,7 +66,10 @@ def test_select_frozen_takes_ceil_fr_n_lowest(fr, n):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    cfg = OmegaConf.load(ROOT / "conf" / "dataset" / "digits.yaml")
+    # 700 of the 1,437 train+val digits: the ICE decisions still vary, each epoch costs half.
+    cfg = OmegaConf.merge(
+        OmegaConf.load(ROOT / "conf" / "dataset" / "digits.yaml"), {"train_subset": 700}
+    )
     return build_data(
         cfg,
         seed=0,
@@ -132,9 +135,12 @@ def test_frozen_layers_stay_bit_identical_while_others_train(digits, dense_state
     assert run.frozen_params() == summary["frozen_params"] > 0
 
 
-def test_thre_zero_fine_tunes_every_step_and_huge_thre_none(digits, dense_state, tmp_path):
+def test_thre_below_any_drop_fine_tunes_every_step_and_huge_thre_none(
+    digits, dense_state, tmp_path
+):
+    # Not thre=0: on 70 val digits a prune can leave the accuracy where it was, or raise it.
     _, every = run_pipeline(
-        run_ice, ice_cfg(thre=0.0, freeze=False), digits, dense_state, tmp_path / "a"
+        run_ice, ice_cfg(thre=-100.0, freeze=False), digits, dense_state, tmp_path / "a"
     )
     assert every["finetunes"] == every["steps"] == 9
     assert every["finetunes_skipped"] == 0

@@ -178,11 +178,16 @@ def test_wandb_offline_through_the_app(tmp_path, cache_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
-def test_experiment_resnet56_cifar10_on_the_jpeg_archive(tmp_path, cache_dir):
+def test_experiment_resnet56_cifar10_ice_on_the_jpeg_archive(tmp_path, cache_dir):
+    """The ResNet-56 experiment end to end on the real CIFAR-10 JPEG archive: all 27 units
+    pruned. A trigger nothing reaches keeps it to pruning and evaluation (ResNet-56 epochs
+    are what a CPU cannot afford here; fine-tuning is tested on digits)."""
     args = [
-        "+experiment=resnet56_cifar10",
+        "+experiment=resnet56_cifar10_ice",
+        "pipeline.thre=100",
+        "pipeline.freeze=false",
         f"dataset.root={SHARED_CIFAR}",
-        "dataset.train_subset=50",  # 45 train images: one small batch per fine-tune epoch
+        "dataset.train_subset=50",
         "dataset.test_subset=100",
         "dense.epochs=1",
         "trainer.batch_size=128",
@@ -193,7 +198,7 @@ def test_experiment_resnet56_cifar10_on_the_jpeg_archive(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "r56" / "summary.json").read_text())
     assert summary["model"] == "resnet56" and summary["dataset"] == "cifar10"
-    assert summary["steps"] == 27
+    assert summary["steps"] == 27 and summary["finetunes"] == 0
     rows = read_jsonl(tmp_path / "r56" / "metrics.jsonl")
     assert rows[-1]["ratio"] == 0.6
     assert 0.35 < rows[-1]["remaining"] < 0.5  # 3x3 convs: conv1 out and conv2 in shrink by ~0.6
