@@ -65,5 +65,20 @@ def start_icep(args: list[str], run_dir: Path, cache: Path, env: dict | None = N
     )
 
 
+def digits_data(cache: Path, train_subset: int):
+    """sklearn's digits as the pipelines get them (seed 0, batches of 64, no workers), with a
+    seeded subset of ``train_subset`` train+val samples, for in-process pipeline tests."""
+    from omegaconf import OmegaConf
+
+    from icep.data import build_data
+
+    cfg = OmegaConf.merge(
+        OmegaConf.load(ROOT / "conf" / "dataset" / "digits.yaml"), {"train_subset": train_subset}
+    )
+    return build_data(
+        cfg, seed=0, batch_size=64, eval_batch_size=512, num_workers=0, cache_dir=cache
+    )
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, digits_data
 from omegaconf import OmegaConf
 
-from icep.data import build_data
 from icep.logging import RunLogger
 from icep.models import cifar_resnet
 from icep.pipelines import PruningRun, run_ice, run_iterative
@@ -67,17 +66,7 @@ def test_select_frozen_takes_ceil_fr_n_lowest(fr, n):
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     # 700 of the 1,437 train+val digits: the ICE decisions still vary, each epoch costs half.
-    cfg = OmegaConf.merge(
-        OmegaConf.load(ROOT / "conf" / "dataset" / "digits.yaml"), {"train_subset": 700}
-    )
-    return build_data(
-        cfg,
-        seed=0,
-        batch_size=64,
-        eval_batch_size=512,
-        num_workers=0,
-        cache_dir=tmp_path_factory.mktemp("data"),
-    )
+    return digits_data(tmp_path_factory.mktemp("data"), train_subset=700)
 
 
 @pytest.fixture(scope="module")

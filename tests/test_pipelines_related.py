@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, ROOT, read_jsonl, run_icep
+from conftest import FAST, ROOT, digits_data, read_jsonl, run_icep
 from omegaconf import OmegaConf
 
-from icep.data import build_data
 from icep.errors import ConfigError
 from icep.logging import RunLogger
 from icep.models import cifar_resnet
@@ -26,17 +25,7 @@ from icep.train import Trainer, sgd
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    cfg = OmegaConf.merge(
-        OmegaConf.load(ROOT / "conf" / "dataset" / "digits.yaml"), {"train_subset": 400}
-    )
-    return build_data(
-        cfg,
-        seed=0,
-        batch_size=64,
-        eval_batch_size=512,
-        num_workers=0,
-        cache_dir=tmp_path_factory.mktemp("data"),
-    )
+    return digits_data(tmp_path_factory.mktemp("data"), train_subset=400)
 
 
 @pytest.fixture(scope="module")

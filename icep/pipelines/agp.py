@@ -38,18 +38,9 @@ def run_agp(run: PruningRun, cfg: Any) -> dict[str, Any]:
         share, t_prune = schedule.get(epoch), 0.0
         if share is not None:
             t_prune = pruner.prune_to(share)
-        with run.timer.phase("finetune") as t:
-            if share is not None:  # new Parameters (structured) or new zeros (masks)
-                optimizer = sgd(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
-            run.trainer.fit(
-                run.model,
-                run.data.train,
-                optimizer,
-                1,
-                distill=distill,
-                desc=f"agp epoch {epoch}/{cfg.epochs}",
-            )
-        run.finetunes += 1
+        if share is not None:  # new Parameters (structured) or new zeros (masks)
+            optimizer = sgd(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
+        t_finetune = run.train_epoch(optimizer, distill, f"agp epoch {epoch}/{cfg.epochs}")
         _, t_eval = run.evaluate()
         run.keep_optimizer(optimizer)
         run.record(
@@ -60,7 +51,7 @@ def run_agp(run: PruningRun, cfg: Any) -> dict[str, Any]:
             **pruner.measure(),
             lr=cfg.lr,
             t_prune=t_prune,
-            t_finetune=t["seconds"],
+            t_finetune=t_finetune,
             t_eval=t_eval,
         )
     return run.summary(

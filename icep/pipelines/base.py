@@ -250,6 +250,14 @@ class PruningRun:
         self.finetunes += 1
         return {"t_finetune": t_finetune, "t_eval": t_eval, "epochs": epoch}
 
+    def train_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> float:
+        """One epoch of the model being pruned with ``optimizer`` (kept across epochs: the
+        pipelines that prune during training), timed as fine-tuning; returns the seconds."""
+        with self.timer.phase("finetune") as t:
+            self.trainer.fit(self.model, self.data.train, optimizer, 1, distill=distill, desc=desc)
+        self.finetunes += 1
+        return t["seconds"]
+
     def record(self, unit: Unit | str, **fields: Any) -> dict[str, Any]:
         """Append one step's row to metrics.jsonl (and W&B), adding size, the accuracy after the
         step on the decision split (``val_acc``, or ``test_acc`` when deciding on test) and the

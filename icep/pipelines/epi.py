@@ -76,16 +76,7 @@ def run_epi(run: PruningRun, cfg: Any) -> dict[str, Any]:
     history = run.state.setdefault("epi", {"counts": [], "values": [], "fired": None})
     optimizer = run.optimizer(cfg.lr, cfg.momentum, cfg.weight_decay)
     for epoch in run.pending(range(1, cfg.epochs + 1)):
-        with run.timer.phase("finetune") as t:
-            run.trainer.fit(
-                run.model,
-                run.data.train,
-                optimizer,
-                1,
-                distill=distill,
-                desc=f"epi epoch {epoch}/{cfg.epochs}",
-            )
-        run.finetunes += 1
+        t_finetune = run.train_epoch(optimizer, distill, f"epi epoch {epoch}/{cfg.epochs}")
         epi, t_prune = None, 0.0
         if history["fired"] is None:
             with run.timer.phase("prune") as p:  # ranking every epoch is the method's cost
@@ -103,7 +94,7 @@ def run_epi(run: PruningRun, cfg: Any) -> dict[str, Any]:
             channels_pruned_share=run.engine.pruned_share(),
             lr=cfg.lr,
             t_prune=t_prune,
-            t_finetune=t["seconds"],
+            t_finetune=t_finetune,
             t_eval=t_eval,
         )
     return run.summary(ratio=None, target=cfg.alpha, epi_fired_epoch=history["fired"])
