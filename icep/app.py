@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from icep.config import pruned_share, uses_ratio
+from icep.config import pipeline_label, pruned_share, uses_ratio
 from icep.errors import IcepError
 
 log = logging.getLogger("icep")
@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.logger,
         config=config,
         group=cfg.name,
-        job_type="final" if cfg.get("tune") is not None else cfg.pipeline.name,
+        job_type="final" if cfg.get("tune") is not None else pipeline_label(cfg.pipeline),
         tags=_run_tags(cfg),
         name=_run_name(cfg),
         resume=checkpoint is not None,
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.resume and checkpoint is None:
         logger.rewrite_steps([])  # starting afresh: no rows from the attempt before
     head = {
-        "pipeline": cfg.pipeline.name,
+        "pipeline": pipeline_label(cfg.pipeline),
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
         "criterion": cfg.criterion.name,
@@ -157,7 +157,7 @@ def _run_tags(cfg: DictConfig) -> list[str]:
     """W&B tags that tell runs of one experiment apart in filters and grouped views."""
     share = pruned_share(cfg.pipeline)
     return [
-        cfg.pipeline.name,
+        pipeline_label(cfg.pipeline),
         cfg.model.name,
         cfg.dataset.name,
         cfg.criterion.name,
@@ -170,7 +170,11 @@ def _run_name(cfg: DictConfig) -> str:
     """The W&B run name: pipeline, criterion, ratio and seed, e.g. ``ice-l1-r0.6-s0``."""
     share = pruned_share(cfg.pipeline)
     return "-".join(
-        [cfg.pipeline.name, cfg.criterion.name, *([f"r{share}"] if share is not None else [])]
+        [
+            pipeline_label(cfg.pipeline),
+            cfg.criterion.name,
+            *([f"r{share}"] if share is not None else []),
+        ]
         + [f"s{cfg.seed}"]
     )
 

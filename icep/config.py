@@ -30,6 +30,16 @@ def pruned_share(pipeline: Any) -> float | None:
     return pipeline.get("ratio") if uses_ratio(pipeline) else pipeline.get("target")
 
 
+def pipeline_label(pipeline: Any) -> str:
+    """The pipeline's name, with its schedule when that is not the block-wise default
+    (``iterative_geometric``), so that W&B job types and the report's rows tell the baseline
+    and a schedule run of ``pipeline=iterative`` apart."""
+    schedule = pipeline.get("schedule")
+    if schedule is None or schedule == "blockwise":
+        return pipeline.get("name")
+    return f"{pipeline.get('name')}_{schedule}"
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

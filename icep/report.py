@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from icep.config import pruned_share
+from icep.config import pipeline_label, pruned_share
 from icep.errors import IcepError
 
 PROG = "python -m icep.report"
@@ -181,7 +181,7 @@ def _read_run(path: Path) -> Run:
     pipeline = config.get("pipeline") or {}
     ratio = pruned_share(pipeline)
     setting = {
-        "pipeline": pipeline.get("name"),
+        "pipeline": pipeline_label(pipeline),
         "model": (config.get("model") or {}).get("name"),
         "dataset": (config.get("dataset") or {}).get("name"),
         "criterion": (config.get("criterion") or {}).get("name"),

@@ -377,3 +377,19 @@ def test_a_tuned_run_pays_for_its_search(tmp_path):
     (tuned / "summary.json").write_text(json.dumps(summary))
     rows = report_rows(tmp_path)
     assert float(rows["ice"]["speedup"]) == pytest.approx(3.0)  # 30 / (3 + 7), not 30 / 3
+
+
+def test_a_schedule_run_of_iterative_is_not_the_baseline(tmp_path):
+    """pipeline=iterative with schedule=geometric is its own row label, so it neither serves as
+    nor hides the block-wise baseline of its setting."""
+    runs = tmp_path / "runs"
+    make_run(runs / "it", "iterative", 0.6, 0, time_s=30.0)
+    geometric = make_run(runs / "geo", "iterative", 0.6, 0, time_s=10.0)
+    config_file = geometric / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["pipeline"].update(schedule="geometric", target=0.6)
+    config_file.write_text(yaml.safe_dump(config))
+    rows = report_rows(tmp_path)
+    assert rows["geo"]["pipeline"] == "iterative_geometric"
+    assert float(rows["geo"]["speedup"]) == pytest.approx(3.0)
+    assert float(rows["it"]["speedup"]) == 1.0
