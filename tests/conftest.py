@@ -41,9 +41,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("icep-cache")
 
 
+def icep_env(cache: Path | None = None, **extra: str) -> dict:
+    """The environment of an icep subprocess: this one, with ``cache`` as ICEP_CACHE, W&B quiet
+    and icep's own one-line errors (no HYDRA_FULL_ERROR), plus ``extra``."""
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    if cache is not None:
+        env["ICEP_CACHE"] = str(cache)
+    return {**env, **extra}
+
+
 def _icep_command(args: list[str], run_dir: Path, cache: Path, env: dict | None):
-    full_env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env = icep_env(cache, **(env or {}))
     return [sys.executable, "-m", "icep", f"hydra.run.dir={run_dir}", *args], full_env
 
 

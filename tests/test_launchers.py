@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, read_jsonl
+from conftest import FAST, ROOT, icep_env, read_jsonl
 
 JOB = [
     *FAST,
@@ -26,9 +26,7 @@ JOB = [
 
 
 def _env(cache: Path, **extra: str) -> dict:
-    env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return {**env, **extra}
+    return icep_env(cache, OMP_NUM_THREADS="1", **extra)
 
 
 def _multirun(args: list[str], sweep_dir: Path, env: dict) -> subprocess.Popen:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, icep_env
 from PIL import Image
 
 from icep import report
@@ -23,14 +23,10 @@ JOB = [*FAST, "dataset.train_subset=300", "dataset.test_subset=100", "pipeline.r
 
 
 def python_m(module: str, *args: str, cache: Path | None = None, timeout: float = 120):
-    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    if cache is not None:
-        env["ICEP_CACHE"] = str(cache)
-    env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env=env,
+        env=icep_env(cache, OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, icep_env
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -33,8 +32,7 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 def sweep(args: list[str], sweep_dir: Path, cache: Path, timeout: float = 300):
     """``python -m icep -m hydra/sweeper=icep_optuna ...`` as conftest's run_icep runs icep."""
-    env = {**os.environ, "ICEP_CACHE": str(cache), "WANDB_SILENT": "true", **ENV}
-    env.pop("HYDRA_FULL_ERROR", None)
+    env = icep_env(cache, **ENV)
     command = ["-m", "hydra/sweeper=icep_optuna", f"hydra.sweep.dir={sweep_dir}"]
     return subprocess.run(
         [sys.executable, "-m", "icep", *command, "hydra.sweeper.seed=0", *JOB, *args],

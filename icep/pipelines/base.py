@@ -229,11 +229,7 @@ class PruningRun:
         t_finetune += t["seconds"]
         while epoch < cfg.max_epochs and epoch - best_epoch < cfg.patience:
             epoch += 1
-            with self.timer.phase("finetune") as t:
-                self.trainer.fit(
-                    self.model, self.data.train, optimizer, 1, distill=distill, desc=desc
-                )
-            t_finetune += t["seconds"]
+            t_finetune += self._fit_epoch(optimizer, distill, desc)
             acc, seconds = self.evaluate()
             t_eval += seconds
             if acc > best_acc + cfg.min_delta:
@@ -250,13 +246,18 @@ class PruningRun:
         self.finetunes += 1
         return {"t_finetune": t_finetune, "t_eval": t_eval, "epochs": epoch}
 
-    def train_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> float:
-        """One epoch of the model being pruned with ``optimizer`` (kept across epochs: the
-        pipelines that prune during training), timed as fine-tuning; returns the seconds."""
+    def _fit_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> float:
+        """One epoch of the model being pruned, timed as fine-tuning; returns the seconds."""
         with self.timer.phase("finetune") as t:
             self.trainer.fit(self.model, self.data.train, optimizer, 1, distill=distill, desc=desc)
-        self.finetunes += 1
         return t["seconds"]
+
+    def train_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> float:
+        """One epoch with ``optimizer`` (kept across epochs: the pipelines that prune during
+        training), counted as a fine-tune; returns the seconds."""
+        seconds = self._fit_epoch(optimizer, distill, desc)
+        self.finetunes += 1
+        return seconds
 
     def record(self, unit: Unit | str, **fields: Any) -> dict[str, Any]:
         """Append one step's row to metrics.jsonl (and W&B), adding size, the accuracy after the
