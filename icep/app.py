@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     criterion = build_criterion(
         cfg.criterion.name, **{k: v for k, v in cfg.criterion.items() if k != "name"}
     )
-    data = data_from_config(cfg, pin_memory=trainer.device.type == "cuda")
+    data = data_from_config(cfg, trainer.device)
     logger = RunLogger(
         out,
         cfg.logger,
@@ -181,7 +181,15 @@ def _run_name(cfg: DictConfig) -> str:
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that do not change what a run computes: a resume may differ in them.
-_RESUME_FREE = ("resume", "logger", "paths", "optuna", "trainer.progress", "trainer.num_workers")
+_RESUME_FREE = (
+    "resume",
+    "logger",
+    "paths",
+    "optuna",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.prefetch_factor",
+)
 
 
 def _fingerprint(config: dict[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "trainer.eval_batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "trainer.num_workers": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "trainer.loader": (lambda v: v in ("auto", "device", "workers"), "auto, device or workers"),
+    "trainer.device_data_gb": (lambda v: _number(v) and v >= 0, "a number >= 0 (GiB)"),
+    "trainer.prefetch_factor": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "trainer.amp": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+    "trainer.channels_last": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+    "trainer.cudnn_benchmark": (
+        lambda v: v == "auto" or isinstance(v, bool),
+        "auto, true or false",
+    ),
+    "trainer.compile": (lambda v: isinstance(v, bool), "true or false"),
     "dataset.val_fraction": (
         lambda v: _number(v) and 0 < v < 1,
         "a number strictly between 0 and 1",

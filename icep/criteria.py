@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         criteria[name] = build_criterion(name, **kwargs)
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
-    data = data_from_config(cfg, pin_memory=trainer.device.type == "cuda")
+    data = data_from_config(cfg, trainer.device)
     model, _ = dense_model(cfg, data, trainer)
     engine = PruningEngine(model, torch.zeros(1, *data.input_shape, device=trainer.device))
     layers = score_layers(engine, criteria, data.train, trainer.device)

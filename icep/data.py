@@ -9,6 +9,7 @@ and the loaders are made.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -19,9 +20,11 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import to_absolute_path
@@ -32,6 +35,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from icep.errors import ConfigError, IcepError
+from icep.loaders import DeviceLoader, TensorSplit
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ _AUGMENTS = ("cifar", "imagenet", "none")
 _BAD_IMAGES = ("error", "skip")
 _LISTED_BAD_IMAGES = 20  # the skip warning names this many files, then counts the rest
 _DIGITS_MAX = 16  # load_digits pixels run 0..16
+_DECODE_REPORT_EVERY = 10_000  # a progress line per this many decoded images
 
 
 @dataclass
@@ -70,6 +75,15 @@ class _Source:
     val_pool: Dataset | None = None  # a separate val/ folder; None: split val off train_pool
     in_memory: bool = False  # tensors in memory: worker processes only add overhead
     description: str = ""
+    # The device path (icep.loaders): ``pixels(dataset, indices)`` gives those samples as
+    # (N, C, H, W) uint8 (or float) images and their labels; None: this source cannot give them.
+    pixels: Callable[[Dataset, list[int]], tuple[torch.Tensor, torch.Tensor]] | None = None
+    scale: float = 1 / 255  # uint8 to [0, 1]; then (x - mean) / std
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    # The train augmentation on the device, (crop padding, flip); None: only the transforms do it.
+    device_augment: tuple[int, bool] | None = (0, False)
+    sample_bytes: int = 0  # one sample's pixels as the device path holds them
 
 
 class _Split(Dataset):
@@ -88,6 +102,9 @@ class _Split(Dataset):
         return (self.transform(x) if self.transform is not None else x), y
 
 
+LOADERS = ("auto", "device", "workers")
+
+
 def build_data(
     cfg: DictConfig,
     *,
@@ -95,47 +112,74 @@ def build_data(
     batch_size: int,
     eval_batch_size: int,
     num_workers: int,
-    pin_memory: bool = False,
     cache_dir: str | Path,
+    device: torch.device | str = "cpu",
+    loader: str = "auto",
+    device_data_gb: float = 8.0,
+    prefetch_factor: int = 4,
 ) -> Data:
     """Build the train/val/test loaders of the ``dataset`` config node ``cfg``.
 
     The val split and the optional ``train_subset``/``test_subset`` are drawn from ``seed``: the
     same seed gives the same samples. Archives named by ``dataset.root`` are unpacked once into
     ``cache_dir``.
+
+    ``loader``: ``device`` holds every split whole on ``device`` as uint8 and augments batches
+    there (:mod:`icep.loaders`); ``workers`` reads samples through DataLoaders with
+    ``num_workers`` processes (pinned memory on CUDA, ``prefetch_factor`` batches ahead);
+    ``auto`` takes ``device`` when the source can give its pixels, its train augmentation can be
+    done on tensors and all its samples take at most ``device_data_gb`` GiB, else ``workers``.
     """
     builder = _BUILDERS.get(cfg.name)
     if builder is None:
         raise ConfigError("dataset.name", f"got {cfg.name!r}; expected one of {sorted(_BUILDERS)}")
+    if loader not in LOADERS:
+        raise ConfigError("trainer.loader", f"got {loader!r}; expected one of {' | '.join(LOADERS)}")
+    device = torch.device(device)
     source = builder(cfg, seed=seed, cache_dir=_absolute(cache_dir))
 
     generator = torch.Generator().manual_seed(seed)
     train_idx, val_idx = _split_train_val(source, cfg, generator)
     test_idx = _subset(len(source.test), cfg.get("test_subset"), generator, "dataset.test_subset")
     val_base = source.val_pool if source.val_pool is not None else source.train_pool
-    train = _Split(source.train_pool, train_idx, source.train_transform)
-    val = _Split(val_base, val_idx, source.eval_transform)
-    test = _Split(source.test, test_idx, source.eval_transform)
+    n_samples = len(train_idx) + len(val_idx) + len(test_idx)
+    on_device = _use_device_path(source, loader, n_samples, device_data_gb, device)
 
-    workers = 0 if source.in_memory else num_workers
-
-    def loader(dataset: Dataset, size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
-            num_workers=workers,
-            pin_memory=pin_memory,
-            # Train workers restart each epoch, seeded from the loader's generator, so a resumed
-            # run (which restores that generator) augments exactly as an uninterrupted one.
-            persistent_workers=workers > 0 and not shuffle,
-            drop_last=False,
+    if on_device:
+        train, val, test = _tensor_splits(
+            source, val_base, (train_idx, val_idx, test_idx), device, cache_dir
         )
+        padding, flip = source.device_augment
+        splits = {
+            "train": DeviceLoader(
+                train,
+                batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(seed),
+                crop_padding=padding,
+                flip=flip,
+            ),
+            "val": DeviceLoader(val, eval_batch_size),
+            "test": DeviceLoader(test, eval_batch_size),
+        }
+    else:
+        train = _Split(source.train_pool, train_idx, source.train_transform)
+        val = _Split(val_base, val_idx, source.eval_transform)
+        test = _Split(source.test, test_idx, source.eval_transform)
+        workers = 0 if source.in_memory else num_workers
+        pin = device.type == "cuda"
+        splits = {
+            name: _loader(split, size, name == "train", seed, workers, pin, prefetch_factor)
+            for name, split, size in (
+                ("train", train, batch_size),
+                ("val", val, eval_batch_size),
+                ("test", test, eval_batch_size),
+            )
+        }
 
     input_shape = tuple(test[0][0].shape)
     log.info(
-        "dataset %s%s: %d train / %d val / %d test samples, %d classes, input %s",
+        "dataset %s%s: %d train / %d val / %d test samples, %d classes, input %s; %s",
         cfg.name,
         f" ({source.description})" if source.description else "",
         len(train),
@@ -143,28 +187,120 @@ def build_data(
         len(test),
         source.num_classes,
         "x".join(map(str, input_shape)),
+        f"held on {device} as {train.images.dtype}, batches augmented there"
+        if on_device
+        else f"read by DataLoaders with {splits['train'].num_workers} workers",
     )
     return Data(
         name=cfg.name,
-        train=loader(train, batch_size, shuffle=True),
-        val=loader(val, eval_batch_size, shuffle=False),
-        test=loader(test, eval_batch_size, shuffle=False),
+        **splits,
         num_classes=source.num_classes,
         input_shape=input_shape,
     )
 
 
-def data_from_config(cfg: DictConfig, pin_memory: bool = False) -> Data:
-    """The run's data from its whole config: ``dataset``, the ``trainer`` batch sizes and
-    workers, the run seed and the dataset cache under ``paths.cache``."""
+def _loader(
+    dataset: Dataset,
+    size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    pin_memory: bool,
+    prefetch_factor: int | None,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        # Train workers restart each epoch, seeded from the loader's generator, so a resumed
+        # run (which restores that generator) augments exactly as an uninterrupted one.
+        persistent_workers=workers > 0 and not shuffle,
+        drop_last=False,
+    )
+
+
+def _use_device_path(
+    source: _Source, loader: str, n_samples: int, limit_gb: float, device: torch.device
+) -> bool:
+    """Whether the splits go on the device (see :func:`build_data`'s ``loader``)."""
+    if loader == "workers":
+        return False
+    why_not = None
+    if source.pixels is None:
+        why_not = "this dataset cannot be held as tensors"
+    elif source.device_augment is None:
+        why_not = "its train augmentation (dataset.augment) is not one the device path does"
+    gib = n_samples * source.sample_bytes / 2**30
+    if loader == "device":
+        if why_not is not None:
+            raise ConfigError(
+                "trainer.loader", f"device: {why_not}; use trainer.loader=workers or auto"
+            )
+        return True
+    if why_not is not None:
+        log.info("trainer.loader=auto: DataLoader workers, as %s", why_not)
+        return False
+    if gib > limit_gb:
+        log.info(
+            "trainer.loader=auto: DataLoader workers, as the %d samples take %.1f GiB as uint8, "
+            "over trainer.device_data_gb=%g",
+            n_samples,
+            gib,
+            limit_gb,
+        )
+        return False
+    return True
+
+
+def _tensor_splits(
+    source: _Source,
+    val_base: Dataset,
+    indices: tuple[list[int], list[int], list[int]],
+    device: torch.device,
+    cache_dir: str | Path,
+) -> tuple[TensorSplit, TensorSplit, TensorSplit]:
+    """train, val and test as :class:`TensorSplit` on ``device``: each pool's needed samples are
+    read once (ImageFolder trees: decoded, and cached when the whole pool is read)."""
+    train_idx, val_idx, test_idx = indices
+    norm = {"scale": source.scale, "mean": source.mean, "std": source.std}
+
+    def split(images: torch.Tensor, labels: torch.Tensor, idx: list[int]) -> TensorSplit:
+        return TensorSplit(images.to(device), labels.to(device), idx, **norm)
+
+    if val_base is source.train_pool:
+        both = sorted(set(train_idx) | set(val_idx))
+        images, labels = source.pixels(source.train_pool, both)
+        where = {j: i for i, j in enumerate(both)}
+        at_train = torch.tensor([where[j] for j in train_idx], dtype=torch.long)
+        at_val = torch.tensor([where[j] for j in val_idx], dtype=torch.long)
+        train = split(images[at_train], labels[at_train], train_idx)
+        val = split(images[at_val], labels[at_val], val_idx)
+    else:
+        train = split(*source.pixels(source.train_pool, train_idx), train_idx)
+        val = split(*source.pixels(val_base, val_idx), val_idx)
+    test = split(*source.pixels(source.test, test_idx), test_idx)
+    return train, val, test
+
+
+def data_from_config(cfg: DictConfig, device: torch.device | str = "cpu") -> Data:
+    """The run's data from its whole config: ``dataset``, the ``trainer`` batch sizes, loader
+    and workers, the run seed and the dataset cache under ``paths.cache``, for ``device``."""
+    trainer = cfg.trainer
     return build_data(
         cfg.dataset,
         seed=cfg.seed,
-        batch_size=cfg.trainer.batch_size,
-        eval_batch_size=cfg.trainer.eval_batch_size,
-        num_workers=cfg.trainer.num_workers,
-        pin_memory=pin_memory,
+        batch_size=trainer.batch_size,
+        eval_batch_size=trainer.eval_batch_size,
+        num_workers=trainer.num_workers,
         cache_dir=Path(cfg.paths.cache) / "datasets",
+        device=device,
+        loader=trainer.get("loader", "auto"),
+        device_data_gb=trainer.get("device_data_gb", 8.0),
+        prefetch_factor=trainer.get("prefetch_factor", 4),
     )
 
 
@@ -173,26 +309,27 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
     of train, ``eval_fraction`` of val and of test, at least one sample each. Same seed, same
     samples; the loaders keep their batch sizes and workers."""
 
-    def shrink(loader: DataLoader, fraction: float, key: str, shuffle: bool) -> DataLoader:
+    def shrink(loader: DataLoader | DeviceLoader, fraction: float, key: str, shuffle: bool):
         dataset = loader.dataset
         if not 0 < fraction <= 1:
             raise ConfigError(key, f"got {fraction}; must be in (0, 1]")
         n = len(dataset)
         size = max(1, round(n * fraction))
         picked = sorted(torch.randperm(n, generator=generator)[:size].tolist())
+        if isinstance(loader, DeviceLoader):
+            return loader.with_dataset(dataset.subset(picked), torch.Generator().manual_seed(seed))
         if isinstance(dataset, _Split):
             part = _Split(dataset.base, [dataset.indices[i] for i in picked], dataset.transform)
         else:
             part = torch.utils.data.Subset(dataset, picked)
-        workers = loader.num_workers
-        return DataLoader(
+        return _loader(
             part,
-            batch_size=loader.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
-            num_workers=workers,
-            pin_memory=loader.pin_memory,
-            persistent_workers=workers > 0 and not shuffle,  # as in build_data
+            loader.batch_size,
+            shuffle,
+            seed,
+            loader.num_workers,
+            loader.pin_memory,
+            loader.prefetch_factor,
         )
 
     generator = torch.Generator().manual_seed(seed)
@@ -285,6 +422,27 @@ def _image_transforms(cfg: DictConfig, image_size: int, mode: str) -> tuple[Call
     return T.Compose([*train, *to_tensor]), T.Compose([*val, *to_tensor])
 
 
+def _device_augment(cfg: DictConfig, mode: str) -> tuple[int, bool] | None:
+    """The train augmentation as the device path does it: (crop padding, flip); None for
+    ``imagenet``, whose RandomResizedCrop needs the images at full size."""
+    return {"cifar": (int(cfg.crop_padding), True), "none": (0, False)}.get(mode)
+
+
+def _image_source(cfg: DictConfig, image_size: int, mode: str, **fields) -> _Source:
+    """A _Source of RGB images of ``image_size`` with ``cfg``'s normalization and both paths'
+    augmentation for ``mode``."""
+    train_tf, eval_tf = _image_transforms(cfg, image_size, mode)
+    return _Source(
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        mean=list(cfg.mean),
+        std=list(cfg.std),
+        device_augment=_device_augment(cfg, mode),
+        sample_bytes=3 * image_size * image_size,
+        **fields,
+    )
+
+
 # --- CIFAR --------------------------------------------------------------------------------------
 
 
@@ -292,13 +450,12 @@ def _build_cifar(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
     cls, title = _CIFAR[cfg.name]
     root = _absolute(cfg.root)
     mode = _augment_mode(cfg, allowed=("cifar", "none"))
-    train_tf, eval_tf = _image_transforms(cfg, _CIFAR_IMAGE_SIZE, mode)
 
     if not (root / cls.base_folder).is_dir():
         # The same images as an ImageFolder tree, e.g. the CIFAR-10 JPEG archive.
         tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
         if tree is not None:
-            return _image_folder_source(tree, train_tf, eval_tf, _bad_images_mode(cfg))
+            return _image_folder_source(cfg, tree, _CIFAR_IMAGE_SIZE, mode, cache_dir)
         if not cfg.download:
             raise ConfigError(
                 "dataset.root",
@@ -314,8 +471,15 @@ def _build_cifar(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
             f"{root / cls.base_folder} is incomplete or corrupt ({err}); "
             "fix the files or set dataset.download=true",
         ) from None
-    return _Source(
-        train, test, len(train.classes), train_tf, eval_tf, description=f"torchvision {root}"
+    return _image_source(
+        cfg,
+        _CIFAR_IMAGE_SIZE,
+        mode,
+        train_pool=train,
+        test=test,
+        num_classes=len(train.classes),
+        description=f"torchvision {root}",
+        pixels=_array_pixels,
     )
 
 
@@ -335,12 +499,11 @@ def _build_image_folder(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Sour
         raise ConfigError(
             "dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}{hint}"
         )
-    train_tf, eval_tf = _image_transforms(cfg, cfg.image_size, _augment_mode(cfg))
-    return _image_folder_source(tree, train_tf, eval_tf, _bad_images_mode(cfg))
+    return _image_folder_source(cfg, tree, cfg.image_size, _augment_mode(cfg), cache_dir)
 
 
 def _image_folder_source(
-    tree: Path, train_tf: Callable, eval_tf: Callable, bad_images: str = "error"
+    cfg: DictConfig, tree: Path, image_size: int, mode: str, cache_dir: Path
 ) -> _Source:
     if not (tree / "test").is_dir():
         raise ConfigError(
@@ -349,16 +512,18 @@ def _image_folder_source(
     train = _image_folder(tree / "train")
     test = _image_folder(tree / "test", classes=train.classes)
     val = _image_folder(tree / "val", classes=train.classes) if (tree / "val").is_dir() else None
-    if bad_images == "skip":
+    if _bad_images_mode(cfg) == "skip":
         _drop_undecodable([d for d in (train, val, test) if d is not None])
-    return _Source(
-        train,
-        test,
-        len(train.classes),
-        train_tf,
-        eval_tf,
+    return _image_source(
+        cfg,
+        image_size,
+        mode,
+        train_pool=train,
+        test=test,
+        num_classes=len(train.classes),
         val_pool=val,
         description=f"ImageFolder {tree}",
+        pixels=functools.partial(_decoded_pixels, image_size=image_size, cache_dir=cache_dir),
     )
 
 
@@ -503,6 +668,73 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
     return target
 
 
+# --- pixels for the device path -----------------------------------------------------------------
+
+
+def _array_pixels(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's CIFAR: its ``data`` array (N, H, W, C) uint8 and ``targets``."""
+    at = torch.tensor(indices, dtype=torch.long)
+    images = torch.from_numpy(dataset.data)[at].permute(0, 3, 1, 2)
+    return images, torch.tensor(dataset.targets, dtype=torch.long)[at]
+
+
+def _tensor_pixels(dataset: TensorDataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    at = torch.tensor(indices, dtype=torch.long)
+    images, labels = dataset.tensors
+    return images[at], labels[at]
+
+
+def _decoded_pixels(
+    folder: datasets.ImageFolder, indices: list[int], *, image_size: int, cache_dir: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of an ImageFolder at ``indices``, decoded, resized and center-cropped to
+    ``image_size`` as uint8 (N, 3, S, S), and their labels.
+
+    All of a folder is decoded once and kept in ``cache_dir/decoded/`` (keyed on the files'
+    paths, sizes and times, and the size), so later runs load it in a second; a subset (toy runs)
+    is decoded on the spot.
+    """
+    labels = torch.tensor([folder.targets[i] for i in indices], dtype=torch.long)
+    cache = _decoded_cache(folder, image_size, cache_dir) if len(indices) == len(folder) else None
+    if cache is not None and cache.exists():
+        images = torch.from_numpy(np.load(cache))
+        if len(images) == len(folder):
+            return images[torch.tensor(indices, dtype=torch.long)].permute(0, 3, 1, 2), labels
+    paths = [folder.samples[i][0] for i in indices]
+    fit = T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
+    start = time.perf_counter()
+    log.info("decoding %d images of %s into memory", len(paths), folder.root)
+
+    def decode(path: str) -> np.ndarray:
+        return np.asarray(fit(load_image(path)), dtype=np.uint8)
+
+    pixels = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    # PIL decodes outside the GIL: threads share the work without pickling images.
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        for i, image in enumerate(pool.map(decode, paths)):
+            pixels[i] = image
+            if (i + 1) % _DECODE_REPORT_EVERY == 0:
+                log.info("decoded %d/%d images", i + 1, len(paths))
+    log.info("decoded %d images in %.1f s", len(paths), time.perf_counter() - start)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as f:
+            np.save(f, pixels)
+        os.replace(tmp, cache)  # whole or absent, also when two runs race
+        log.info("kept the decoded images in %s for later runs", cache)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2), labels
+
+
+def _decoded_cache(folder: datasets.ImageFolder, image_size: int, cache_dir: Path) -> Path:
+    key = hashlib.sha256(f"{image_size}\n".encode())
+    for path, target in folder.samples:
+        stat = os.stat(path)
+        key.update(f"{path}\t{target}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    name = Path(folder.root).name
+    return cache_dir / "decoded" / f"{name}-{image_size}px-{key.hexdigest()[:12]}.npy"
+
+
 # --- in-memory datasets -------------------------------------------------------------------------
 
 
@@ -511,8 +743,7 @@ def _build_digits(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / _DIGITS_MAX
-    images = T.Normalize(list(cfg.mean), list(cfg.std))(images)
+    images = torch.tensor(digits.images, dtype=torch.uint8).unsqueeze(1)  # 0..16
     labels = torch.tensor(digits.target, dtype=torch.long)
     # A fixed test split, like CIFAR's test set: the run seed only moves train/val.
     train_idx, test_idx = train_test_split(
@@ -525,9 +756,28 @@ def _build_digits(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
         TensorDataset(images[train_idx], labels[train_idx]),
         TensorDataset(images[test_idx], labels[test_idx]),
         num_classes=int(labels.max()) + 1,
+        train_transform=_ScaleNormalize(1 / _DIGITS_MAX, cfg.mean, cfg.std),
+        eval_transform=_ScaleNormalize(1 / _DIGITS_MAX, cfg.mean, cfg.std),
         in_memory=True,
         description="sklearn load_digits",
+        pixels=_tensor_pixels,
+        scale=1 / _DIGITS_MAX,
+        mean=list(cfg.mean),
+        std=list(cfg.std),
+        sample_bytes=images[0].numel(),
     )
+
+
+class _ScaleNormalize:
+    """A uint8 tensor image to float, scaled to [0, 1] and normalized (digits' workers path)."""
+
+    def __init__(self, scale: float, mean: Sequence[float], std: Sequence[float]):
+        self.scale = scale
+        self.mean = torch.tensor(list(mean)).view(-1, 1, 1)
+        self.std = torch.tensor(list(std)).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.float() * self.scale - self.mean) / self.std
 
 
 def _build_synthetic(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
@@ -547,6 +797,9 @@ def _build_synthetic(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
         sample(cfg.num_test),
         num_classes=cfg.num_classes,
         in_memory=True,
+        pixels=_tensor_pixels,
+        scale=1.0,
+        sample_bytes=patterns[0].numel() * patterns.element_size(),
     )
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,21 +93,30 @@ class Distillation:
 class Trainer:
     """Runs epochs and evaluations on one device.
 
-    On CUDA it uses bf16 autocast and channels_last by default (``amp`` / ``channels_last`` set to
-    ``auto``); progress is a bar on a terminal and one line per epoch otherwise.
+    On CUDA it uses bf16 autocast, channels_last and cuDNN's benchmark mode by default (``amp``,
+    ``channels_last``, ``cudnn_benchmark`` set to ``auto``); ``compile`` trains through
+    ``torch.compile``, compiled anew whenever a prune has changed the model's shapes. Progress is a
+    bar on a terminal and one line per epoch otherwise.
     """
 
     device: torch.device
     amp: bool = False
     channels_last: bool = False
     progress: bool = False
+    cudnn_benchmark: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
     # Batches between checks for a NaN loss on an accelerator, where each check waits for the
     # device; on the CPU every batch is checked.
     nan_check_every: int = 32
     timer: PhaseTimer = field(init=False)
 
+    _compiled: tuple[Any, nn.Module] | None = field(init=False, default=None)
+
     def __post_init__(self) -> None:
         self.timer = PhaseTimer(self.device)
+        if self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
 
     @classmethod
     def from_config(cls, cfg) -> Trainer:
@@ -117,6 +127,8 @@ class Trainer:
             amp=_auto(cfg.amp, cuda),
             channels_last=_auto(cfg.channels_last, cuda),
             progress=_auto(cfg.progress, sys.stderr.isatty()),
+            cudnn_benchmark=_auto(cfg.get("cudnn_benchmark", "auto"), cuda),
+            compile=bool(cfg.get("compile", False)),
         )
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -124,6 +136,17 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+    def _training_forward(self, model: nn.Module) -> nn.Module:
+        """``model``, or with ``compile`` its compiled form for the model's current shapes."""
+        if not self.compile:
+            return model
+        key = (id(model), tuple(tuple(p.shape) for p in model.parameters()))
+        if self._compiled is None or self._compiled[0] != key:
+            # A prune changed the shapes (or another model trains): the old code never runs again.
+            torch._dynamo.reset()
+            self._compiled = (key, torch.compile(model, backend=self.compile_backend))
+        return self._compiled[1]
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -187,6 +210,7 @@ class Trainer:
         ``lr_key``, the setting to lower) and on CUDA running out of memory.
         """
         model.train()
+        forward = self._training_forward(model)
         loss_sum = torch.zeros((), device=self.device)
         # Index of the first batch with a non-finite loss, kept on the device: no sync per batch.
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -197,7 +221,7 @@ class Trainer:
             for x, y in self._batches(loader, desc):
                 x, y = self._inputs(x), y.to(self.device, non_blocking=True)
                 with self._autocast():
-                    logits = model(x)
+                    logits = forward(x)
                     loss = F.cross_entropy(logits.float(), y)
                     if distill is not None:
                         loss = loss + distill.loss(x, logits)
@@ -257,6 +281,10 @@ class Trainer:
 def sgd(
     model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
 ) -> torch.optim.SGD:
-    """A fresh SGD over the trainable parameters (frozen ones are left out)."""
+    """A fresh SGD over the trainable parameters (frozen ones are left out); the fused CUDA
+    kernel when they all live on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None
+    )

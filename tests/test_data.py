@@ -179,7 +179,8 @@ def test_image_folder_from_a_folder(tmp_path):
     assert data.num_classes == 3 and data.input_shape == (3, 24, 24)
     split = indices(data)
     assert (len(split["train"]), len(split["val"]), len(split["test"])) == (9, 3, 12)
-    assert not (tmp_path / "cache").exists()  # nothing to unpack
+    # nothing unpacked; the decoded pixels of the whole folder kept for the next run
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["decoded"]
     x, y = next(iter(data.test))
     assert x.shape == (12, 3, 24, 24) and sorted(set(y.tolist())) == [0, 1, 2]
 
@@ -189,7 +190,7 @@ def test_augmentation_in_workers_repeats_from_the_restored_loader_state(tmp_path
     draws the same order and the same random crops and flips, worker processes included."""
     tree = make_tree(tmp_path / "tiny")
     cfg = dataset_cfg("image_folder", root=str(tree), image_size=24, val_fraction=0.25)
-    data = build(cfg, cache_dir=tmp_path / "cache", num_workers=1, batch_size=4)
+    data = build(cfg, cache_dir=tmp_path / "cache", num_workers=1, batch_size=4, loader="workers")
     assert not data.train.persistent_workers and data.train.num_workers == 1
     next(iter(data.train))  # an epoch in progress, as before a checkpoint
     state = data.train.generator.get_state()
@@ -203,12 +204,14 @@ def test_augmentation_in_workers_repeats_from_the_restored_loader_state(tmp_path
 
 def test_image_folder_uses_a_val_folder(tmp_path):
     tree = make_tree(tmp_path / "tiny", splits=("train", "val", "test"), per_class=2)
-    data = build(dataset_cfg("image_folder", root=str(tree)))
+    data = build(dataset_cfg("image_folder", root=str(tree)), loader="workers")
     assert len(data.train.dataset) == 6 and len(data.val.dataset) == 6
     assert data.val.dataset.base.root.endswith("val")
     # train_subset caps train + val together, val in the proportion val_fraction
-    data = build(dataset_cfg("image_folder", root=str(tree), train_subset=4, val_fraction=0.25))
-    assert len(data.train.dataset) == 3 and len(data.val.dataset) == 1
+    cfg = dataset_cfg("image_folder", root=str(tree), train_subset=4, val_fraction=0.25)
+    for loader in ("workers", "device"):
+        data = build(cfg, loader=loader)
+        assert len(data.train.dataset) == 3 and len(data.val.dataset) == 1
 
 
 def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
@@ -216,7 +219,7 @@ def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
     cache = tmp_path / "cache"
     cfg = dataset_cfg("image_folder", root=str(archive))
     with caplog.at_level(logging.INFO, logger="icep.data"):
-        first = build(cfg, cache_dir=cache)
+        first = build(cfg, cache_dir=cache, loader="workers")
     assert "unpacking" in caplog.text
     (unpacked,) = cache.iterdir()  # no temp folder left behind
     assert unpacked.name.startswith("tiny-")
@@ -224,7 +227,7 @@ def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="icep.data"):
-        second = build(cfg, cache_dir=cache)
+        second = build(cfg, cache_dir=cache, loader="workers")
     assert "unpacking" not in caplog.text
     assert unpacked.stat().st_mtime_ns == stamp and list(cache.iterdir()) == [unpacked]
     assert first.num_classes == second.num_classes == 3
@@ -243,7 +246,9 @@ def test_racing_unpack_keeps_the_first_copy(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(os, "rename", lose_the_race)
     with caplog.at_level(logging.INFO, logger="icep.data"):
-        data = build(dataset_cfg("image_folder", root=str(archive)), cache_dir=cache)
+        data = build(
+            dataset_cfg("image_folder", root=str(archive)), cache_dir=cache, loader="workers"
+        )
     (unpacked,) = cache.iterdir()  # our temp copy is gone, theirs is used
     assert data.train.dataset.base.root == str(unpacked / "pack" / "tiny" / "train")
     assert "another run unpacked" in caplog.text
@@ -252,7 +257,7 @@ def test_racing_unpack_keeps_the_first_copy(tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize("augment", ["cifar", "imagenet", "none"])
 def test_val_is_not_augmented(tmp_path, augment):
     tree = make_tree(tmp_path / "tiny")
-    data = build(dataset_cfg("image_folder", root=str(tree), augment=augment))
+    data = build(dataset_cfg("image_folder", root=str(tree), augment=augment), loader="workers")
     torch.manual_seed(0)
     val = [torch.cat([x for x, _ in data.val]) for _ in range(3)]
     assert torch.equal(val[0], val[1]) and torch.equal(val[0], val[2])
@@ -317,12 +322,16 @@ def spoil(tree: Path) -> list[Path]:
     return [truncated, garbage]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, 1, "device"])
 def test_undecodable_image_is_an_error_naming_it(tmp_path, workers):
     tree = make_tree(tmp_path / "tiny")
     bad, _ = spoil(tree)
-    data = build(dataset_cfg("image_folder", root=str(tree)), num_workers=workers)
     with pytest.raises(IcepError) as err:  # from a worker too: one line, not its traceback
+        if workers == "device":  # decoded up front, when the data is built
+            build(dataset_cfg("image_folder", root=str(tree)), loader="device")
+        data = build(
+            dataset_cfg("image_folder", root=str(tree)), num_workers=workers, loader="workers"
+        )
         for _ in data.train:
             pass
     assert str(err.value).startswith(f"dataset: cannot decode image {bad} (")
@@ -356,7 +365,7 @@ def test_bad_images_setting_is_checked(tmp_path):
 
 def test_cifar10_torchvision_format(tmp_path, fake_cifar_checks):
     root = make_cifar10(tmp_path / "data")
-    data = build(dataset_cfg("cifar10", root=str(root)))
+    data = build(dataset_cfg("cifar10", root=str(root)), loader="workers")
     split = indices(data)
     assert len(split["train"]) + len(split["val"]) == 100 and len(split["val"]) == 10
     assert len(split["test"]) == 20
@@ -411,7 +420,7 @@ def test_cifar_rejects_imagenet_augment(tmp_path, fake_cifar_checks):
 def test_real_cifar10_jpeg_archive(cache_dir, capsys):
     cfg = dataset_cfg("cifar10", root=str(SHARED_CIFAR), train_subset=500, test_subset=200)
     start = time.perf_counter()
-    data = build(cfg, cache_dir=cache_dir, num_workers=2, batch_size=64)
+    data = build(cfg, cache_dir=cache_dir, num_workers=2, batch_size=64, loader="workers")
     with capsys.disabled():
         print(f"\nCIFAR-10 JPEG archive ready in {time.perf_counter() - start:.1f} s")
     assert data.num_classes == 10 and data.input_shape == (3, 32, 32)
@@ -422,3 +431,6 @@ def test_real_cifar10_jpeg_archive(cache_dir, capsys):
     assert x.shape == (64, 3, 32, 32) and y.min() >= 0 and y.max() < 10
     x, _ = next(iter(data.test))
     assert x.shape[1:] == (3, 32, 32) and abs(x.mean()) < 0.5
+    # The device path decodes the same files the same way: the same test images, bit for bit.
+    held = build(cfg, cache_dir=cache_dir, batch_size=64, loader="device")
+    torch.testing.assert_close(next(iter(held.test))[0], x, rtol=0, atol=1e-5)
