@@ -35,7 +35,13 @@ def dataset_cfg(name: str, **values) -> DictConfig:
     return cfg
 
 
-def build(cfg: DictConfig, seed: int = 0, cache_dir: Path | str = "unused", **kw) -> Data:
+@pytest.fixture(autouse=True)
+def run_in_tmp(tmp_path, monkeypatch):
+    """Each test starts in its own folder: a cache a test does not name lands there."""
+    monkeypatch.chdir(tmp_path)
+
+
+def build(cfg: DictConfig, seed: int = 0, cache_dir: Path | str = "cache", **kw) -> Data:
     args = {"batch_size": 16, "eval_batch_size": 32, "num_workers": 0, **kw}
     return build_data(cfg, seed=seed, cache_dir=cache_dir, **args)
 

@@ -11,7 +11,14 @@ import logging
 
 import pytest
 import torch
-from test_data import build, dataset_cfg, fake_cifar_checks, make_cifar10, make_tree  # noqa: F401
+from test_data import (  # noqa: F401 (fixtures)
+    build,
+    dataset_cfg,
+    fake_cifar_checks,
+    make_cifar10,
+    make_tree,
+    run_in_tmp,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
