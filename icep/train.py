@@ -178,13 +178,14 @@ class Trainer:
         """Top-1 accuracy in percent."""
         was_training = model.training
         model.eval()
-        correct = total = 0
+        correct = torch.zeros((), dtype=torch.long, device=self.device)  # no sync per batch
+        total = 0
         out_of_memory = False
         try:
             with torch.inference_mode(), self._autocast():
                 for x, y in self._batches(loader, desc):
                     y = y.to(self.device, non_blocking=True)
-                    correct += (model(self._inputs(x)).argmax(1) == y).sum().item()
+                    correct += (model(self._inputs(x)).argmax(1) == y).sum()
                     total += y.numel()
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True  # raised below, outside the handler, so the batch is freed
@@ -193,7 +194,7 @@ class Trainer:
         if out_of_memory:
             x = y = None  # the failed batch's tensors
             raise self._out_of_memory(desc, loader, "trainer.eval_batch_size")
-        return 100.0 * correct / max(total, 1)
+        return 100.0 * correct.item() / max(total, 1)
 
     def train_epoch(
         self,
