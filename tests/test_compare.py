@@ -1,45 +1,55 @@
-"""experiments/compare_pipelines.py: baseline and ICE side by side in one table."""
+"""experiments/compare_pipelines.py and bench_pipelines.py: baseline and ICE side by side, per
+seed and over seeds, and the scaling table."""
 
 from __future__ import annotations
 
 import csv
-import os
+import importlib.util
 import subprocess
 import sys
 
 import pytest
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, icep_env
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
-def test_comparison_table_on_digits(tmp_path, cache_dir):
-    out = tmp_path / "cmp"
-    env = {**os.environ, "ICEP_CACHE": str(cache_dir), "WANDB_SILENT": "true"}
+def test_bench_over_one_seed_on_digits(tmp_path, cache_dir):
+    """experiments/bench_pipelines.py runs compare_pipelines' variants per seed and adds the
+    aggregate table and the goal check."""
+    out = tmp_path / "bench"
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "experiments" / "compare_pipelines.py"),
+            str(ROOT / "experiments" / "bench_pipelines.py"),
             "--out",
             str(out),
+            "--seeds",
+            "0",
             "--variants",
             "baseline,ice",
             *FAST,
             "dataset.train_subset=600",
         ],
         cwd=ROOT,
-        env=env,
+        env=icep_env(cache_dir),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = {r["variant"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    rows = {r["variant"]: r for r in csv.DictReader((out / "bench_pipelines.csv").open())}
     assert set(rows) == {"baseline", "ice"}
     base, ice = rows["baseline"], rows["ice"]
+    assert base["seed"] == ice["seed"] == "0"
     assert float(base["speedup"]) == pytest.approx(1.0)
-    assert float(ice["speedup"]) == pytest.approx(
-        float(base["time_total_s"]) / float(ice["time_total_s"])
-    )
+    assert float(ice["speedup"]) == pytest.approx(float(base["cost_s"]) / float(ice["cost_s"]))
     assert float(ice["cost_s"]) == pytest.approx(float(ice["time_total_s"]))  # no search
     assert int(base["finetunes"]) == 9
     assert int(ice["finetunes"]) <= 9
@@ -47,20 +57,106 @@ def test_comparison_table_on_digits(tmp_path, cache_dir):
     assert float(base["drop_test"]) == pytest.approx(
         float(base["acc_original_test"]) - float(base["acc_final_test"])
     )
-    table = (out / "comparison.md").read_text()
-    assert "| baseline |" in table and "| ice |" in table
+    table = (out / "bench_pipelines.md").read_text()
+    dense = float(base["acc_original_test"])
+    assert f"its test accuracy: seed 0: {dense:.2f}%" in table
+    assert f"| ice | 1 | {float(ice['acc_final_test']):.2f} |" in table  # one seed: no spread
+    assert f"- ice: speed-up {float(ice['speedup']):.2f}x (goal >= 9.6x: " in table
+    assert "## Seed 0" in table and table in result.stdout
     for name in rows:
-        assert (out / name / "summary.json").exists()
+        assert (out / "seed0" / name / "summary.json").exists()
+
+
+def fake_run(variant: str, cost: float, acc: float, search: float = 0.0) -> dict:
+    row = {"variant": variant, "cost_s": cost, "acc_final_test": acc, "drop_test": 92 - acc}
+    row.update(finetunes=9 if variant == "baseline" else 3)
+    if search:
+        row["time_search_s"] = search
+    return row
+
+
+def test_aggregate_takes_mean_and_spread_over_seeds_and_speedup_per_seed():
+    bench = load("bench_pipelines")
+    per_seed = {}
+    for seed, (base_cost, ice_cost, acc) in enumerate([(100.0, 10.0, 90.0), (120.0, 20.0, 91.0)]):
+        rows = [fake_run("baseline", base_cost, 91.0), fake_run("ice", ice_cost, acc)]
+        for row in rows:  # as compare_pipelines.table sets it
+            row["speedup"] = base_cost / row["cost_s"]
+        per_seed[seed] = rows
+    per_seed[2] = [
+        {**fake_run("baseline", 90.0, 91.0), "speedup": 1.0},
+        {"variant": "ice", "status": "failed"},
+    ]
+    summary = {r["variant"]: r for r in bench.aggregate(per_seed, ["baseline", "ice"])}
+    ice = summary["ice"]
+    assert (ice["seeds"], ice["failed"]) == (2, 1)
+    assert ice["cost_s"] == pytest.approx(15.0) and ice["cost_s_std"] == pytest.approx(50**0.5)
+    assert ice["speedup"] == pytest.approx((10.0 + 6.0) / 2)  # mean of 100/10 and 120/20
+    assert ice["acc_final_test"] == pytest.approx(90.5)
+    assert ice["time_search_s"] == 0.0  # no search: counted as none
+    assert summary["baseline"]["seeds"] == 3 and summary["baseline"]["speedup"] == 1.0
+    lines = bench.goal_lines(list(summary.values()))
+    assert lines == [
+        "- ice: speed-up 8.00x (goal >= 9.6x: not met), test accuracy -0.50 points against the "
+        "baseline (goal within 1: met)"
+    ]
+
+
+def test_goals_met_when_fast_enough_and_close_enough():
+    bench = load("bench_pipelines")
+    summary = [
+        {"variant": "baseline", "cost_s": 100.0, "acc_final_test": 91.0, "speedup": 1.0},
+        {"variant": "ice", "cost_s": 9.0, "acc_final_test": 90.2, "speedup": 11.1},
+        {"variant": "ice_tuned", "cost_s": 30.0, "acc_final_test": 89.5, "speedup": 3.3},
+    ]
+    ice, tuned = bench.goal_lines(summary)
+    assert "goal >= 9.6x: met" in ice and "-0.80 points" in ice and "within 1: met" in ice
+    assert "goal >= 9.6x: not met" in tuned and "within 1: not met" in tuned
+
+
+@pytest.mark.parametrize(
+    ("done", "elapsed", "budget", "left", "start"),
+    [
+        (0, 0.0, 60.0, 3, 3),  # nothing measured yet: start
+        (1, 50.0, None, 2, 2),  # no budget: all
+        (1, 50.0, 120.0, 2, 1),  # 70 s left, 50 s a seed: one more
+        (1, 50.0, 90.0, 2, 0),  # 40 s left: none
+        (2, 60.0, 1000.0, 1, 1),  # never more than are left
+    ],
+)
+def test_budget_starts_only_the_seeds_that_fit(done, elapsed, budget, left, start):
+    assert load("bench_pipelines").seeds_that_fit(done, elapsed, budget, left) == start
+
+
+def test_scaling_row_relates_the_two_pipelines_of_one_model_and_ratio():
+    bench = load("bench_pipelines")
+    rows = [
+        {**fake_run("baseline", 80.0, 91.0), "steps": 27},
+        {**fake_run("ice", 16.0, 90.0), "steps": 27},
+    ]
+    row = bench.scaling_row("model", "resnet56", 0.6, rows)
+    assert row["units"] == 27 and row["speedup"] == pytest.approx(5.0)
+    assert (row["baseline_finetunes"], row["ice_finetunes"]) == (9, 3)
+    failed = bench.scaling_row("ratio", "resnet56", 0.9, rows[:1])
+    assert "speedup" not in failed and "| failed |" in bench.scaling_markdown([failed], [])
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys):
+    bench = load("bench_pipelines")
+    for argv, message in [
+        (["--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
+        (["--variants", "ice"], "the baseline is missing"),
+        (["--models", "resnet21"], "unknown model 'resnet21'; choose from"),
+        (["--ratios", "0.3,1.2"], "ratio 1.2: a pruning ratio lies strictly between 0 and 1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_a_tuned_run_pays_for_its_search():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "compare_pipelines", ROOT / "experiments" / "compare_pipelines.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("compare_pipelines")
     accuracy = {"acc_original_val": 90, "acc_final_val": 89, "acc_original_test": 90}
     rows = module.table(
         [
