@@ -17,7 +17,8 @@ the other variants (icep's dense cache is keyed on the seed, since the val split
 `--reuse-dense` starts every seed from the first seed's dense model instead (`model.checkpoint=`),
 saving its training at the price of later seeds deciding on samples it was trained on. The dense
 test accuracies head the table. Tables go to OUT/bench_pipelines.md and .csv (OUT/scaling.* and
-scaling.png with --scaling).
+scaling.png with --scaling), rewritten after each seed (point), so a run stopped from outside
+keeps what it finished.
 """
 
 from __future__ import annotations
@@ -222,6 +223,24 @@ def bench_pipelines(args: argparse.Namespace, overrides: list[str], out: Path) -
         rows = compare.table([run(v, seed, folder) for v in args.variants])
         (folder / "comparison.md").write_text(compare.markdown(rows, [*overrides, f"seed={seed}"]))
         per_seed[seed] = rows
+        # Written after every seed, so a run stopped from outside keeps the seeds it finished.
+        text = write_bench(out, args, overrides, per_seed, run)
+    if not per_seed:
+        text = write_bench(out, args, overrides, per_seed, run)
+    print(text)
+    print(f"written: {out / 'bench_pipelines.md'}, {out / 'bench_pipelines.csv'}")
+    ok = all("cost_s" in r for rows in per_seed.values() for r in rows)
+    return 0 if ok and per_seed else 1
+
+
+def write_bench(
+    out: Path,
+    args: argparse.Namespace,
+    overrides: list[str],
+    per_seed: dict[int, list[dict]],
+    run: Runner,
+) -> str:
+    """Write OUT/bench_pipelines.md and .csv for the seeds done so far; return the markdown."""
     summary = aggregate(per_seed, args.variants)
     first = next((r for rows in per_seed.values() for r in rows if "cost_s" in r), {})
     head = {
@@ -237,10 +256,7 @@ def bench_pipelines(args: argparse.Namespace, overrides: list[str], out: Path) -
     write_csv(
         out / "bench_pipelines.csv", [{**r, "seed": s} for s, rs in per_seed.items() for r in rs]
     )
-    print(text)
-    print(f"written: {out / 'bench_pipelines.md'}, {out / 'bench_pipelines.csv'}")
-    ok = all("cost_s" in r for rows in per_seed.values() for r in rows)
-    return 0 if ok and per_seed else 1
+    return text
 
 
 # --- scaling --------------------------------------------------------------------------------------
@@ -323,7 +339,8 @@ def bench_scaling(args: argparse.Namespace, overrides: list[str], out: Path) -> 
         if (args.ratio_model, r) not in {(m, args.ratio) for m in args.models}
     ]
     done: dict[tuple[str, float], list[dict]] = {}
-    rows = []
+    rows: list[dict] = []
+    table: list[dict] = []
     for axis, model, ratio in plan:
         key = (model, ratio)
         if key not in done:
@@ -335,18 +352,26 @@ def bench_scaling(args: argparse.Namespace, overrides: list[str], out: Path) -> 
                 [compare.run_variant(v, [*overrides, *extra], folder) for v in ("baseline", "ice")]
             )
         rows.append(scaling_row(axis, model, ratio, done[key]))
-    # The model at the shared ratio also belongs on the ratio axis.
-    shared = [r for r in rows if r["axis"] == "model" and r["model"] == args.ratio_model]
-    rows += [{**r, "axis": "ratio"} for r in shared]
+        # Written after every point, so a run stopped from outside keeps the points it finished.
+        table = write_scaling(out, rows, args.ratio_model, overrides)
+    print(scaling_markdown(table, overrides))
+    print(f"written: {out / 'scaling.md'}, {out / 'scaling.csv'}")
+    return 0 if table and all("speedup" in r for r in table) else 1
+
+
+def write_scaling(
+    out: Path, rows: list[dict], ratio_model: str, overrides: list[str]
+) -> list[dict]:
+    """Write OUT/scaling.md, .csv and (where a point has both pipelines) .png; return the rows."""
+    # The ratio model at the shared ratio also belongs on the ratio axis.
+    shared = [r for r in rows if r["axis"] == "model" and r["model"] == ratio_model]
+    rows = rows + [{**r, "axis": "ratio"} for r in shared]
     rows.sort(key=lambda r: (r["axis"] != "model", r.get("units", 0), r["ratio"]))
-    text = scaling_markdown(rows, overrides)
-    (out / "scaling.md").write_text(text)
+    (out / "scaling.md").write_text(scaling_markdown(rows, overrides))
     write_csv(out / "scaling.csv", rows)
     if any("speedup" in r for r in rows):
         plot_scaling(rows, out / "scaling.png")
-    print(text)
-    print(f"written: {out / 'scaling.md'}, {out / 'scaling.csv'}")
-    return 0 if all("speedup" in r for r in rows) else 1
+    return rows
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

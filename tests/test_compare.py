@@ -141,6 +141,40 @@ def test_scaling_row_relates_the_two_pipelines_of_one_model_and_ratio():
     assert "speedup" not in failed and "| failed |" in bench.scaling_markdown([failed], [])
 
 
+def test_scaling_table_puts_the_shared_point_on_both_axes(tmp_path, monkeypatch):
+    bench = load("bench_pipelines")
+    plots = []
+    monkeypatch.setattr(bench, "plot_scaling", lambda rows, path: plots.append(path))
+
+    def point(axis, model, ratio, base_cost, steps):
+        runs = [
+            {**fake_run(v, c, 90.0), "steps": steps}
+            for v, c in [("baseline", base_cost), ("ice", 10.0)]
+        ]
+        return bench.scaling_row(axis, model, ratio, runs)
+
+    rows = [
+        point("model", "resnet110", 0.6, 200.0, 54),
+        point("model", "resnet56", 0.6, 80.0, 27),
+        point("ratio", "resnet56", 0.9, 70.0, 27),
+        point("ratio", "resnet56", 0.3, 90.0, 27),
+    ]
+    table = bench.write_scaling(tmp_path, rows, "resnet56", ["x=1"])
+    order = [(r["axis"], r["model"], r["ratio"]) for r in table]
+    assert order == [
+        ("model", "resnet56", 0.6),
+        ("model", "resnet110", 0.6),
+        ("ratio", "resnet56", 0.3),
+        ("ratio", "resnet56", 0.6),  # the model axis' resnet56 point, also on the ratio axis
+        ("ratio", "resnet56", 0.9),
+    ]
+    assert len(rows) == 4  # the caller's list is left as it was
+    text = (tmp_path / "scaling.md").read_text()
+    assert "| ratio | resnet56 | 0.6 | 27 | 80.0 | 10.0 | 8.00x | 9 | 3 |" in text
+    assert len(list(csv.DictReader((tmp_path / "scaling.csv").open()))) == 5
+    assert plots == [tmp_path / "scaling.png"]
+
+
 def test_bad_arguments_are_one_line_and_exit_2(capsys):
     bench = load("bench_pipelines")
     for argv, message in [
