@@ -18,7 +18,7 @@ from torch import nn
 from icep.data import Data
 from icep.errors import IcepError
 from icep.models import load_checkpoint
-from icep.serialization import load_model, save_model
+from icep.serialization import atomic_save, load_model, save_model
 from icep.train import Trainer, sgd
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,52 @@ def cache_path(cfg: DictConfig, data: Data) -> Path:
     return Path(cfg.paths.cache) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{digest}.pt"
 
 
-def train_dense(model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig) -> None:
+def train_dense(
+    model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig, progress: Path | None = None
+) -> None:
+    """Train ``model`` with the ``dense`` settings ``cfg``.
+
+    With ``progress``, the state after each epoch (weights, optimizer, schedule, the train
+    loader's and torch's random state) is kept in that file, and a training that finds it goes on
+    from there: a killed job (or a GPU call's time limit) loses one epoch at most, and the epochs
+    run as they would have uninterrupted.
+    """
     optimizer = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     if cfg.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
     else:
         milestones = [round(f * cfg.epochs) for f in cfg.milestones]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.gamma)
+    generator = getattr(data.train, "generator", None)
+    done = 0
+    if progress is not None and progress.is_file():
+        try:
+            state = torch.load(progress, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            if generator is not None and state["loader_rng"] is not None:
+                generator.set_state(state["loader_rng"])
+            done = int(state["epoch"])
+            log.info("dense training goes on after epoch %d/%d (%s)", done, cfg.epochs, progress)
+        except Exception as exc:  # a torn or foreign file: start over rather than fail
+            log.warning("cannot resume dense training from %s (%s); starting over", progress, exc)
+            done = 0
+
+    def keep(epoch: int) -> None:
+        if progress is None or epoch == cfg.epochs:
+            return
+        state = {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "loader_rng": generator.get_state() if generator is not None else None,
+        }
+        atomic_save(state, progress)
+
     trainer.fit(
         model,
         data.train,
@@ -64,6 +103,8 @@ def train_dense(model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig)
         desc="dense",
         val_loader=data.val,
         lr_key="dense.lr",
+        done=done,
+        after_epoch=keep,
     )
 
 
@@ -90,11 +131,13 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
         path,
     )
     model = trainer.prepare(build_model(cfg, data))
+    progress = path.with_name(f"{path.stem}.partial.pt") if cfg.dense.cache else None
     with trainer.timer.phase("dense") as t:
-        train_dense(model, data, trainer, cfg.dense)
+        train_dense(model, data, trainer, cfg.dense, progress)
     acc = trainer.evaluate(model, data.val)
     if cfg.dense.cache:
         save_model(model, arch_spec(cfg, data), path, val_acc=acc, seconds=t["seconds"])
+        progress.unlink(missing_ok=True)
     return model, {
         "source": str(path) if cfg.dense.cache else "trained",
         "dense_seconds": t["seconds"],

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,12 +260,15 @@ class Trainer:
         desc: str = "train",
         val_loader: DataLoader | None = None,
         lr_key: str = "pipeline.lr (ICE: pipeline.base)",
+        done: int = 0,
+        after_epoch: Callable[[int], None] | None = None,
     ) -> float:
-        """Train ``epochs`` epochs, one log line each; returns the last epoch's mean loss.
+        """Train epochs ``done + 1`` to ``epochs``, one log line each, calling ``after_epoch``
+        with the epoch's number after each; returns the last epoch's mean loss.
 
         ``lr_key`` is the setting a NaN loss tells the user to lower."""
         loss = float("nan")
-        for epoch in range(1, epochs + 1):
+        for epoch in range(done + 1, epochs + 1):
             start = time.perf_counter()
             loss = self.train_epoch(
                 model, loader, optimizer, distill, f"{desc} epoch {epoch}/{epochs}", lr_key
@@ -276,6 +279,8 @@ class Trainer:
             if val_loader is not None:
                 msg += f", val acc {self.evaluate(model, val_loader):.2f}%"
             log.info("%s (%.1fs)", msg, time.perf_counter() - start)
+            if after_epoch is not None:
+                after_epoch(epoch)
         return loss
 
 

@@ -44,3 +44,56 @@ def test_checkpoint_for_another_class_count_is_refused(tmp_path, cache_dir):
     assert result.returncode == 2
     assert "another architecture or class count" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dense_training_killed_mid_way_goes_on_from_its_last_epoch(tmp_path, cache_dir, caplog):
+    """A dense training stopped after epoch 2 of 3 (a killed job, a GPU call's time limit) ends,
+    when started again, with the weights of an uninterrupted one."""
+    import logging
+
+    import pytest
+    import torch
+    from conftest import digits_data
+    from omegaconf import OmegaConf
+
+    from icep.dense import train_dense
+    from icep.models import cifar_resnet
+    from icep.train import Trainer
+
+    cfg = OmegaConf.create(
+        {"epochs": 3, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
+    )
+    trainer = Trainer(torch.device("cpu"))
+
+    def fresh(seed: int = 0):
+        torch.manual_seed(seed)
+        return cifar_resnet(depth=8, in_channels=1), digits_data(cache_dir, 300)
+
+    model, data = fresh()
+    train_dense(model, data, trainer, cfg)
+    uninterrupted = model.state_dict()
+
+    progress = tmp_path / "dense.partial.pt"
+    model, data = fresh()
+    calls = 0
+    train_epoch = trainer.train_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return train_epoch(*args, **kwargs)
+
+    trainer.train_epoch = killed_in_epoch_3
+    with pytest.raises(KeyboardInterrupt):
+        train_dense(model, data, trainer, cfg, progress)
+    assert torch.load(progress, weights_only=True)["epoch"] == 2
+    trainer.train_epoch = train_epoch
+
+    model, data = fresh(seed=1)  # another process: other initial weights, a fresh loader
+    with caplog.at_level(logging.INFO, logger="icep.dense"):
+        train_dense(model, data, trainer, cfg, progress)
+    assert "dense training goes on after epoch 2/3" in caplog.text
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, uninterrupted[key], msg=key)
