@@ -55,10 +55,13 @@ _DECODE_REPORT_EVERY = 10_000  # a progress line per this many decoded images
 
 @dataclass
 class Data:
+    """The splits' loaders: DataLoaders, or DeviceLoaders over data held on the device (both give
+    (images, labels) batches and have ``dataset``, ``batch_size`` and, for train, ``generator``)."""
+
     name: str
-    train: DataLoader  # augmented, shuffled with a seeded generator
-    val: DataLoader  # seeded split held out from train, eval transform; used for every decision
-    test: DataLoader  # only reported
+    train: DataLoader | DeviceLoader  # augmented, shuffled with a seeded generator
+    val: DataLoader | DeviceLoader  # held out from train, not augmented; every decision uses it
+    test: DataLoader | DeviceLoader  # only reported
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W)
 
@@ -134,7 +137,9 @@ def build_data(
     if builder is None:
         raise ConfigError("dataset.name", f"got {cfg.name!r}; expected one of {sorted(_BUILDERS)}")
     if loader not in LOADERS:
-        raise ConfigError("trainer.loader", f"got {loader!r}; expected one of {' | '.join(LOADERS)}")
+        raise ConfigError(
+            "trainer.loader", f"got {loader!r}; expected one of {' | '.join(LOADERS)}"
+        )
     device = torch.device(device)
     source = builder(cfg, seed=seed, cache_dir=_absolute(cache_dir))
 

@@ -147,8 +147,10 @@ class DeviceLoader:
             # One draw per sample per epoch, on the CPU generator, in one copy to the device.
             pad, size = self.crop_padding, split.images.shape[-2:]
             shift = torch.randint(0, 2 * pad + 1, (2, n), generator=self.generator)
-            flips = torch.rand(n, generator=self.generator) < 0.5 if self.flip else torch.zeros(
-                n, dtype=torch.bool
+            flips = (
+                torch.rand(n, generator=self.generator) < 0.5
+                if self.flip
+                else torch.zeros(n, dtype=torch.bool)
             )
             draws = torch.cat([shift, flips[None].long()]).to(device, non_blocking=True)
             rows = torch.arange(size[0], device=device)
