@@ -257,20 +257,13 @@ def cudnn_flags(deterministic: bool, benchmark: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(device, fn):
-    """(seconds, fn()), the device synchronised before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return time.perf_counter() - start, result
+    """(seconds, fn()), timed by icep's PhaseTimer: the device synchronised before and after."""
+    from icep.train import PhaseTimer
+
+    with PhaseTimer(device).phase("bench") as t:
+        result = fn()
+    return t["seconds"], result
 
 
 class OutOfTime(Exception):

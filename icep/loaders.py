@@ -13,6 +13,7 @@ restores the generator augments exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 
@@ -71,10 +72,9 @@ class TensorSplit(Dataset):
     def subset(self, picked: Sequence[int]) -> TensorSplit:
         """The samples at positions ``picked`` of this split."""
         at = torch.as_tensor(list(picked), dtype=torch.long, device=self.device)
-        part = TensorSplit.__new__(TensorSplit)
+        part = copy.copy(self)  # the same normalization
         part.images, part.labels = self.images[at], self.labels[at]
         part.indices = [self.indices[i] for i in picked]
-        part._mul, part._add = self._mul, self._add
         return part
 
 

@@ -89,5 +89,21 @@ def digits_data(cache: Path, train_subset: int):
     )
 
 
+def trained_on_digits(digits, depth: int, epochs: int, min_val_acc: float) -> dict:
+    """The state dict of a CIFAR ResNet of ``depth`` (seed 0) trained ``epochs`` epochs on
+    ``digits`` (from :func:`digits_data`); asserts it reaches ``min_val_acc`` on val."""
+    import torch
+
+    from icep.models import cifar_resnet
+    from icep.train import Trainer, sgd
+
+    torch.manual_seed(0)
+    model = cifar_resnet(depth, num_classes=10, in_channels=1)
+    trainer = Trainer(torch.device("cpu"))
+    trainer.fit(model, digits.train, sgd(model, 0.1, weight_decay=5e-4), epochs=epochs)
+    assert trainer.evaluate(model, digits.val) > min_val_acc
+    return model.state_dict()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

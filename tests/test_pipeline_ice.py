@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, digits_data
+from conftest import ROOT, digits_data, trained_on_digits
 from omegaconf import OmegaConf
 
 from icep.logging import RunLogger
@@ -15,7 +15,7 @@ from icep.models import cifar_resnet
 from icep.pipelines import PruningRun, run_ice, run_iterative
 from icep.pipelines.ice import pruning_aware_lr, select_frozen, should_finetune
 from icep.pruning import L1
-from icep.train import Trainer, sgd
+from icep.train import Trainer
 
 BASE, P, BETA, DELTA = 0.001, 0.15, 50, 0.0007
 
@@ -72,13 +72,7 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dense_state(digits):
     """A ResNet-20 trained on digits for a few epochs (about 95% val accuracy)."""
-    torch.manual_seed(0)
-    model = cifar_resnet(20, num_classes=10, in_channels=1)
-    trainer = Trainer(torch.device("cpu"))
-    optimizer = sgd(model, 0.1, weight_decay=5e-4)
-    trainer.fit(model, digits.train, optimizer, epochs=6)
-    assert trainer.evaluate(model, digits.val) > 85
-    return model.state_dict()
+    return trained_on_digits(digits, depth=20, epochs=6, min_val_acc=85)
 
 
 def ice_cfg(**overrides):

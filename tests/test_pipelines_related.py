@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, ROOT, digits_data, read_jsonl, run_icep
+from conftest import FAST, ROOT, digits_data, read_jsonl, run_icep, trained_on_digits
 from omegaconf import OmegaConf
 
 from icep.errors import ConfigError
@@ -20,7 +20,7 @@ from icep.pipelines.agp import prune_epochs
 from icep.pipelines.epi import epi_values, firing_epoch, similarity
 from icep.pruning import L1, select_global, uniform_widths
 from icep.pruning.schedules import agp, constant, geometric, hybrid, one_shot
-from icep.train import Trainer, sgd
+from icep.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,7 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dense_state(digits):
     """A ResNet-8 (3 units: 16, 32, 64 channels) trained a little on digits."""
-    torch.manual_seed(0)
-    model = cifar_resnet(8, num_classes=10, in_channels=1)
-    trainer = Trainer(torch.device("cpu"))
-    trainer.fit(model, digits.train, sgd(model, 0.1, weight_decay=5e-4), epochs=4)
-    assert trainer.evaluate(model, digits.val) > 50
-    return model.state_dict()
+    return trained_on_digits(digits, depth=8, epochs=4, min_val_acc=50)
 
 
 def pipeline_cfg(name: str, **overrides):
