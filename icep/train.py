@@ -204,8 +204,10 @@ class Trainer:
         distill: Distillation | None = None,
         desc: str = "train",
         lr_key: str = "pipeline.lr (ICE: pipeline.base)",
+        label_smoothing: float = 0.0,
     ) -> float:
-        """One epoch; returns the mean loss.
+        """One epoch; returns the mean loss (cross-entropy with ``label_smoothing``, plus the
+        distillation term).
 
         Raises IcepError on a NaN or infinite loss (naming the batch, the optimizer's lr and
         ``lr_key``, the setting to lower) and on CUDA running out of memory.
@@ -223,7 +225,7 @@ class Trainer:
                 x, y = self._inputs(x), y.to(self.device, non_blocking=True)
                 with self._autocast():
                     logits = forward(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
                     if distill is not None:
                         loss = loss + distill.loss(x, logits)
                 optimizer.zero_grad(set_to_none=True)
@@ -262,6 +264,7 @@ class Trainer:
         lr_key: str = "pipeline.lr (ICE: pipeline.base)",
         done: int = 0,
         after_epoch: Callable[[int], None] | None = None,
+        label_smoothing: float = 0.0,
     ) -> float:
         """Train epochs ``done + 1`` to ``epochs``, one log line each, calling ``after_epoch``
         with the epoch's number after each; returns the last epoch's mean loss.
@@ -271,7 +274,13 @@ class Trainer:
         for epoch in range(done + 1, epochs + 1):
             start = time.perf_counter()
             loss = self.train_epoch(
-                model, loader, optimizer, distill, f"{desc} epoch {epoch}/{epochs}", lr_key
+                model,
+                loader,
+                optimizer,
+                distill,
+                f"{desc} epoch {epoch}/{epochs}",
+                lr_key,
+                label_smoothing,
             )
             if scheduler is not None:
                 scheduler.step()
