@@ -205,9 +205,10 @@ class Trainer:
         desc: str = "train",
         lr_key: str = "pipeline.lr (ICE: pipeline.base)",
         label_smoothing: float = 0.0,
+        batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> float:
         """One epoch; returns the mean loss (cross-entropy with ``label_smoothing``, plus the
-        distillation term).
+        distillation term). ``batch_scheduler`` steps after every batch.
 
         Raises IcepError on a NaN or infinite loss (naming the batch, the optimizer's lr and
         ``lr_key``, the setting to lower) and on CUDA running out of memory.
@@ -231,6 +232,8 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if batch_scheduler is not None:
+                    batch_scheduler.step()
                 loss = loss.detach()
                 loss_sum += loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batches, first_bad)
@@ -265,9 +268,13 @@ class Trainer:
         done: int = 0,
         after_epoch: Callable[[int], None] | None = None,
         label_smoothing: float = 0.0,
+        scheduler_per: str = "epoch",
     ) -> float:
         """Train epochs ``done + 1`` to ``epochs``, one log line each, calling ``after_epoch``
         with the epoch's number after each; returns the last epoch's mean loss.
+
+        ``scheduler`` steps once per epoch, or after every batch with ``scheduler_per="batch"``
+        (one-cycle schedules with a warm-up of a few hundred steps).
 
         ``lr_key`` is the setting a NaN loss tells the user to lower."""
         loss = float("nan")
@@ -281,8 +288,9 @@ class Trainer:
                 f"{desc} epoch {epoch}/{epochs}",
                 lr_key,
                 label_smoothing,
+                scheduler if scheduler_per == "batch" else None,
             )
-            if scheduler is not None:
+            if scheduler is not None and scheduler_per == "epoch":
                 scheduler.step()
             msg = f"{desc} epoch {epoch}/{epochs}: loss {loss:.4f}"
             if val_loader is not None:
