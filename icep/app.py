@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from icep.compute import format_flops
 from icep.config import pipeline_label, pruned_share, uses_ratio
 from icep.errors import IcepError
 
@@ -136,7 +137,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "dense": origin,
             }
             if tuning is not None:
-                summary.update(tuning.summary_fields(summary["time_total_s"]))
+                summary.update(
+                    tuning.summary_fields(summary["time_total_s"], summary["flops_total"])
+                )
         save_model(model, arch_spec(cfg, data), out / "model.pt", summary=_scalars(summary))
         summary["model_path"] = str(out / "model.pt")
         summary["output_dir"] = str(out)
@@ -343,6 +346,14 @@ def _share(s: dict[str, Any]) -> str:
     return f"target {s['target']}, channels pruned {s['channels_pruned_share']:.4f}"
 
 
+_PHASE_LABELS = (
+    ("prune", "prune"),
+    ("finetune", "fine-tune"),
+    ("eval", "eval"),
+    ("freeze_analysis", "freeze analysis"),
+)
+
+
 def format_table(s: dict[str, Any]) -> str:
     """The closing report: accuracy, size, fine-tunes, time per phase, where the outputs are."""
     if s["pipeline"] == "dense":
@@ -380,6 +391,19 @@ def format_table(s: dict[str, Any]) -> str:
             else ""
         )
     )
+    if "flops_total" in s:
+        parts = [
+            f"{label} {format_flops(s.get(f'flops_{phase}', 0))}"
+            for phase, label in _PHASE_LABELS
+            if s.get(f"flops_{phase}") or phase != "freeze_analysis"
+        ]
+        lines.append(
+            f"  {'compute':<{width}}{format_flops(s['flops_total'])} total = " + " + ".join(parts)
+        )
+        lines.append(
+            f"  {'images':<{width}}{_count(s['images_fwd_total'])} forward, "
+            f"{_count(s['images_bwd_total'])} backward"
+        )
     if "time_search_s" in s:
         t = s["tuning"]
         lines.append(
@@ -387,12 +411,21 @@ def format_table(s: dict[str, Any]) -> str:
             f"{s['time_search_s']:.2f} ({t['complete']} complete, {t['pruned']} pruned, "
             f"{t['fail']} failed trials) + this run {s['time_final_s']:.2f}"
         )
+        if "flops_search" in s:
+            lines.append(
+                f"  {'compute with search':<{width}}{format_flops(s['flops_total_with_search'])} "
+                f"= search {format_flops(s['flops_search'])} + this run "
+                f"{format_flops(s['flops_total'])}"
+            )
         lines.append(
             f"  {'tuned':<{width}}" + ", ".join(f"{k}={_num(v)}" for k, v in t["params"].items())
         )
     if s["dense"].get("dense_seconds"):
+        flops = s["dense"].get("dense_flops")
         lines.append(
-            f"  {'dense training (s)':<{width}}{s['dense']['dense_seconds']:.1f} (not in the total)"
+            f"  {'dense training (s)':<{width}}{s['dense']['dense_seconds']:.1f}"
+            + (f", {format_flops(flops)}" if flops else "")
+            + " (not in the totals)"
         )
     lines.append(f"  {'outputs':<{width}}{s['output_dir']}")
     return "\n".join(lines) + "\n"

@@ -72,8 +72,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pipeline.distill": (lambda v: isinstance(v, bool), "true or false"),
     "dense.epochs": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "dense.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "dense.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "dense.nesterov": (lambda v: isinstance(v, bool), "true or false"),
     "dense.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "dense.schedule": (lambda v: v in ("cosine", "step"), "cosine or step"),
+    "dense.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "dense.batch_size": (lambda v: v is None or (_int(v) and v >= 1), "null or an integer >= 1"),
+    "dense.schedule": (
+        lambda v: v in ("cosine", "step", "onecycle"),
+        "cosine, step or onecycle",
+    ),
+    "dense.warmup_share": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "dense.div_factor": (lambda v: _number(v) and v >= 1, "a number >= 1"),
     "trainer.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "trainer.eval_batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "trainer.num_workers": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
@@ -113,6 +122,8 @@ def validate(cfg: DictConfig) -> None:
             "pipeline.delta",
             f"got {delta}; must be below pipeline.base ({base}) so lr(x) stays positive",
         )
+    if OmegaConf.select(cfg, "dense.nesterov") and OmegaConf.select(cfg, "dense.momentum") == 0:
+        raise ConfigError("dense.nesterov", "got true; needs dense.momentum > 0 (it is 0)")
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ConfigError(

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
 
@@ -225,6 +225,29 @@ def _loader(
         # run (which restores that generator) augments exactly as an uninterrupted one.
         persistent_workers=workers > 0 and not shuffle,
         drop_last=False,
+    )
+
+
+def with_batch_size(
+    loader: DataLoader | DeviceLoader, batch_size: int
+) -> DataLoader | DeviceLoader:
+    """``loader`` in batches of ``batch_size`` (dense training's ``dense.batch_size``): the same
+    samples, augmentation, workers and the same ``generator`` object, so the run's random stream
+    stays the one a single loader would draw, and restoring the generator resumes both."""
+    if batch_size == loader.batch_size:
+        return loader
+    if isinstance(loader, DeviceLoader):
+        return loader.with_batch_size(batch_size)
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        generator=loader.generator,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+        drop_last=loader.drop_last,
     )
 
 

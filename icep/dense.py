@@ -15,13 +15,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from icep.data import Data
+from icep.data import Data, with_batch_size
 from icep.errors import IcepError
 from icep.models import load_checkpoint
 from icep.serialization import atomic_save, load_model, save_model
 from icep.train import Trainer, sgd
 
 log = logging.getLogger(__name__)
+
+# dense keys added after models were cached, and the value that trains as before they existed:
+# at that value a key stays out of the cache key, so models cached earlier keep theirs.
+_KEYED_UNLESS = {"nesterov": False, "label_smoothing": 0.0}
+_ONECYCLE_KEYS = ("warmup_share", "div_factor")  # in the cache key with schedule=onecycle only
 
 
 def arch_spec(cfg: DictConfig, data: Data) -> dict[str, Any]:
@@ -36,11 +41,19 @@ def build_model(cfg: DictConfig, data: Data) -> nn.Module:
 
 def cache_path(cfg: DictConfig, data: Data) -> Path:
     """Where the dense model for this (model, data, training, seed) setup is cached."""
+    dense = OmegaConf.to_container(cfg.dense, resolve=True)
+    batch_size = dense.pop("batch_size", None) or cfg.trainer.batch_size  # the one it trains with
+    for key, as_before in _KEYED_UNLESS.items():
+        if dense.get(key, as_before) == as_before:
+            dense.pop(key, None)
+    if dense.get("schedule") != "onecycle":
+        for key in _ONECYCLE_KEYS:
+            dense.pop(key, None)
     keyed = {
         "arch": arch_spec(cfg, data),
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-        "dense": OmegaConf.to_container(cfg.dense, resolve=True),
-        "batch_size": cfg.trainer.batch_size,
+        "dense": dense,
+        "batch_size": batch_size,
         "seed": cfg.seed,
     }
     keyed["dataset"].pop("download", None)
@@ -48,23 +61,55 @@ def cache_path(cfg: DictConfig, data: Data) -> Path:
     return Path(cfg.paths.cache) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{digest}.pt"
 
 
+def dense_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.SGD:
+    """The SGD of the ``dense`` settings ``cfg`` (Nesterov momentum with ``nesterov``)."""
+    return sgd(
+        model, cfg.lr, cfg.momentum, cfg.weight_decay, nesterov=bool(cfg.get("nesterov", False))
+    )
+
+
+def dense_schedule(
+    optimizer: torch.optim.Optimizer, cfg: DictConfig, batches_per_epoch: int
+) -> tuple[torch.optim.lr_scheduler.LRScheduler, str]:
+    """The ``dense.schedule`` of ``cfg`` and what it steps after: ``"epoch"`` or ``"batch"``.
+
+    ``onecycle`` steps after every batch: lr rises linearly from ``lr / div_factor`` to ``lr``
+    over the first ``warmup_share`` of the run's batches, then falls linearly to 0 after the last
+    one (the one-cycle schedule of the fast CIFAR-10 recipes, without momentum cycling).
+    """
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs), "epoch"
+    if cfg.schedule == "step":
+        milestones = [round(f * cfg.epochs) for f in cfg.milestones]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.gamma), "epoch"
+    total = cfg.epochs * batches_per_epoch
+    warmup = min(round(cfg.warmup_share * total), total - 1)
+    start = 1.0 / cfg.div_factor
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1.0 - start) * step / warmup
+        return (total - step) / (total - warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "batch"
+
+
 def train_dense(
     model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig, progress: Path | None = None
 ) -> None:
-    """Train ``model`` with the ``dense`` settings ``cfg``.
+    """Train ``model`` with the ``dense`` settings ``cfg``, in batches of ``cfg.batch_size`` when
+    it is set (else the train loader's).
 
     With ``progress``, the state after each epoch (weights, optimizer, schedule, the train
     loader's and torch's random state) is kept in that file, and a training that finds it goes on
     from there: a killed job (or a GPU call's time limit) loses one epoch at most, and the epochs
     run as they would have uninterrupted.
     """
-    optimizer = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    if cfg.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
-    else:
-        milestones = [round(f * cfg.epochs) for f in cfg.milestones]
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.gamma)
-    generator = getattr(data.train, "generator", None)
+    batch_size = cfg.get("batch_size")
+    loader = data.train if batch_size is None else with_batch_size(data.train, batch_size)
+    optimizer = dense_optimizer(model, cfg)
+    scheduler, scheduler_per = dense_schedule(optimizer, cfg, len(loader))
+    generator = getattr(loader, "generator", None)
     done = 0
     if progress is not None and progress.is_file():
         try:
@@ -96,7 +141,7 @@ def train_dense(
 
     trainer.fit(
         model,
-        data.train,
+        loader,
         optimizer,
         cfg.epochs,
         scheduler,
@@ -105,6 +150,8 @@ def train_dense(
         lr_key="dense.lr",
         done=done,
         after_epoch=keep,
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+        scheduler_per=scheduler_per,
     )
 
 
@@ -125,9 +172,12 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
             ) from None
         return trainer.prepare(model), {"source": str(path)}
     log.info(
-        "model.checkpoint is null: training the dense %s for %d epochs (cached at %s)",
+        "model.checkpoint is null: training the dense %s for %d epochs, %s schedule, batches of "
+        "%d (cached at %s)",
         cfg.model.name,
         cfg.dense.epochs,
+        cfg.dense.schedule,
+        cfg.dense.get("batch_size") or data.train.batch_size,
         path,
     )
     model = trainer.prepare(build_model(cfg, data))
@@ -141,4 +191,5 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
     return model, {
         "source": str(path) if cfg.dense.cache else "trained",
         "dense_seconds": t["seconds"],
+        "dense_flops": trainer.timer.work_total("dense")["flops"],
     }

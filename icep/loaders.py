@@ -133,6 +133,20 @@ class DeviceLoader:
             drop_last=self.drop_last,
         )
 
+    def with_batch_size(self, batch_size: int) -> DeviceLoader:
+        """The same loader in batches of ``batch_size``, drawing from the same ``generator``
+        object, so shuffling and augmentation go on from its state (and a run that restores it
+        resumes them)."""
+        return DeviceLoader(
+            self.dataset,
+            batch_size,
+            shuffle=self.shuffle,
+            generator=self.generator,
+            crop_padding=self.crop_padding,
+            flip=self.flip,
+            drop_last=self.drop_last,
+        )
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         split = self.dataset
         n, device = len(split), split.device

@@ -99,10 +99,12 @@ class RunLogger:
             run = init("offline", silent=True)
         id_path.write_text(run.id + "\n")
         # The pruning step is the x-axis of every per-step metric; t_total (cumulative seconds of
-        # pruning cost) is the second axis a panel can pick ("accuracy vs time").
+        # pruning cost) and flops_total (its counted work) are the axes a panel can pick instead
+        # ("accuracy vs time", "accuracy vs compute").
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         run.define_metric("t_total", step_metric="step", summary="max")
+        run.define_metric("flops_total", step_metric="step", summary="max")
         return run
 
     def _warn_offline(self, reason: str) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from icep.compute import format_flops
 from icep.config import pipeline_label, pruned_share
 from icep.errors import IcepError
 
@@ -59,6 +60,9 @@ CSV_COLUMNS = [
     "time_total_s",
     "speedup",
     "speedup_basis",
+    "flops_total",
+    "compute_speedup",
+    "compute_speedup_basis",
     "finetunes",
     "params_after",
     "macs_after",
@@ -69,10 +73,11 @@ CSV_COLUMNS = [
     "macs_pruned",
     *PHASES.values(),
     "time_total_with_search_s",
+    "flops_total_with_search",
     "overrides",
     "path",
 ]
-OPTIONAL_COLUMNS = {"remaining", "time_total_with_search_s"}
+OPTIONAL_COLUMNS = {"remaining", "time_total_with_search_s", "flops_total_with_search"}
 PLOTS = {
     "accuracy_vs_step.png": "Accuracy after each pruning step",
     "time_vs_step.png": "Cumulative pipeline time per step (filled: fine-tuned, open: not)",
@@ -95,8 +100,10 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
-    speedup: float | None = None
+    speedup: float | None = None  # in time
     speedup_basis: str = ""  # "seed": the same-seed baseline; "seed mean": over its seeds
+    compute_speedup: float | None = None  # in counted work (icep.compute)
+    compute_speedup_basis: str = ""
 
     @property
     def pipeline(self) -> str:
@@ -259,33 +266,49 @@ def cost_seconds(summary: dict[str, Any]) -> float | int | None:
     return with_search if with_search is not None else _number(summary.get("time_total_s"))
 
 
+def cost_flops(summary: dict[str, Any]) -> float | int | None:
+    """What a run cost in counted work: ``flops_total``, or with the search of a tuned run
+    ``flops_total_with_search``."""
+    with_search = _number(summary.get("flops_total_with_search"))
+    return with_search if with_search is not None else _number(summary.get("flops_total"))
+
+
 def attach_speedups(runs: Sequence[Run], baseline: str) -> None:
-    """Speed-up = the baseline's cost / the run's (:func:`cost_seconds`), where the baseline is
-    the completed run of pipeline ``baseline`` with the same model, dataset, criterion, ratio and
+    """Speed-up = the baseline's cost / the run's, in time (:func:`cost_seconds`: ``speedup``)
+    and in counted work (:func:`cost_flops`: ``compute_speedup``), where the baseline is the
+    completed run of pipeline ``baseline`` with the same model, dataset, criterion, ratio and
     seed (the mean of several); without a same-seed one, the mean over the seeds of that
     setting."""
-    times: dict[tuple, dict[Any, list[float]]] = {}
-    for run in runs:
-        if run.done and run.pipeline == baseline:
-            t = cost_seconds(run.summary)
-            if t:
-                times.setdefault(run.key(), {}).setdefault(run.setting.get("seed"), []).append(t)
-    for run in runs:
-        t = cost_seconds(run.summary) if run.done else None
-        if not t:
-            continue
-        if run.pipeline == baseline:
-            run.speedup, run.speedup_basis = 1.0, "seed"
-            continue
-        by_seed = times.get(run.key())
-        if not by_seed:
-            continue
-        same = by_seed.get(run.setting.get("seed"))
-        if same:
-            run.speedup, run.speedup_basis = statistics.fmean(same) / t, "seed"
-        else:
-            mean = statistics.fmean(statistics.fmean(xs) for xs in by_seed.values())
-            run.speedup, run.speedup_basis = mean / t, "seed mean"
+    for cost, attr in ((cost_seconds, "speedup"), (cost_flops, "compute_speedup")):
+        costs: dict[tuple, dict[Any, list[float]]] = {}
+        for run in runs:
+            if run.done and run.pipeline == baseline:
+                c = cost(run.summary)
+                if c:
+                    costs.setdefault(run.key(), {}).setdefault(run.setting.get("seed"), []).append(
+                        c
+                    )
+        for run in runs:
+            c = cost(run.summary) if run.done else None
+            if c:
+                value, basis = _speedup(c, run, baseline, costs)
+                setattr(run, attr, value)
+                setattr(run, f"{attr}_basis", basis)
+
+
+def _speedup(
+    cost: float, run: Run, baseline: str, costs: dict[tuple, dict[Any, list[float]]]
+) -> tuple[float | None, str]:
+    if run.pipeline == baseline:
+        return 1.0, "seed"
+    by_seed = costs.get(run.key())
+    if not by_seed:
+        return None, ""
+    same = by_seed.get(run.setting.get("seed"))
+    if same:
+        return statistics.fmean(same) / cost, "seed"
+    mean = statistics.fmean(statistics.fmean(xs) for xs in by_seed.values())
+    return mean / cost, "seed mean"
 
 
 def run_record(run: Run, root: Path) -> dict[str, Any]:
@@ -299,6 +322,8 @@ def run_record(run: Run, root: Path) -> dict[str, Any]:
         "steps": s.get("steps", len(run.rows) or None),
         "speedup": run.speedup,
         "speedup_basis": run.speedup_basis,
+        "compute_speedup": run.compute_speedup,
+        "compute_speedup_basis": run.compute_speedup_basis,
         "overrides": " ".join(run.overrides),
         "path": str(run.path),
     }
@@ -309,6 +334,8 @@ def run_record(run: Run, root: Path) -> dict[str, Any]:
         "acc_drop_test",
         "time_total_s",
         "time_total_with_search_s",
+        "flops_total",
+        "flops_total_with_search",
         "finetunes",
         "params_before",
         "params_after",
@@ -322,6 +349,7 @@ def run_record(run: Run, root: Path) -> dict[str, Any]:
         finetunes = sum(bool(r.get("finetuned")) for r in run.rows)
         for key, value in (
             ("time_total_s", _number(last.get("t_total"))),
+            ("flops_total", _number(last.get("flops_total"))),
             ("params_after", _number(last.get("params"))),
             ("macs_after", _number(last.get("macs"))),
             ("remaining", _number(last.get("remaining"))),
@@ -373,6 +401,8 @@ def aggregate(
             "acc_drop_test",
             "time_total_s",
             "speedup",
+            "flops_total",
+            "compute_speedup",
             "finetunes",
         ):
             values = [r[key] for r in done if r[key] is not None]
@@ -410,6 +440,8 @@ RUN_TABLE = [
     ("test drop", "acc_drop_test", "{:.2f}"),
     ("time (s)", "time_total_s", "{:.2f}"),
     ("speed-up", "speedup", "{:.2f}x"),
+    ("compute", "flops_total", "flops"),
+    ("compute speed-up", "compute_speedup", "{:.2f}x"),
     ("fine-tunes", "finetunes", "{:.0f}"),
     ("params", "params_after", "count"),
     ("MACs", "macs_after", "count"),
@@ -430,6 +462,8 @@ AGGREGATE_TABLE = [
     ("test drop", "acc_drop_test", "{:.2f}"),
     ("time (s)", "time_total_s", "{:.2f}"),
     ("speed-up", "speedup", "{:.2f}x"),
+    ("compute", "flops_total", "flops"),
+    ("compute speed-up", "compute_speedup", "{:.2f}x"),
     ("fine-tunes", "finetunes", "{:.1f}"),
 ]
 
@@ -438,7 +472,7 @@ def _run_cells(record: dict[str, Any]) -> list[str]:
     cells = []
     for _, key, fmt in RUN_TABLE:
         cell = _cell(record.get(key), fmt)
-        if key == "speedup" and record.get("speedup_basis") == "seed mean":
+        if key in ("speedup", "compute_speedup") and record.get(f"{key}_basis") == "seed mean":
             cell += " *"
         cells.append(cell)
     return cells
@@ -463,7 +497,10 @@ def _notes(runs: Sequence[Run], baseline: str) -> list[str]:
         f"Speed-up: the cost of the `{baseline}` run with the same model, dataset, criterion, "
         f"ratio and seed over this run's. Cost: time_total_s (prune, fine-tune, validation "
         f"evaluations, freeze analysis; not dense training or test evaluation), plus the search "
-        f"of a tuned run (time_total_with_search_s)."
+        f"of a tuned run (time_total_with_search_s). Compute speed-up: the same ratio of the "
+        f"counted work, flops_total (forward 2 FLOPs per conv/linear MAC, backward twice that "
+        f"less the weight gradients of frozen layers; README, Compute accounting), which does not "
+        f"depend on the machine or its load."
     ]
     if any(r.speedup_basis == "seed mean" for r in runs):
         notes.append(
@@ -916,6 +953,8 @@ def _fmt(value: Any) -> str:
 def _cell(value: Any, fmt: str) -> str:
     if value is None or value == "":
         return ""
+    if fmt == "flops":
+        return format_flops(value)
     if fmt == "count":
         for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
             if value >= div:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from icep.compute import WORK_KEYS, CostCache, ModelCost
 from icep.errors import ConfigError, IcepError
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,15 @@ def _auto(value: bool | str, default: bool) -> bool:
 
 
 class PhaseTimer:
-    """Wall-clock time per phase, with device synchronisation so GPU work is counted where it ran."""
+    """Wall-clock time per phase, with device synchronisation so GPU work is counted where it ran,
+    and the work counted in each phase (:meth:`count`: images forward and backward, FLOPs; see
+    :mod:`icep.compute`). Work counted outside any phase goes to ``other``."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.totals: dict[str, float] = {}
+        self.work: dict[str, dict[str, int]] = {}
+        self._active: list[str] = []
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -58,15 +63,30 @@ class PhaseTimer:
         result: dict[str, float] = {}
         self._sync()
         start = time.perf_counter()
+        self._active.append(name)
         try:
             yield result
         finally:
+            self._active.pop()
             self._sync()
             result["seconds"] = time.perf_counter() - start
             self.totals[name] = self.totals.get(name, 0.0) + result["seconds"]
 
     def total(self, *names: str) -> float:
         return sum(self.totals.get(n, 0.0) for n in names)
+
+    def count(self, images_fwd: int = 0, images_bwd: int = 0, flops: int = 0) -> None:
+        """Add work to the innermost running phase."""
+        name = self._active[-1] if self._active else "other"
+        work = self.work.setdefault(name, dict.fromkeys(WORK_KEYS, 0))
+        work["images_fwd"] += images_fwd
+        work["images_bwd"] += images_bwd
+        work["flops"] += flops
+
+    def work_total(self, *names: str) -> dict[str, int]:
+        """The work of the phases ``names`` (all phases when none is named), summed."""
+        picked = names or tuple(self.work)
+        return {key: sum(self.work.get(n, {}).get(key, 0) for n in picked) for key in WORK_KEYS}
 
 
 @dataclass
@@ -112,6 +132,7 @@ class Trainer:
     timer: PhaseTimer = field(init=False)
 
     _compiled: tuple[Any, nn.Module] | None = field(init=False, default=None)
+    _cost: CostCache = field(init=False, default_factory=CostCache)
 
     def __post_init__(self) -> None:
         self.timer = PhaseTimer(self.device)
@@ -148,6 +169,20 @@ class Trainer:
             self._compiled = (key, torch.compile(model, backend=self.compile_backend))
         return self._compiled[1]
 
+    def cost(self, model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
+        """The model's per-image cost at its current shape and freezing (:mod:`icep.compute`)."""
+        return self._cost(model, tuple(input_shape))
+
+    def _train_flops(
+        self, model: nn.Module, distill: Distillation | None, input_shape: tuple[int, ...]
+    ) -> int:
+        """FLOPs of one trained image (:mod:`icep.compute`): the model's forward and backward at
+        its current shape and freezing, plus the teacher's forward when distilling."""
+        flops = self._cost(model, input_shape).train_flops
+        if distill is not None:
+            flops += self._cost(distill.teacher, input_shape).forward_flops
+        return flops
+
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
@@ -180,10 +215,13 @@ class Trainer:
         model.eval()
         correct = torch.zeros((), dtype=torch.long, device=self.device)  # no sync per batch
         total = 0
+        cost = None
         out_of_memory = False
         try:
             with torch.inference_mode(), self._autocast():
                 for x, y in self._batches(loader, desc):
+                    if cost is None:
+                        cost = self._cost(model, tuple(x.shape[1:]))
                     y = y.to(self.device, non_blocking=True)
                     correct += (model(self._inputs(x)).argmax(1) == y).sum()
                     total += y.numel()
@@ -191,6 +229,8 @@ class Trainer:
             out_of_memory = True  # raised below, outside the handler, so the batch is freed
         finally:
             model.train(was_training)
+            if cost is not None:
+                self.timer.count(images_fwd=total, flops=total * cost.forward_flops)
         if out_of_memory:
             x = y = None  # the failed batch's tensors
             raise self._out_of_memory(desc, loader, "trainer.eval_batch_size")
@@ -219,10 +259,13 @@ class Trainer:
         # Index of the first batch with a non-finite loss, kept on the device: no sync per batch.
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         check_every = 1 if self.device.type == "cpu" else self.nan_check_every
-        batches = 0
+        batches = images = 0
+        per_image = None  # FLOPs of one trained image, measured at the first batch
         out_of_memory = False
         try:
             for x, y in self._batches(loader, desc):
+                if per_image is None:
+                    per_image = self._train_flops(model, distill, tuple(x.shape[1:]))
                 x, y = self._inputs(x), y.to(self.device, non_blocking=True)
                 with self._autocast():
                     logits = forward(x)
@@ -238,10 +281,14 @@ class Trainer:
                 loss_sum += loss
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batches, first_bad)
                 batches += 1
+                images += y.shape[0]
                 if batches % check_every == 0 and first_bad.item() >= 0:
                     break
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True  # raised below, outside the handler, so the batch is freed
+        finally:
+            if per_image is not None:
+                self.timer.count(images_fwd=images, images_bwd=images, flops=images * per_image)
         if out_of_memory:
             x = y = logits = loss = None  # the failed batch's tensors
             raise self._out_of_memory(desc, loader, "trainer.batch_size")
@@ -302,12 +349,21 @@ class Trainer:
 
 
 def sgd(
-    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+    model: nn.Module,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    nesterov: bool = False,
 ) -> torch.optim.SGD:
     """A fresh SGD over the trainable parameters (frozen ones are left out); the fused CUDA
     kernel when they all live on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = bool(params) and all(p.device.type == "cuda" for p in params)
     return torch.optim.SGD(
-        params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None
+        params,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        fused=fused or None,
     )

@@ -29,6 +29,10 @@ ROW_KEYS = {
     "t_finetune",
     "t_eval",
     "t_total",
+    "images_fwd",
+    "images_bwd",
+    "flops",
+    "flops_total",
 }
 SUMMARY_KEYS = {
     "pipeline",
@@ -49,6 +53,13 @@ SUMMARY_KEYS = {
     "time_prune_s",
     "time_finetune_s",
     "time_eval_s",
+    "flops_total",
+    "flops_prune",
+    "flops_finetune",
+    "flops_eval",
+    "images_fwd_total",
+    "images_bwd_total",
+    "compute",
 }
 
 
@@ -80,6 +91,14 @@ def test_metrics_rows(digits_run):
         abs_tol=1e-6,
     )
     assert rows[-1]["params"] < rows[0]["params"]
+    # Counted work: each row's share adds up to the running total; every step fine-tunes one
+    # epoch on the same train split, so each step's backward images are equal, and a smaller
+    # model costs fewer FLOPs per step.
+    flops = [r["flops_total"] for r in rows]
+    assert flops == [sum(r["flops"] for r in rows[: i + 1]) for i in range(len(rows))]
+    assert len({r["images_bwd"] for r in rows}) == 1 and rows[0]["images_bwd"] > 0
+    assert all(r["images_fwd"] > r["images_bwd"] for r in rows)  # + the step's evaluation
+    assert rows[-1]["flops"] < rows[1]["flops"]
 
 
 def test_summary_and_closing_table(digits_run):
@@ -93,6 +112,12 @@ def test_summary_and_closing_table(digits_run):
     assert summary["acc_original_val"] > 50  # the dense model learned the digits
     phases = summary["time_prune_s"] + summary["time_finetune_s"] + summary["time_eval_s"]
     assert math.isclose(summary["time_total_s"], phases, rel_tol=1e-6)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    work = summary["flops_prune"] + summary["flops_finetune"] + summary["flops_eval"]
+    assert summary["flops_total"] == work == rows[-1]["flops_total"] > 0
+    assert summary["flops_prune"] == 0  # L1 looks at no data
+    assert summary["images_bwd_total"] == summary["compute"]["finetune"]["images_bwd"]
+    assert summary["compute"]["report"]["images_fwd"] > 0  # test evaluations: not in the total
     for text in (
         "val accuracy",
         "test accuracy",
@@ -100,6 +125,9 @@ def test_summary_and_closing_table(digits_run):
         "MACs",
         "fine-tuned",
         "time",
+        "compute",
+        "FLOP total = prune",
+        "backward",
         str(run_dir),
     ):
         assert text in result.stdout

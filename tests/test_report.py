@@ -110,6 +110,7 @@ def make_run(
     ratio: float = 0.5,
     seed: int = 0,
     time_s: float | None = 10.0,
+    flops: int | None = None,
     status: str | None = "completed",
     steps: int = 3,
     checkpoint: bool = False,
@@ -166,6 +167,7 @@ def make_run(
                 time_finetune_s=0.8 * time_s,
                 time_eval_s=0.1 * time_s,
                 time_freeze_analysis_s=0.0,
+                **({"flops_total": flops} if flops is not None else {}),
             )
         else:
             summary["reason"] = reason or "something went wrong; fix it"
@@ -373,6 +375,40 @@ def test_a_tuned_run_pays_for_its_search(tmp_path):
     (tuned / "summary.json").write_text(json.dumps(summary))
     rows = report_rows(tmp_path)
     assert float(rows["ice"]["speedup"]) == pytest.approx(3.0)  # 30 / (3 + 7), not 30 / 3
+
+
+def test_compute_speedup_beside_the_time_speedup(tmp_path):
+    """The compute speed-up compares counted FLOPs, so a baseline slowed by a busy machine still
+    gives the ratio of the work done."""
+    runs = tmp_path / "runs"
+    make_run(runs / "it", "iterative", 0.6, 0, time_s=90.0, flops=28 * 10**15)
+    make_run(runs / "ice", "ice", 0.6, 0, time_s=10.0, flops=7 * 10**15)
+    make_run(runs / "ice-s1", "ice", 0.6, 1, time_s=10.0, flops=4 * 10**15)
+    make_run(runs / "old", "ice", 0.7, 0, time_s=10.0)  # written before the counts existed
+    rows = report_rows(tmp_path)
+    assert float(rows["ice"]["speedup"]) == pytest.approx(9.0)
+    assert float(rows["ice"]["compute_speedup"]) == pytest.approx(4.0)
+    assert rows["ice"]["compute_speedup_basis"] == "seed"
+    assert float(rows["ice-s1"]["compute_speedup"]) == pytest.approx(7.0)
+    assert rows["ice-s1"]["compute_speedup_basis"] == "seed mean"
+    assert rows["old"]["compute_speedup"] == rows["old"]["flops_total"] == ""
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "compute speed-up" in md and "4.00x" in md and "7.00x *" in md and "28 PFLOP" in md
+    groups = {
+        (g["pipeline"], g["ratio"]): g for g in read_csv(tmp_path / "out" / "report_aggregate.csv")
+    }
+    assert float(groups["ice", "0.6"]["compute_speedup_mean"]) == pytest.approx(5.5)
+    assert groups["ice", "0.7"]["compute_speedup_mean"] == ""
+
+
+def test_a_tuned_run_pays_for_its_search_in_compute_too(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs / "it", "iterative", 0.6, 0, time_s=30.0, flops=3000)
+    tuned = make_run(runs / "ice", "ice", 0.6, 0, time_s=3.0, flops=300)
+    summary = json.loads((tuned / "summary.json").read_text())
+    summary.update(flops_search=700, flops_total_with_search=1000)
+    (tuned / "summary.json").write_text(json.dumps(summary))
+    assert float(report_rows(tmp_path)["ice"]["compute_speedup"]) == pytest.approx(3.0)
 
 
 def test_a_schedule_run_of_iterative_is_not_the_baseline(tmp_path):

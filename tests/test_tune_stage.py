@@ -77,6 +77,16 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
     )
     assert summary["time_search_s"] >= sum(float(t["duration_s"]) for t in trials) - 1e-6
     assert "time with search" in result.stdout
+    # The search's counted work is every trial's, whatever its end; the tuned run pays for it.
+    trial_flops = [
+        json.loads((out / "trials" / f"{int(t['number']):04d}" / "summary.json").read_text())
+        for t in trials
+    ]
+    completed = [s["flops_total"] for s in trial_flops if s["status"] == "completed"]
+    assert tune["search_flops"] >= sum(completed) > 0
+    assert summary["flops_search"] == tune["search_flops"]
+    assert summary["flops_total_with_search"] == summary["flops_search"] + summary["flops_total"]
+    assert "compute with search" in result.stdout
 
     if wandb:  # one W&B run per trial (job_type trial) and the final run, in one group
         from wandb_offline import run_info

@@ -314,6 +314,13 @@ class IcepOptunaSweeperImpl:
         self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, objectives: list[str]
     ) -> FrozenTrial:
         if ret.status == JobStatus.COMPLETED:
+            flops = (
+                ret.return_value.get("flops_total")
+                if isinstance(ret.return_value, Mapping)
+                else None
+            )
+            if isinstance(flops, int):
+                trial.set_user_attr("flops", flops)  # the job's counted work (icep.compute)
             try:
                 values = objective_values(ret.return_value, objectives)
             except ValueError as exc:
@@ -477,6 +484,8 @@ class _Results:
             "n_trials": self.n_trials,
             **counts,
             "search_seconds": sum(r["duration_s"] or 0.0 for r in rows),
+            # Counted work of the completed jobs (a failed or pruned job reports none).
+            "search_flops": sum(t.user_attrs.get("flops", 0) for t in trials),
         }
         line = f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed"
         if len(self.directions) == 1:

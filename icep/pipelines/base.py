@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from icep.compute import WORK_KEYS
 from icep.data import Data
 from icep.logging import RunLogger
 from icep.pruning import (
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 # Phases whose time is the pipeline's cost. Test-set evaluation is reporting, not cost; so is
 # writing checkpoints ("checkpoint").
 COST_PHASES = ("freeze_analysis", "prune", "finetune", "eval")
+# Phases whose work the summary names one by one (flops_<phase>).
+WORK_PHASES = (*COST_PHASES, "report")
 CHECKPOINT_FORMAT = "icep.checkpoint/1"
 
 
@@ -77,6 +80,7 @@ class PruningRun:
         self.resumed_from: int | None = None  # the step a resumed run continues after
         self.planned_steps: int | None = None  # a schedule's step count; None: one per unit
         self._dense: nn.Module | None = None  # the unpruned model, kept when resuming
+        self._work_recorded = dict.fromkeys(WORK_KEYS, 0)  # the work up to the last row
 
     @property
     def units(self) -> list[Unit]:
@@ -145,12 +149,27 @@ class PruningRun:
     def frozen_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
 
+    def prepare_criterion(self, convs: Sequence[str], engine: PruningEngine | None = None) -> None:
+        """Let the criterion look at the model before it scores ``convs`` (of ``engine``'s model,
+        by default the run's), counting the training images it passes through the model."""
+        engine = engine if engine is not None else self.engine
+        loader = _CountingLoader(self.data.train)
+        cost = self.trainer.cost(engine.model, self.data.input_shape)  # before it is pruned
+        prepare_criterion(self.criterion, engine, convs, loader, self.trainer.device)
+        if loader.images:
+            # Gradient criteria (Taylor) also run back through the model: the input-gradient
+            # half of a backward pass (the weight gradients of the few scored convs are left out).
+            backward = getattr(self.criterion, "needs_gradients", False)
+            self.timer.count(
+                images_fwd=loader.images,
+                images_bwd=loader.images if backward else 0,
+                flops=loader.images * cost.forward_flops * (2 if backward else 1),
+            )
+
     def prune(self, unit: Unit, ratio: float) -> float:
         with self.timer.phase("prune") as t:
             # What a criterion looks at first (gradients, activations) is pruning cost too.
-            prepare_criterion(
-                self.criterion, self.engine, unit.convs, self.data.train, self.trainer.device
-            )
+            self.prepare_criterion(unit.convs)
             self.engine.prune_unit(unit.index, ratio, self.criterion)
             self.trainer.prepare(self.model)  # pruned weights come back in the default layout
         return t["seconds"]
@@ -266,6 +285,9 @@ class PruningRun:
         more than one."""
         label = unit if isinstance(unit, str) else unit.name
         macs, params = count_macs_params(self.model, self.example_inputs)
+        work = self.timer.work_total(*COST_PHASES)
+        before = self._work_recorded
+        self._work_recorded = work
         row = {
             "step": len(self.rows) + 1,
             "unit": label,
@@ -274,7 +296,10 @@ class PruningRun:
             "remaining": self.remaining(),
             f"{self.decision_split}_acc": self.acc_now,
             **fields,
+            # The cost phases' work since the previous row (icep.compute), and the running total.
+            **{key: work[key] - before[key] for key in WORK_KEYS},
             "t_total": self.timer.total(*COST_PHASES),
+            "flops_total": work["flops"],
         }
         self.rows.append(row)
         self.logger.log_step(row)
@@ -319,6 +344,7 @@ class PruningRun:
                     "finetunes": self.finetunes,
                     "state": self.state,
                     "timer": dict(self.timer.totals),
+                    "work": {phase: dict(work) for phase, work in self.timer.work.items()},
                     "rng": _rng_state(self.data),
                 },
                 f,
@@ -348,6 +374,9 @@ class PruningRun:
         self.finetunes = blob["finetunes"]
         self.state = dict(blob["state"])
         self.timer.totals.update(blob["timer"])
+        for phase, work in blob.get("work", {}).items():
+            self.timer.work[phase] = dict(work)
+        self._work_recorded = self.timer.work_total(*COST_PHASES)
         self.resumed_from = blob["steps"]
         self.logger.rewrite_steps(self.rows)  # drops a row written after the checkpoint
         _set_rng_state(blob["rng"], self.data)
@@ -368,6 +397,7 @@ class PruningRun:
         }
         macs, params = count_macs_params(self.model, self.example_inputs)
         t = self.timer.totals
+        cost_work = self.timer.work_total(*COST_PHASES)
         return {
             "decision_split": self.decision_split,
             **{k: acc[k] for k in sorted(acc, key=lambda k: (k.endswith("test"), "final" in k))},
@@ -390,8 +420,27 @@ class PruningRun:
             "time_freeze_analysis_s": t.get("freeze_analysis", 0.0),
             "time_report_s": t.get("report", 0.0),
             "time_checkpoint_s": t.get("checkpoint", 0.0),
+            "flops_total": cost_work["flops"],
+            "images_fwd_total": cost_work["images_fwd"],
+            "images_bwd_total": cost_work["images_bwd"],
+            **{f"flops_{phase}": self.timer.work_total(phase)["flops"] for phase in WORK_PHASES},
+            # Every phase's work, the dense training and test reporting included.
+            "compute": {phase: dict(work) for phase, work in sorted(self.timer.work.items())},
             **extra,
         }
+
+
+class _CountingLoader:
+    """Iterates over a loader, counting the images it hands out."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.images = 0
+
+    def __iter__(self):
+        for x, y in self.loader:
+            self.images += len(y)
+            yield x, y
 
 
 def _rng_state(data: Data) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from icep.pipelines.base import PruningRun
-from icep.pruning import prepare_criterion, select_global
+from icep.pruning import select_global
 from icep.train import sgd
 
 
@@ -63,7 +63,7 @@ def rank_channels(run: PruningRun, cfg: Any) -> dict[str, list[int]]:
     """The channels a prune to ``alpha`` would remove now, per unit conv (one global ranking)."""
     engine = run.engine
     original = engine.original_widths
-    prepare_criterion(run.criterion, engine, list(original), run.data.train, run.trainer.device)
+    run.prepare_criterion(list(original), engine)
     scores = {name: engine.scores(name, run.criterion) for name in original}
     return select_global(scores, original, cfg.alpha, cfg.min_channels_share)
 

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from icep.pipelines.base import PruningRun
-from icep.pruning import PruningEngine, prepare_criterion
+from icep.pruning import PruningEngine
 from icep.train import Distillation
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def analyse_freezing(
         trial = copy.deepcopy(run.model)
         engine = PruningEngine(trial, run.example_inputs)
         unit = engine.units[0]
-        prepare_criterion(run.criterion, engine, unit.convs, run.data.train, run.trainer.device)
+        run.prepare_criterion(unit.convs, engine)
         engine.prune_unit(0, cfg.ratio, run.criterion)
         run.trainer.prepare(trial)
         before = _l1(trial, names)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from icep.pipelines.base import PruningRun
-from icep.pruning import MagnitudePruner, prepare_criterion, select_global, uniform_widths
+from icep.pruning import MagnitudePruner, select_global, uniform_widths
 from icep.pruning.schedules import agp, constant, geometric, hybrid, one_shot
 
 # The schedules `pipeline=iterative` takes (`blockwise`: one unit per step, the baseline).
@@ -63,7 +63,7 @@ class SchedulePruner:
         run, engine = self.run, self.run.engine
         original = engine.original_widths
         # What a criterion looks at first (gradients, activations) is pruning cost too.
-        prepare_criterion(run.criterion, engine, list(original), run.data.train, run.trainer.device)
+        run.prepare_criterion(list(original), engine)
         if self.scope == "uniform":
             now = engine.unit_widths()
             widths = {n: min(w, now[n]) for n, w in uniform_widths(original, share).items()}

@@ -40,6 +40,8 @@ class Criterion:
     name: ClassVar[str] = ""
     #: True when ``prepare`` must see training batches (forward or backward passes).
     needs_data: ClassVar[bool] = False
+    #: True when ``prepare`` also runs backward passes (counted as work: icep.compute).
+    needs_gradients: ClassVar[bool] = False
 
     def prepare(
         self,
@@ -205,6 +207,7 @@ class Taylor(_DataCriterion):
     training batches, in eval mode (BatchNorm statistics untouched)."""
 
     name = "taylor"
+    needs_gradients = True
 
     def collect(self, engine, names, convs, loader, device):
         weights = [conv.weight for conv in convs]

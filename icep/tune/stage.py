@@ -5,7 +5,8 @@ seeded share of the data; then pick the parameters for the final run.
 Objectives (all minimised): ``drop``, the accuracy drop in points on the trial's decision split,
 and ``time``, the trial's pruning time (the cost phases). Selection: the fastest Pareto point
 whose drop is within ``tune.tolerance`` points of the best drop (:func:`icep.tune.select_trial`).
-The reported cost of a tuned run is the search plus the final run.
+The reported cost of a tuned run, in time and in counted work (:mod:`icep.compute`), is the search
+plus the final run.
 """
 
 from __future__ import annotations
@@ -56,13 +57,16 @@ class Tuning:
     pipeline_cfg: DictConfig  # cfg.pipeline with the chosen parameters
     result: dict[str, Any]  # tune_result.json
 
-    def summary_fields(self, final_seconds: float) -> dict[str, Any]:
+    def summary_fields(self, final_seconds: float, final_flops: int) -> dict[str, Any]:
         search = self.result["search_seconds"]
+        search_flops = self.result["search_flops"]
         return {
             "tuning": {k: v for k, v in self.result.items() if k not in ("trials", "pareto_front")},
             "time_search_s": search,
             "time_final_s": final_seconds,
             "time_total_with_search_s": search + final_seconds,
+            "flops_search": search_flops,
+            "flops_total_with_search": search_flops + final_flops,
         }
 
 
@@ -169,10 +173,9 @@ def tune_pipeline(
         )
         head = {"trial": trial.number, "params": params}
         failed = True
+        trial_trainer = dataclasses.replace(trainer)  # its own timer: this trial's time and work
         try:
-            run = PruningRun(
-                copy.deepcopy(model), small, dataclasses.replace(trainer), criterion, logger
-            )
+            run = PruningRun(copy.deepcopy(model), small, trial_trainer, criterion, logger)
             if pruner_enabled(pruner):
                 run.on_step.append(StepReporter(trial))
             seed_everything(cfg.seed, small)
@@ -186,6 +189,8 @@ def tune_pipeline(
             logger.log_summary({**head, "status": "failed", "reason": str(exc)})
             raise
         finally:
+            # All the trial's work, whatever its end, is the search's cost (as its duration is).
+            trial.set_user_attr("flops", trial_trainer.timer.work_total()["flops"])
             logger.close(failed=failed)
             del logger
             if torch.cuda.is_available():
@@ -211,6 +216,7 @@ def tune_pipeline(
             "n_trials": n_trials,
             **count_states(trials),
             "search_seconds": sum(r["duration_s"] or 0.0 for r in rows),
+            "search_flops": sum(t.user_attrs.get("flops", 0) for t in trials),
             "tolerance": tcfg.tolerance,
             "train_samples": len(small.train.dataset),
             "eval_samples": len(small.val.dataset),
