@@ -47,6 +47,8 @@ AGGREGATE = [
     ("time_search_s", "of which search (s)", "{:.1f}"),
     ("finetunes", "fine-tunes", "{:.1f}"),
     ("speedup", "speed-up", "{:.2f}x"),
+    ("cost_flops", "compute", compare.format_flops),
+    ("compute_speedup", "compute speed-up", "{:.2f}x"),
 ]
 
 
@@ -162,10 +164,15 @@ def goal_lines(summary: list[dict]) -> list[str]:
         diff = row["acc_final_test"] - base["acc_final_test"]
         fast = row["speedup"] >= GOAL_SPEEDUP
         close = abs(diff) <= GOAL_ACC_POINTS
+        compute = (
+            f", compute speed-up {row['compute_speedup']:.2f}x"
+            if row.get("compute_speedup") is not None
+            else ""
+        )
         lines.append(
             f"- {row['variant']}: speed-up {row['speedup']:.2f}x (goal >= {GOAL_SPEEDUP}x: "
-            f"{'met' if fast else 'not met'}), test accuracy {diff:+.2f} points against the "
-            f"baseline (goal within {GOAL_ACC_POINTS:g}: {'met' if close else 'not met'})"
+            f"{'met' if fast else 'not met'}){compute}, test accuracy {diff:+.2f} points against "
+            f"the baseline (goal within {GOAL_ACC_POINTS:g}: {'met' if close else 'not met'})"
         )
     return lines
 
@@ -187,7 +194,9 @@ def summary_markdown(summary: list[dict], head: dict, overrides: list[str]) -> s
         f"its test accuracy: {dense_acc}.",
         f"Overrides: `{' '.join(overrides) or '(none)'}`",
         "Mean ± std over seeds. Cost: pipeline time plus, for a tuned run, the search; speed-up: "
-        "the mean over seeds of the baseline's cost over the variant's.",
+        "the mean over seeds of the baseline's cost over the variant's. Compute: the FLOPs "
+        "counted in the same phases (README, Compute accounting); compute speed-up: the same "
+        "ratio of them.",
         "",
         "| variant | seeds | " + " | ".join(title for _, title, _ in AGGREGATE) + " |",
         "|" + "---|" * (len(AGGREGATE) + 2),
@@ -198,9 +207,10 @@ def summary_markdown(summary: list[dict], head: dict, overrides: list[str]) -> s
             if key not in row:
                 cells.append("")
                 continue
-            std = row.get(f"{key}_std", 0.0)
-            spread = f" ± {fmt.format(std).rstrip('x')}" if row["seeds"] > 1 else ""
-            cells.append(fmt.format(row[key]) + spread)
+            spread = (
+                f" ± {compare.cell(row, f'{key}_std', fmt).rstrip('x')}" if row["seeds"] > 1 else ""
+            )
+            cells.append(compare.cell(row, key, fmt) + spread)
         failed = f" ({row['failed']} failed)" if row["failed"] else ""
         lines.append(f"| {row['variant']} | {row['seeds']}{failed} | " + " | ".join(cells) + " |")
     lines += ["", *goal_lines(summary)]
@@ -269,6 +279,9 @@ SCALING = [
     ("baseline_s", "baseline (s)", "{:.1f}"),
     ("ice_s", "ICE (s)", "{:.1f}"),
     ("speedup", "speed-up", "{:.2f}x"),
+    ("baseline_flops", "baseline compute", compare.format_flops),
+    ("ice_flops", "ICE compute", compare.format_flops),
+    ("compute_speedup", "compute speed-up", "{:.2f}x"),
     ("baseline_finetunes", "baseline fine-tunes", "{}"),
     ("ice_finetunes", "ICE fine-tunes", "{}"),
     ("baseline_acc", "baseline test (%)", "{:.2f}"),
@@ -286,8 +299,13 @@ def scaling_row(axis: str, model: str, ratio: float, rows: list[dict]) -> dict:
     if ice is not None:
         row.update(ice_s=ice["cost_s"], ice_finetunes=ice["finetunes"])
         row.update(ice_acc=ice["acc_final_test"], units=row.get("units", ice["steps"]))
+    for name, run in (("baseline", base), ("ice", ice)):
+        if run is not None and run.get("cost_flops"):
+            row[f"{name}_flops"] = run["cost_flops"]
     if base is not None and ice is not None:
         row["speedup"] = base["cost_s"] / ice["cost_s"]
+        if ice.get("compute_speedup") is not None:
+            row["compute_speedup"] = ice["compute_speedup"]
     return row
 
 
@@ -302,7 +320,7 @@ def scaling_markdown(rows: list[dict], overrides: list[str]) -> str:
         "|" + "---|" * len(SCALING),
     ]
     for row in rows:
-        cells = [fmt.format(row[key]) if key in row else "failed" for key, _, fmt in SCALING]
+        cells = [compare.cell(row, key, fmt) or "failed" for key, _, fmt in SCALING]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

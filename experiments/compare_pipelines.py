@@ -21,6 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from icep.compute import format_flops  # noqa: E402
+
 # variant -> the overrides that make it. All share the caller's overrides.
 VARIANTS = {
     "baseline": ["pipeline=iterative"],
@@ -46,19 +52,31 @@ COLUMNS = [
     ("time_freeze_analysis_s", "freeze analysis (s)", "{:.1f}"),
     ("finetunes", "fine-tunes", "{}"),
     ("speedup", "speed-up", "{:.2f}x"),
+    ("cost_flops", "compute", format_flops),
+    ("compute_speedup", "compute speed-up", "{:.2f}x"),
     ("params_after", "params", "{:,}"),
     ("macs_after", "MACs", "{:,}"),
 ]
 
 
-def run_variant(name: str, overrides: list[str], out: Path) -> dict:
+def run_variant(name: str, overrides: list[str], out: Path, timeout: float | None = None) -> dict:
+    """``python -m icep`` for variant ``name`` into OUT/<name>/; its summary as a row, or a
+    failed row with the reason. ``timeout`` (seconds): stop it then; its checkpoint stays in the
+    run folder, and a later call with ``resume=true`` among the overrides continues it."""
     run_dir = out / name
     if not any(o.startswith("tune=") for o in VARIANTS[name]):  # tune.* only where tuning runs
         overrides = [o for o in overrides if not o.lstrip("+~").startswith("tune.")]
     cmd = [sys.executable, "-m", "icep", *overrides, *VARIANTS[name], f"hydra.run.dir={run_dir}"]
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        log = [(x or b"").decode(errors="replace") for x in (exc.stdout, exc.stderr)]
+        (out / f"{name}.log").write_text("".join(log))
+        reason = f"stopped after {timeout:.0f}s (resume=true continues it from {run_dir})"
+        print(f"[{name}] {reason}", flush=True)
+        return {"variant": name, "status": "stopped", "reason": reason}
     (out / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -67,7 +85,8 @@ def run_variant(name: str, overrides: list[str], out: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     print(
         f"[{name}] done in {time.perf_counter() - start:.0f}s: test {summary['acc_final_test']:.2f}%, "
-        f"{summary['finetunes']} fine-tunes, pipeline time {summary['time_total_s']:.1f}s",
+        f"{summary['finetunes']} fine-tunes, pipeline time {summary['time_total_s']:.1f}s, "
+        f"{format_flops(summary.get('flops_total', 0))}",
         flush=True,
     )
     return {"variant": name, **summary}
@@ -75,7 +94,7 @@ def run_variant(name: str, overrides: list[str], out: Path) -> dict:
 
 def table(rows: list[dict]) -> list[dict]:
     """Add the accuracy drop, the cost (pipeline time, plus the search for a tuned run) and the
-    speed-up over the baseline's cost."""
+    speed-up over the baseline's cost, in time and in counted FLOPs (icep.compute)."""
     baseline = next((r for r in rows if r["variant"] == "baseline" and "time_total_s" in r), None)
     for row in rows:
         if "time_total_s" not in row:
@@ -84,9 +103,13 @@ def table(rows: list[dict]) -> list[dict]:
         row["drop_val"] = row["acc_original_val"] - row["acc_final_val"]
         row["time_freeze_analysis_s"] = row.get("time_freeze_analysis_s", 0.0)
         row["cost_s"] = row.get("time_total_with_search_s", row["time_total_s"])
+        if "flops_total" in row:
+            row["cost_flops"] = row.get("flops_total_with_search", row["flops_total"])
     for row in rows:
         if baseline is not None and "cost_s" in row:
             row["speedup"] = baseline["cost_s"] / row["cost_s"]
+        if baseline is not None and row.get("cost_flops") and baseline.get("cost_flops"):
+            row["compute_speedup"] = baseline["cost_flops"] / row["cost_flops"]
     return rows
 
 
@@ -103,7 +126,8 @@ def markdown(rows: list[dict], overrides: list[str]) -> str:
         f"Overrides: `{' '.join(overrides) or '(none: the embedded default)'}`",
         "Pipeline time: prune, fine-tune, validation evaluations, ICE's freeze analysis. Cost: "
         "the pipeline time, plus the search for a tuned run; speed-up is the baseline's cost "
-        "over the variant's.",
+        "over the variant's. Compute: the FLOPs counted in the same phases (README, Compute "
+        "accounting), the same on any machine; compute speed-up is their ratio.",
         "",
         "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -112,9 +136,16 @@ def markdown(rows: list[dict], overrides: list[str]) -> str:
         if "time_total_s" not in row:
             lines.append(f"| {row['variant']} | failed: {row.get('reason', '')} |")
             continue
-        cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in COLUMNS]
+        cells = [cell(row, key, fmt) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cell(row: dict, key: str, fmt) -> str:
+    """``row[key]`` through ``fmt`` (a format string or a function); empty when missing."""
+    if row.get(key) is None:
+        return ""
+    return fmt(row[key]) if callable(fmt) else fmt.format(row[key])
 
 
 def main(argv: list[str] | None = None) -> int:
