@@ -39,8 +39,9 @@ def build_model(cfg: DictConfig, data: Data) -> nn.Module:
     return hydra.utils.instantiate(arch_spec(cfg, data))
 
 
-def cache_path(cfg: DictConfig, data: Data) -> Path:
-    """Where the dense model for this (model, data, training, seed) setup is cached."""
+def cache_path(cfg: DictConfig, data: Data, amp: bool = False) -> Path:
+    """Where the dense model for this (model, data, training, seed) setup is cached; a model
+    trained under bf16 autocast (``amp``) is another model than a float32 one."""
     dense = OmegaConf.to_container(cfg.dense, resolve=True)
     batch_size = dense.pop("batch_size", None) or cfg.trainer.batch_size  # the one it trains with
     for key, as_before in _KEYED_UNLESS.items():
@@ -56,6 +57,8 @@ def cache_path(cfg: DictConfig, data: Data) -> Path:
         "batch_size": batch_size,
         "seed": cfg.seed,
     }
+    if amp:  # float32 keys stay as they were
+        keyed["amp"] = "bf16"
     keyed["dataset"].pop("download", None)
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{digest}.pt"
@@ -160,7 +163,7 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
     if cfg.model.checkpoint is not None:
         model = load_checkpoint(build_model(cfg, data), cfg.model.checkpoint)
         return trainer.prepare(model), {"source": str(cfg.model.checkpoint)}
-    path = cache_path(cfg, data)
+    path = cache_path(cfg, data, trainer.amp)
     if cfg.dense.cache and path.is_file():
         log.info("dense model from the cache: %s", path)
         try:

@@ -26,6 +26,21 @@ FAST = [
 ]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_tests:
+        return
+    import torch  # here, not at the top: a session without cuda tests need not load it
+
+    if not torch.cuda.is_available():
+        for item in cuda_tests:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One dense-model and dataset cache for the whole session (dense models are reused), shared

@@ -336,6 +336,7 @@ def test_new_dense_keys_at_their_defaults_keep_the_cache_key_of_earlier_models()
         ["dense.schedule=onecycle"],
     ):
         assert cache_path(compose(*other), data) != key, other
+    assert cache_path(cfg, data, amp=True) != key  # bf16 training gives another model
     onecycle = cache_path(compose("dense.schedule=onecycle"), data)
     assert cache_path(compose("dense.schedule=onecycle", "dense.div_factor=5"), data) != onecycle
     # The dense model trains with dense.batch_size: the fine-tunes' batch size is not in its key.
