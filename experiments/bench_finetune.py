@@ -31,7 +31,8 @@ epoch", left out of images/s; ``--warmup-batches N`` makes the warm-up N untimed
 (quick toy runs; ``icep_compile`` still times its whole first epoch). Then ``--epochs`` epochs are
 timed, the device synchronised before and after each.
 
-The GPU's limit: one training epoch takes about 3 x 2 x (forward MACs per image) x images FLOPs;
+The GPU's limit: one training epoch takes 3 x 2 x (forward MACs per image) x images FLOPs, as
+icep's compute accounting counts them (icep.compute: conv and linear MACs);
 the dense matmul rate is measured in the same process (8192^3 bf16 on CUDA, tf32 beside it for the
 fp32 loop; 1024^3 fp32 on the CPU). Each variant's achieved FLOP/s is given as a share of it, and
 the epoch's FLOPs over it are the time floor.
@@ -607,6 +608,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
             raise BenchError(f"--out: cannot make {args.out} ({err.strerror})") from None
     import torchvision
 
+    from icep.compute import measure_cost
     from icep.models import cifar_resnet
     from icep.pruning import count_macs_params
 
@@ -629,7 +631,9 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
     reference_train = held.train.dataset
     torch.manual_seed(SEED)
     initial = cifar_resnet(depth=args.depth, num_classes=held.num_classes)
-    macs, params = count_macs_params(initial, torch.zeros(1, *held.input_shape))
+    _, params = count_macs_params(initial, torch.zeros(1, *held.input_shape))
+    # icep's counting model (icep.compute): conv and linear MACs; a trained image costs 6 x MACs
+    macs = measure_cost(initial, tuple(held.input_shape)).macs
     progress("matmul rate")
     rates = matmul_rates(device)
     limit_name = "bf16" if "bf16" in rates else "fp32"
