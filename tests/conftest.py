@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,22 @@ def trained_on_digits(digits, depth: int, epochs: int, min_val_acc: float) -> di
     trainer.fit(model, digits.train, sgd(model, 0.1, weight_decay=5e-4), epochs=epochs)
     assert trainer.evaluate(model, digits.val) > min_val_acc
     return model.state_dict()
+
+
+def kill_after(out: Path, steps: int, proc, timeout: float = 240) -> None:
+    """SIGKILL the icep run ``proc`` (from :func:`start_icep`) once its metrics.jsonl in ``out``
+    holds ``steps`` rows."""
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            proc.kill()
+            proc.wait()
+            return
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no step {steps} within {timeout}s")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -340,7 +340,7 @@ def test_read_only_outputs_folder(place, monkeypatch, capsys):
 
 def test_damaged_dense_cache_says_to_delete_it(place, monkeypatch, capsys):
     cached = place.cache / "dense" / "resnet20-digits-0123456789ab.pt"
-    monkeypatch.setattr("icep.dense.cache_path", lambda cfg, data: cached)
+    monkeypatch.setattr("icep.dense.cache_path", lambda *args: cached)
     line = one_line(*call_main([], place, monkeypatch, capsys))
     assert line.startswith(f"the cached dense model is damaged: {cached} is not a readable")
     assert line.endswith("delete it to train it again, or set dense.cache=false")

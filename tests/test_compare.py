@@ -148,9 +148,10 @@ def test_scaling_table_puts_the_shared_point_on_both_axes(tmp_path, monkeypatch)
 
     def point(axis, model, ratio, base_cost, steps):
         runs = [
-            {**fake_run(v, c, 90.0), "steps": steps}
+            {**fake_run(v, c, 90.0), "steps": steps, "cost_flops": c * 1e12 / 2}
             for v, c in [("baseline", base_cost), ("ice", 10.0)]
         ]
+        runs[1]["compute_speedup"] = runs[0]["cost_flops"] / runs[1]["cost_flops"]
         return bench.scaling_row(axis, model, ratio, runs)
 
     rows = [
@@ -170,7 +171,10 @@ def test_scaling_table_puts_the_shared_point_on_both_axes(tmp_path, monkeypatch)
     ]
     assert len(rows) == 4  # the caller's list is left as it was
     text = (tmp_path / "scaling.md").read_text()
-    assert "| ratio | resnet56 | 0.6 | 27 | 80.0 | 10.0 | 8.00x | 9 | 3 |" in text
+    row = (
+        "| ratio | resnet56 | 0.6 | 27 | 80.0 | 10.0 | 8.00x | 40 TFLOP | 5 TFLOP | 8.00x | 9 | 3 |"
+    )
+    assert row in text
     assert len(list(csv.DictReader((tmp_path / "scaling.csv").open()))) == 5
     assert plots == [tmp_path / "scaling.png"]
 

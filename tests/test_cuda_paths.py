@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, digits_data, read_jsonl, run_icep, start_icep, trained_on_digits
+from conftest import (
+    FAST,
+    ROOT,
+    digits_data,
+    kill_after,
+    read_jsonl,
+    run_icep,
+    start_icep,
+    trained_on_digits,
+)
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -55,21 +63,6 @@ def _spatial_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
         for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)
     }
-
-
-def _kill_after(out: Path, steps: int, proc, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` once its metrics.jsonl holds ``steps`` rows."""
-    deadline = time.monotonic() + timeout
-    metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-            proc.kill()
-            proc.wait()
-            return
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"no step {steps} within {timeout}s")
 
 
 # --- bf16 autocast and channels_last on the CPU -----------------------------------------------
@@ -193,7 +186,7 @@ def test_a_bf16_channels_last_run_killed_between_steps_resumes_to_the_same_metri
 ):
     kill_at = 2  # of 3: after step 1 the kill may land before the first checkpoint
     out = tmp_path / "killed"
-    _kill_after(out, kill_at, start_icep(AMP_ARGS, out, amp_cache))
+    kill_after(out, kill_at, start_icep(AMP_ARGS, out, amp_cache))
     blob = torch.load(out / "checkpoint.pt", weights_only=True)
     # The kill may land between step kill_at's metrics row and its checkpoint.
     assert kill_at - 1 <= blob["steps"] <= kill_at

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 import torch
-from conftest import FAST, read_jsonl, run_icep, start_icep
+from conftest import FAST, kill_after, read_jsonl, run_icep, start_icep
 
 # ICE with every component on and a low threshold, so steps differ in what they do.
 ARGS = [*FAST, "pipeline=ice", "pipeline.thre=0.5", "dataset.train_subset=600"]
@@ -28,20 +27,6 @@ def uninterrupted(tmp_path_factory, cache_dir):
     return out
 
 
-def _kill_after(out, steps: int, proc, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-            proc.kill()
-            proc.wait()
-            return
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"no step {steps} within {timeout}s")
-
-
 def _assert_same_run(resumed, full) -> None:
     assert _without_timings(read_jsonl(resumed / "metrics.jsonl")) == _without_timings(
         read_jsonl(full / "metrics.jsonl")
@@ -57,7 +42,7 @@ def _assert_same_run(resumed, full) -> None:
 def test_a_run_killed_between_steps_resumes_to_the_same_metrics(tmp_path, cache_dir, uninterrupted):
     kill_at = random.randint(2, 7)  # resnet20 has 9 steps
     out = tmp_path / "killed"
-    _kill_after(out, kill_at, start_icep(ARGS, out, cache_dir))
+    kill_after(out, kill_at, start_icep(ARGS, out, cache_dir))
     blob = torch.load(out / "checkpoint.pt", weights_only=True)
     # The kill may land between step kill_at's metrics row and its checkpoint.
     assert kill_at - 1 <= blob["steps"] < 9, f"killed at step {kill_at}"

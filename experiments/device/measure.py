@@ -229,7 +229,10 @@ def stage_versions(out: Path) -> dict:
 
 def stage_tests(out: Path, budget: float) -> dict:
     junit = out / "tests_junit.xml"
+    # A module that cannot be collected there (a package the machine lacks) must not keep the
+    # cuda tests of the others from running; it shows as an error in the counts.
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
+    cmd += ["--continue-on-collection-errors"]
     result = run([*cmd, f"--junitxml={junit}", "tests"], budget, out / "tests.log")
     counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
     if junit.is_file():
