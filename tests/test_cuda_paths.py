@@ -318,6 +318,36 @@ def test_fused_sgd_leaves_frozen_layers_bit_identical():
 
 
 @pytest.mark.cuda
+def test_a_run_killed_on_cuda_resumes_and_completes(tmp_path, cache_dir):
+    """Killed while writing step 3's checkpoint (a fault the run injects, since steps on a GPU
+    are too fast to kill by watching metrics.jsonl), it resumes after step 2. Rows after the kill
+    are not compared with an uninterrupted run's: cuDNN's benchmark mode may pick other kernels
+    in another process, so bf16 sums may differ."""
+    cache = cache_dir / "cuda"
+    cache.mkdir(exist_ok=True)
+    args = [a for a in FAST if not a.startswith("trainer.device=")]
+    args += ["trainer.device=cuda", "pipeline=ice", "pipeline.thre=0.5"]
+    out = tmp_path / "run"
+    killed = run_icep(args, out, cache, env={"ICEP_TEST_KILL_IN_CHECKPOINT": "3"})
+    assert killed.returncode < 0, killed.stderr[-3000:]  # SIGKILL
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["steps"] == 2
+    before = read_jsonl(out / "metrics.jsonl")
+    assert len(before) == 3  # step 3 was logged, not checkpointed
+
+    resumed = run_icep([*args, "resume=true"], out, cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"continuing {out} after step 2" in resumed.stdout
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, RESNET20_UNITS + 1))
+    assert rows[:2] == before[:2]  # the checkpointed steps, timings and all
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["device"].startswith("cuda")
+    assert summary["steps"] == RESNET20_UNITS
+    assert not (out / "checkpoint.pt").exists()
+
+
+# Last: inductor compiles for minutes on a cold cache, and a device call may stop it first.
+@pytest.mark.cuda
 def test_a_pruned_model_trains_under_torch_compile_on_cuda():
     cuda = torch.device("cuda")
     torch.manual_seed(0)
@@ -345,32 +375,3 @@ def test_a_pruned_model_trains_under_torch_compile_on_cuda():
         torch._dynamo.reset()
         torch.backends.cudnn.benchmark = benchmark
     assert keys[0] != keys[1]  # compiled anew for the second prune's shapes
-
-
-@pytest.mark.cuda
-def test_a_run_killed_on_cuda_resumes_and_completes(tmp_path, cache_dir):
-    """Killed while writing step 3's checkpoint (a fault the run injects, since steps on a GPU
-    are too fast to kill by watching metrics.jsonl), it resumes after step 2. Rows after the kill
-    are not compared with an uninterrupted run's: cuDNN's benchmark mode may pick other kernels
-    in another process, so bf16 sums may differ."""
-    cache = cache_dir / "cuda"
-    cache.mkdir(exist_ok=True)
-    args = [a for a in FAST if not a.startswith("trainer.device=")]
-    args += ["trainer.device=cuda", "pipeline=ice", "pipeline.thre=0.5"]
-    out = tmp_path / "run"
-    killed = run_icep(args, out, cache, env={"ICEP_TEST_KILL_IN_CHECKPOINT": "3"})
-    assert killed.returncode < 0, killed.stderr[-3000:]  # SIGKILL
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["steps"] == 2
-    before = read_jsonl(out / "metrics.jsonl")
-    assert len(before) == 3  # step 3 was logged, not checkpointed
-
-    resumed = run_icep([*args, "resume=true"], out, cache)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"continuing {out} after step 2" in resumed.stdout
-    rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, RESNET20_UNITS + 1))
-    assert rows[:2] == before[:2]  # the checkpointed steps, timings and all
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["device"].startswith("cuda")
-    assert summary["steps"] == RESNET20_UNITS
-    assert not (out / "checkpoint.pt").exists()
