@@ -134,7 +134,9 @@ def markdown(rows: list[dict], overrides: list[str]) -> str:
     ]
     for row in rows:
         if "time_total_s" not in row:
-            lines.append(f"| {row['variant']} | failed: {row.get('reason', '')} |")
+            lines.append(
+                f"| {row['variant']} | {row.get('status', 'failed')}: {row.get('reason', '')} |"
+            )
             continue
         cells = [cell(row, key, fmt) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
