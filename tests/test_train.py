@@ -114,14 +114,24 @@ def test_sgd_leaves_frozen_parameters_out():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 8 * 4 + 4
 
 
-def test_phase_timer_accumulates():
+def test_phase_timer_adds_up_each_phase_and_its_work(monkeypatch):
+    ticks = iter(range(1000))  # a clock that moves one second per reading
+    monkeypatch.setattr("icep.train.time.perf_counter", lambda: float(next(ticks)))
     timer = PhaseTimer(torch.device("cpu"))
-    for _ in range(2):
-        with timer.phase("prune") as t:
-            sum(range(10000))
-        assert t["seconds"] > 0
-    assert timer.totals["prune"] >= t["seconds"]
-    assert timer.total("prune", "missing") == timer.totals["prune"]
+    for images in (3, 4):
+        with timer.phase("finetune") as t:
+            timer.count(images_fwd=images, images_bwd=images, flops=10 * images)
+        assert t["seconds"] == 1.0
+    with timer.phase("eval"), timer.phase("report"):  # the innermost phase gets the work
+        timer.count(images_fwd=5, flops=2)
+    timer.count(images_fwd=1)  # outside any phase
+    assert timer.totals == {"finetune": 2.0, "report": 1.0, "eval": 3.0}
+    assert timer.total("finetune", "missing") == 2.0
+    assert timer.work["finetune"] == {"images_fwd": 7, "images_bwd": 7, "flops": 70}
+    assert "eval" not in timer.work and timer.work["report"]["flops"] == 2
+    assert timer.work["other"]["images_fwd"] == 1
+    assert timer.work_total("finetune", "report")["flops"] == 72
+    assert timer.work_total()["images_fwd"] == 13
 
 
 def test_device_resolution():
