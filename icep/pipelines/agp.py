@@ -35,13 +35,13 @@ def run_agp(run: PruningRun, cfg: Any) -> dict[str, Any]:
     pruner = SchedulePruner(run, cfg)
     optimizer = run.optimizer(cfg.lr, cfg.momentum, cfg.weight_decay)
     for epoch in run.pending(range(1, cfg.epochs + 1)):
-        share, t_prune = schedule.get(epoch), 0.0
+        share = schedule.get(epoch)
         if share is not None:
-            t_prune = pruner.prune_to(share)
-        if share is not None:  # new Parameters (structured) or new zeros (masks)
+            pruner.prune_to(share)
+            # new Parameters (structured) or new zeros (masks): a new optimizer
             optimizer = sgd(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
-        t_finetune = run.train_epoch(optimizer, distill, f"agp epoch {epoch}/{cfg.epochs}")
-        _, t_eval = run.evaluate()
+        run.train_epoch(optimizer, distill, f"agp epoch {epoch}/{cfg.epochs}")
+        run.evaluate()
         run.keep_optimizer(optimizer)
         run.record(
             f"epoch {epoch}",
@@ -50,9 +50,6 @@ def run_agp(run: PruningRun, cfg: Any) -> dict[str, Any]:
             target=share,
             **pruner.measure(),
             lr=cfg.lr,
-            t_prune=t_prune,
-            t_finetune=t_finetune,
-            t_eval=t_eval,
         )
     return run.summary(
         ratio=None,

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # Phases whose time is the pipeline's cost. Test-set evaluation is reporting, not cost; so is
 # writing checkpoints ("checkpoint").
 COST_PHASES = ("freeze_analysis", "prune", "finetune", "eval")
+# Phases whose seconds each step row gives (t_<phase>).
+STEP_PHASES = ("prune", "finetune", "eval")
 # Phases whose work the summary names one by one (flops_<phase>).
 WORK_PHASES = (*COST_PHASES, "report")
 CHECKPOINT_FORMAT = "icep.checkpoint/1"
@@ -81,6 +83,7 @@ class PruningRun:
         self.planned_steps: int | None = None  # a schedule's step count; None: one per unit
         self._dense: nn.Module | None = None  # the unpruned model, kept when resuming
         self._work_recorded = dict.fromkeys(WORK_KEYS, 0)  # the work up to the last row
+        self._seconds_recorded: dict[str, float] = {}  # STEP_PHASES' seconds up to the last row
 
     @property
     def units(self) -> list[Unit]:
@@ -111,7 +114,7 @@ class PruningRun:
             )
             return self.acc_original
         self.decision_split = decision_split
-        self.acc_original, _ = self.evaluate()
+        self.acc_original = self.evaluate()
         with self.timer.phase("report"):
             self.acc_original_report = self.trainer.evaluate(
                 self.model, self._loader(self.report_split), self.report_split
@@ -134,13 +137,13 @@ class PruningRun:
         teacher = copy.deepcopy(source).eval().requires_grad_(False)
         return Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
 
-    def evaluate(self) -> tuple[float, float]:
-        """Accuracy (percent) on the decision split and the seconds it took."""
-        with self.timer.phase("eval") as t:
+    def evaluate(self) -> float:
+        """Accuracy (percent) on the decision split, timed and counted as ``eval``."""
+        with self.timer.phase("eval"):
             self.acc_now = self.trainer.evaluate(
                 self.model, self._loader(self.decision_split), self.decision_split
             )
-        return self.acc_now, t["seconds"]
+        return self.acc_now
 
     def remaining(self) -> float:
         """The remaining fraction x of METHOD.md section 1."""
@@ -166,13 +169,13 @@ class PruningRun:
                 flops=loader.images * cost.forward_flops * (2 if backward else 1),
             )
 
-    def prune(self, unit: Unit, ratio: float) -> float:
-        with self.timer.phase("prune") as t:
+    def prune(self, unit: Unit, ratio: float) -> None:
+        """Remove ``ceil(ratio * C)`` channels of ``unit``, timed and counted as ``prune``."""
+        with self.timer.phase("prune"):
             # What a criterion looks at first (gradients, activations) is pruning cost too.
             self.prepare_criterion(unit.convs)
             self.engine.prune_unit(unit.index, ratio, self.criterion)
             self.trainer.prepare(self.model)  # pruned weights come back in the default layout
-        return t["seconds"]
 
     def finetune(
         self,
@@ -184,20 +187,19 @@ class PruningRun:
         desc: str = "fine-tune",
         model: nn.Module | None = None,
         phase: str = "finetune",
-    ) -> float:
+    ) -> None:
         """``epochs`` epochs with a fresh SGD at a constant ``lr``, timed as ``phase``.
 
         ``model`` defaults to the model being pruned; a different one (a copy for an analysis)
         is trained the same way but does not count as a fine-tune of the run.
         """
         target = self.model if model is None else model
-        with self.timer.phase(phase) as t:
+        with self.timer.phase(phase):
             optimizer = sgd(target, lr, momentum, weight_decay)
             # A NaN loss raises an IcepError naming ``desc`` (the step) and the lr.
             self.trainer.fit(target, self.data.train, optimizer, epochs, distill=distill, desc=desc)
         if model is None:
             self.finetunes += 1
-        return t["seconds"]
 
     def optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
         """The SGD of a pipeline that trains across steps (AGP, EPI): a fresh one, or, in a run
@@ -219,10 +221,9 @@ class PruningRun:
         lr: float,
         distill: Distillation | None = None,
         desc: str = "fine-tune",
-    ) -> dict[str, Any]:
+    ) -> int:
         """Fine-tune after a prune as ``cfg.finetune_policy`` says, and leave ``acc_now``
-        measured on the weights it ends with. Returns the step row's ``t_finetune``, ``t_eval``
-        and ``epochs`` (the epochs actually run).
+        measured on the weights it ends with. Returns the epochs it ran.
 
         ``fixed``: ``cfg.finetune_epochs`` epochs, then one evaluation. ``patience``: one SGD
         for epoch after epoch, each evaluated on the decision split; it stops once ``patience``
@@ -230,64 +231,62 @@ class PruningRun:
         ``max_epochs``, and puts back the weights of the best epoch.
         """
         if cfg.finetune_policy == "fixed":
-            t_finetune = self.finetune(
-                cfg.finetune_epochs, lr, cfg.momentum, cfg.weight_decay, distill, desc
-            )
-            _, t_eval = self.evaluate()
-            return {"t_finetune": t_finetune, "t_eval": t_eval, "epochs": cfg.finetune_epochs}
+            self.finetune(cfg.finetune_epochs, lr, cfg.momentum, cfg.weight_decay, distill, desc)
+            self.evaluate()
+            return cfg.finetune_epochs
         return self._finetune_with_patience(cfg, lr, distill, desc)
 
     def _finetune_with_patience(
         self, cfg: Any, lr: float, distill: Distillation | None, desc: str
-    ) -> dict[str, Any]:
-        t_finetune = t_eval = 0.0
+    ) -> int:
         best_acc, best_epoch, best_state = float("-inf"), 0, None
         epoch = 0
-        with self.timer.phase("finetune") as t:
+        with self.timer.phase("finetune"):
             optimizer = sgd(self.model, lr, cfg.momentum, cfg.weight_decay)
-        t_finetune += t["seconds"]
         while epoch < cfg.max_epochs and epoch - best_epoch < cfg.patience:
             epoch += 1
-            t_finetune += self._fit_epoch(optimizer, distill, desc)
-            acc, seconds = self.evaluate()
-            t_eval += seconds
+            self._fit_epoch(optimizer, distill, desc)
+            acc = self.evaluate()
             if acc > best_acc + cfg.min_delta:
-                with self.timer.phase("finetune") as t:
+                with self.timer.phase("finetune"):
                     best_acc, best_epoch = acc, epoch
                     best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                t_finetune += t["seconds"]
         if best_epoch != epoch:
-            with self.timer.phase("finetune") as t:
+            with self.timer.phase("finetune"):
                 self.model.load_state_dict(best_state)
-            t_finetune += t["seconds"]
             self.acc_now = best_acc  # what the evaluation of these weights gave
         log.info("%s: %d epochs, best %.2f%% after epoch %d", desc, epoch, best_acc, best_epoch)
         self.finetunes += 1
-        return {"t_finetune": t_finetune, "t_eval": t_eval, "epochs": epoch}
+        return epoch
 
-    def _fit_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> float:
-        """One epoch of the model being pruned, timed as fine-tuning; returns the seconds."""
-        with self.timer.phase("finetune") as t:
+    def _fit_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> None:
+        """One epoch of the model being pruned, timed as fine-tuning."""
+        with self.timer.phase("finetune"):
             self.trainer.fit(self.model, self.data.train, optimizer, 1, distill=distill, desc=desc)
-        return t["seconds"]
 
-    def train_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> float:
+    def train_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> None:
         """One epoch with ``optimizer`` (kept across epochs: the pipelines that prune during
-        training), counted as a fine-tune; returns the seconds."""
-        seconds = self._fit_epoch(optimizer, distill, desc)
+        training), counted as a fine-tune."""
+        self._fit_epoch(optimizer, distill, desc)
         self.finetunes += 1
-        return seconds
 
     def record(self, unit: Unit | str, **fields: Any) -> dict[str, Any]:
         """Append one step's row to metrics.jsonl (and W&B), adding size, the accuracy after the
-        step on the decision split (``val_acc``, or ``test_acc`` when deciding on test) and the
-        cumulative time. ``unit`` is the unit the step pruned, or a label for a step that pruned
-        more than one."""
+        step on the decision split (``val_acc``, or ``test_acc`` when deciding on test), what the
+        step cost and the cumulative cost. ``unit`` is the unit the step pruned, or a label for a
+        step that pruned more than one.
+
+        The cost is the run's own bookkeeping, not the pipeline's: the seconds of each phase
+        (``t_prune``, ``t_finetune``, ``t_eval``) and the work of the cost phases (``images_fwd``,
+        ``images_bwd``, ``flops``) since the previous row (the first row: since the run began)."""
         label = unit if isinstance(unit, str) else unit.name
         macs, params = count_macs_params(self.model, self.example_inputs)
         work = self.timer.work_total(*COST_PHASES)
         before = self._work_recorded
         self._work_recorded = work
+        seconds = {phase: self.timer.total(phase) for phase in STEP_PHASES}
+        seconds_before = self._seconds_recorded
+        self._seconds_recorded = seconds
         row = {
             "step": len(self.rows) + 1,
             "unit": label,
@@ -296,6 +295,7 @@ class PruningRun:
             "remaining": self.remaining(),
             f"{self.decision_split}_acc": self.acc_now,
             **fields,
+            **{f"t_{p}": seconds[p] - seconds_before.get(p, 0.0) for p in STEP_PHASES},
             # The cost phases' work since the previous row (icep.compute), and the running total.
             **{key: work[key] - before[key] for key in WORK_KEYS},
             "t_total": self.timer.total(*COST_PHASES),
@@ -377,6 +377,7 @@ class PruningRun:
         for phase, work in blob.get("work", {}).items():
             self.timer.work[phase] = dict(work)
         self._work_recorded = self.timer.work_total(*COST_PHASES)
+        self._seconds_recorded = {phase: self.timer.total(phase) for phase in STEP_PHASES}
         self.resumed_from = blob["steps"]
         self.logger.rewrite_steps(self.rows)  # drops a row written after the checkpoint
         _set_rng_state(blob["rng"], self.data)

@@ -76,15 +76,14 @@ def run_epi(run: PruningRun, cfg: Any) -> dict[str, Any]:
     history = run.state.setdefault("epi", {"counts": [], "values": [], "fired": None})
     optimizer = run.optimizer(cfg.lr, cfg.momentum, cfg.weight_decay)
     for epoch in run.pending(range(1, cfg.epochs + 1)):
-        t_finetune = run.train_epoch(optimizer, distill, f"epi epoch {epoch}/{cfg.epochs}")
-        epi, t_prune = None, 0.0
+        run.train_epoch(optimizer, distill, f"epi epoch {epoch}/{cfg.epochs}")
+        epi = None
         if history["fired"] is None:
-            with run.timer.phase("prune") as p:  # ranking every epoch is the method's cost
+            with run.timer.phase("prune"):  # ranking every epoch is the method's cost
                 epi = _rank_and_maybe_prune(run, cfg, history, epoch)
                 if history["fired"] == epoch:
                     optimizer = sgd(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
-            t_prune = p["seconds"]
-        _, t_eval = run.evaluate()
+        run.evaluate()
         run.keep_optimizer(optimizer)
         run.record(
             f"epoch {epoch}",
@@ -93,9 +92,6 @@ def run_epi(run: PruningRun, cfg: Any) -> dict[str, Any]:
             pruned=history["fired"] == epoch,
             channels_pruned_share=run.engine.pruned_share(),
             lr=cfg.lr,
-            t_prune=t_prune,
-            t_finetune=t_finetune,
-            t_eval=t_eval,
         )
     return run.summary(ratio=None, target=cfg.alpha, epi_fired_epoch=history["fired"])
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from icep.pipelines.base import PruningRun
+from icep.pipelines.base import COST_PHASES, PruningRun
 from icep.pruning import PruningEngine
 from icep.train import Distillation
 
@@ -119,17 +119,15 @@ def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
         frozen = run.state["frozen"]
         freeze_layers(run.model, run.engine, frozen)
     for unit in run.pending(run.units):
-        t_prune = run.prune(unit, cfg.ratio)
-        acc_pruned, t_eval = run.evaluate() if cfg.trigger else (None, 0.0)
+        run.prune(unit, cfg.ratio)
+        acc_pruned = run.evaluate() if cfg.trigger else None
         triggered = not cfg.trigger or should_finetune(run.acc_original, acc_pruned, cfg.thre)
-        lr, t_finetune, epochs = None, 0.0, 0
+        lr, epochs = None, 0
         if triggered:
             lr = learning_rate(run, cfg)
-            fields = run.recover(
+            epochs = run.recover(
                 cfg, lr, distill, desc=f"fine-tune {unit.index + 1}/{len(run.units)}"
             )
-            t_finetune, epochs = fields["t_finetune"], fields["epochs"]
-            t_eval += fields["t_eval"]
         run.record(
             unit,
             ratio=cfg.ratio,
@@ -139,14 +137,12 @@ def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
             lr=lr,
             epochs=epochs,
             frozen_params=run.frozen_params(),
-            t_prune=t_prune,
-            t_finetune=t_finetune,
-            t_eval=t_eval,
         )
     final = {}
     if cfg.final_finetune_epochs > 0:
         lr = learning_rate(run, cfg)
-        seconds = run.finetune(
+        before = run.timer.total(*COST_PHASES)
+        run.finetune(
             cfg.final_finetune_epochs,
             lr,
             cfg.momentum,
@@ -154,7 +150,8 @@ def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
             distill,
             desc="recovery fine-tune",
         )
-        seconds += run.evaluate()[1]
+        run.evaluate()
+        seconds = run.timer.total(*COST_PHASES) - before
         final = {"epochs": cfg.final_finetune_epochs, "lr": lr, "seconds": seconds}
     return run.summary(
         frozen_layers=frozen,

@@ -17,9 +17,9 @@ def run_iterative(run: PruningRun, cfg: Any) -> dict[str, Any]:
     run.start()
     distill = run.teacher(cfg) if cfg.distill else None
     for unit in run.pending(run.units):
-        t_prune = run.prune(unit, cfg.ratio)
-        fields = run.recover(
+        run.prune(unit, cfg.ratio)
+        epochs = run.recover(
             cfg, cfg.lr, distill, desc=f"fine-tune {unit.index + 1}/{len(run.units)}"
         )
-        run.record(unit, ratio=cfg.ratio, finetuned=True, lr=cfg.lr, t_prune=t_prune, **fields)
+        run.record(unit, ratio=cfg.ratio, finetuned=True, lr=cfg.lr, epochs=epochs)
     return run.summary()

@@ -48,16 +48,15 @@ class SchedulePruner:
         self.masks = MagnitudePruner(run.model) if cfg.structure == "unstructured" else None
         self.label = "weights" if self.masks is not None else f"all units ({self.scope})"
 
-    def prune_to(self, share: float) -> float:
-        """Prune up to ``share`` of the original channels (weights); returns the seconds."""
+    def prune_to(self, share: float) -> None:
+        """Prune up to ``share`` of the original channels (weights), timed as ``prune``."""
         run = self.run
-        with run.timer.phase("prune") as t:
+        with run.timer.phase("prune"):
             if self.masks is not None:
                 self.masks.prune_to(share)
             else:
                 self._prune_channels(share)
                 run.trainer.prepare(run.model)  # pruned weights come back in the default layout
-        return t["seconds"]
 
     def _prune_channels(self, share: float) -> None:
         run, engine = self.run, self.run.engine
@@ -93,8 +92,8 @@ def run_schedule(run: PruningRun, cfg: Any, cumulative: Sequence[float]) -> dict
     distill = run.teacher(cfg) if cfg.distill else None
     pruner = SchedulePruner(run, cfg)
     for share in run.pending(cumulative):
-        t_prune = pruner.prune_to(share)
-        fields = run.recover(
+        pruner.prune_to(share)
+        epochs = run.recover(
             cfg, cfg.lr, distill, desc=f"fine-tune {len(run.rows) + 1}/{len(cumulative)}"
         )
         run.record(
@@ -103,8 +102,7 @@ def run_schedule(run: PruningRun, cfg: Any, cumulative: Sequence[float]) -> dict
             **pruner.measure(),
             finetuned=True,
             lr=cfg.lr,
-            t_prune=t_prune,
-            **fields,
+            epochs=epochs,
         )
     # A schedule step has no per-unit ratio: the summary's `ratio` would be a stale config key.
     return run.summary(ratio=None, target=cfg.target, schedule=list(cumulative), **pruner.finish())
