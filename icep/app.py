@@ -64,7 +64,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_pipeline(cfg.pipeline)  # its own keys, before the data and the dense model
     out = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    checkpoint = _resume_from(cfg, out, _fingerprint(config))
+    checkpoint = _resume_from(
+        cfg, out, _fingerprint(config), overrides=list(HydraConfig.get().overrides.task)
+    )
     if checkpoint == "completed":
         summary = json.loads((out / "summary.json").read_text())
         print(f"icep: {out} holds a completed run; nothing to resume", flush=True)
@@ -214,9 +216,15 @@ def _fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _resume_from(cfg: DictConfig, out: Path, config: dict[str, Any]) -> dict[str, Any] | str | None:
+def _resume_from(
+    cfg: DictConfig, out: Path, config: dict[str, Any], overrides: list[str] = ()
+) -> dict[str, Any] | str | None:
     """The checkpoint to continue from, "completed" when the run folder holds a finished run, or
-    None to start afresh. A folder that already holds a run is never overwritten."""
+    None to start afresh. A folder that already holds a run is never overwritten.
+
+    A key the checkpoint's config lacks was added to icep since it was written: unless the
+    command line (``overrides``) sets it, it holds its default, which by icep's rule for new keys
+    computes what the run did before, so it does not block the resume."""
     from icep.pipelines.base import CHECKPOINT_FORMAT
 
     path, summary = out / CHECKPOINT, out / "summary.json"
@@ -243,7 +251,17 @@ def _resume_from(cfg: DictConfig, out: Path, config: dict[str, Any]) -> dict[str
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise IcepError(f"resume: {path} is not an icep checkpoint ({CHECKPOINT_FORMAT})")
     saved = blob.get("config") or {}
-    differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    named = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    added = sorted(
+        k
+        for k in set(config) - set(saved)
+        if not any(k == n or k.startswith(n + ".") for n in named)
+    )
+    if added:
+        log.info("resume: keys new since the checkpoint, at their defaults: %s", ", ".join(added))
+    differ = sorted(
+        k for k in set(saved) | set(config) if k not in added and saved.get(k) != config.get(k)
+    )
     if differ:
         shown = ", ".join(f"{k}={saved.get(k)!r} there, {config.get(k)!r} now" for k in differ[:3])
         raise IcepError(

@@ -95,6 +95,28 @@ def test_resuming_with_another_config_is_refused(tmp_path, cache_dir):
     assert {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")} == hydra_files
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_unless_the_key_is_set(tmp_path, cache_dir):
+    """A run checkpointed by an earlier icep, whose config lacked keys added since (here
+    dense.nesterov), resumes at their defaults; setting such a key on the command line is a
+    change of config and is refused."""
+    out = tmp_path / "run"
+    args = [*FAST, "pipeline=iterative"]
+    killed = run_icep(args, out, cache_dir, env={"ICEP_TEST_KILL_IN_CHECKPOINT": "2"})
+    assert killed.returncode < 0
+    blob = torch.load(out / "checkpoint.pt", weights_only=True)
+    del blob["config"]["dense.nesterov"]  # as an icep before that key wrote it
+    torch.save(blob, out / "checkpoint.pt")
+    refused = run_icep([*args, "dense.nesterov=true", "resume=true"], out, cache_dir)
+    assert refused.returncode == 2 and "dense.nesterov=None there, True now" in refused.stderr
+    resumed = run_icep([*args, "resume=true"], out, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(read_jsonl(out / "metrics.jsonl")) == 9
+    assert (
+        "keys new since the checkpoint, at their defaults: dense.nesterov"
+        in (out / "icep.log").read_text()
+    )
+
+
 def test_a_damaged_checkpoint_is_named(tmp_path, cache_dir):
     out = tmp_path / "run"
     out.mkdir()
