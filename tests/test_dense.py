@@ -47,61 +47,9 @@ def test_checkpoint_for_another_class_count_is_refused(tmp_path, cache_dir):
     assert "Traceback" not in result.stderr
 
 
-def test_dense_training_killed_mid_way_goes_on_from_its_last_epoch(tmp_path, cache_dir, caplog):
-    """A dense training stopped after epoch 2 of 3 (a killed job, a GPU call's time limit) ends,
-    when started again, with the weights of an uninterrupted one."""
-    import logging
-
-    import pytest
-    import torch
-    from conftest import digits_data
-    from omegaconf import OmegaConf
-
-    from icep.dense import train_dense
-    from icep.models import cifar_resnet
-    from icep.train import Trainer
-
-    cfg = OmegaConf.create(
-        {"epochs": 3, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
-    )
-    trainer = Trainer(torch.device("cpu"))
-
-    def fresh(seed: int = 0):
-        torch.manual_seed(seed)
-        return cifar_resnet(depth=8, in_channels=1), digits_data(cache_dir, 300)
-
-    model, data = fresh()
-    train_dense(model, data, trainer, cfg)
-    uninterrupted = model.state_dict()
-
-    progress = tmp_path / "dense.partial.pt"
-    model, data = fresh()
-    calls = 0
-    train_epoch = trainer.train_epoch
-
-    def killed_in_epoch_3(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise KeyboardInterrupt
-        return train_epoch(*args, **kwargs)
-
-    trainer.train_epoch = killed_in_epoch_3
-    with pytest.raises(KeyboardInterrupt):
-        train_dense(model, data, trainer, cfg, progress)
-    assert torch.load(progress, weights_only=True)["epoch"] == 2
-    trainer.train_epoch = train_epoch
-
-    model, data = fresh(seed=1)  # another process: other initial weights, a fresh loader
-    with caplog.at_level(logging.INFO, logger="icep.dense"):
-        train_dense(model, data, trainer, cfg, progress)
-    assert "dense training goes on after epoch 2/3" in caplog.text
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, uninterrupted[key], msg=key)
-
-
 # --- the dense recipe's settings: onecycle, label smoothing, Nesterov, dense.batch_size ---------
 
+COSINE = {"epochs": 3, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
 ONECYCLE = {
     "epochs": 3,
     "lr": 0.05,
@@ -219,15 +167,16 @@ def test_dense_batch_size_gives_the_same_samples_in_other_batches(cache_dir):
             )
 
 
-def test_onecycle_dense_training_killed_mid_epoch_goes_on_as_uninterrupted(
-    tmp_path, cache_dir, caplog
+@pytest.mark.parametrize("recipe", ["cosine", "onecycle"])
+def test_dense_training_killed_mid_epoch_goes_on_as_uninterrupted(
+    recipe, tmp_path, cache_dir, caplog
 ):
-    """The per-batch schedule, Nesterov momentum and dense.batch_size resume exactly: killed
-    during epoch 3 of 3, after some of its batches stepped the schedule, the training started
-    again ends with the weights of an uninterrupted one."""
+    """A dense training killed during epoch 3 of 3 (a killed job, a GPU call's time limit), after
+    some of its batches ran, ends, when started again, with the weights of an uninterrupted one:
+    the cosine schedule stepped per epoch, and the onecycle recipe's per-batch schedule, Nesterov
+    momentum and dense.batch_size alike."""
     import logging
 
-    import pytest
     import torch
     from conftest import digits_data
     from omegaconf import OmegaConf
@@ -235,7 +184,7 @@ def test_onecycle_dense_training_killed_mid_epoch_goes_on_as_uninterrupted(
     from icep.dense import train_dense
     from icep.train import Trainer
 
-    cfg = OmegaConf.create(ONECYCLE)
+    cfg = OmegaConf.create(ONECYCLE if recipe == "onecycle" else COSINE)
     trainer = Trainer(torch.device("cpu"))
     model, data = tiny_model(), digits_data(cache_dir, 200)
     train_dense(model, data, trainer, cfg)
