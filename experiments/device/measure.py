@@ -159,7 +159,7 @@ def log(message: str) -> None:
     print(f"[measure {time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
 
 
-def run(cmd: list[str], timeout: float, log_path: Path, env: dict | None = None) -> dict:
+def run(cmd: list[str], timeout: float, log_path: Path) -> dict:
     """Run ``cmd`` from the checkout with a timeout; its output goes to ``log_path``. At the
     timeout its whole process group is killed: a test's or a benchmark's own children (icep runs,
     loader workers) must not go on using the GPU under the next stage."""
@@ -167,7 +167,6 @@ def run(cmd: list[str], timeout: float, log_path: Path, env: dict | None = None)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -195,7 +194,7 @@ def icep_args() -> list[str]:
 # --- stages -------------------------------------------------------------------------------------
 
 
-def stage_versions(out: Path) -> dict:
+def stage_versions() -> dict:
     import torch
     import torchvision
 
@@ -283,10 +282,10 @@ def stage_finetune(out: Path, budget: float) -> dict:
         f"--time-limit={max(budget - 10, 5):.0f}",
         # a warm-up of batches, not a whole epoch: the reference loop's warm-up epoch would cost
         # as much as its measured one
-        "--warmup-batches=20",
+        f"--warmup-batches={2 if ARGS.toy else 20}",
     ]
     if ARGS.toy:
-        cmd += ["--device=cpu", "--model=resnet8", "--train-subset=600", "--warmup-batches=2"]
+        cmd += ["--device=cpu", "--model=resnet8", "--train-subset=600"]
     else:
         cmd += [f"--model={ARGS.model}"]
     result = run(cmd, budget, out / "bench_finetune.log")
@@ -537,6 +536,14 @@ def write(results: dict) -> None:
     (ARGS.out / "measure.md").write_text(markdown(results))
 
 
+RUNS = {
+    "tests": stage_tests,
+    "finetune": stage_finetune,
+    "dense": stage_dense,
+    "compare": stage_compare,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     global ARGS
     try:
@@ -568,9 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         try:
             if stage == "versions":
-                results[stage] = stage_versions(ARGS.out)
+                results[stage] = stage_versions()
             else:
-                results[stage] = globals()[f"stage_{stage}"](ARGS.out, budget)
+                results[stage] = RUNS[stage](ARGS.out, budget)
         except Exception as err:  # one broken stage leaves the others measured
             results[stage] = {"status": "failed", "reason": f"{type(err).__name__}: {err}"[:300]}
         results[stage]["stage_seconds"] = time.monotonic() - started

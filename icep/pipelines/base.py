@@ -157,9 +157,9 @@ class PruningRun:
         by default the run's), counting the training images it passes through the model."""
         engine = engine if engine is not None else self.engine
         loader = _CountingLoader(self.data.train)
-        cost = self.trainer.cost(engine.model, self.data.input_shape)  # before it is pruned
         prepare_criterion(self.criterion, engine, convs, loader, self.trainer.device)
-        if loader.images:
+        if loader.images:  # a criterion that looked at data (the model is not pruned yet)
+            cost = self.trainer.cost(engine.model, self.data.input_shape)
             # Gradient criteria (Taylor) also run back through the model: the input-gradient
             # half of a backward pass (the weight gradients of the few scored convs are left out).
             backward = getattr(self.criterion, "needs_gradients", False)
