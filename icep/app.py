@@ -6,7 +6,6 @@ import errno
 import json
 import logging
 import os
-import random
 import re
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -25,18 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from icep.compute import format_flops
 from icep.config import pipeline_label, pruned_share, uses_ratio
 from icep.errors import IcepError
+from icep.seeding import seed_everything
 
 log = logging.getLogger("icep")
-
-
-def seed_everything(seed: int, data: Any = None) -> None:
-    """Seed Python, NumPy and torch, and restart the train loader's shuffling from ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    generator = getattr(getattr(data, "train", None), "generator", None)
-    if generator is not None:
-        generator.manual_seed(seed)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -45,7 +34,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from icep.config import validate
     from icep.data import data_from_config
     from icep.dense import arch_spec, dense_model
-    from icep.logging import RunLogger
+    from icep.loggers import RunLogger
     from icep.pipelines import PIPELINES, PruningRun, check_pipeline
     from icep.pruning import build_criterion
     from icep.serialization import save_model

@@ -257,11 +257,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Compose the config, load the model and data, score and compare."""
     from hydra import compose, initialize_config_module
 
-    from icep.app import seed_everything
     from icep.config import validate
     from icep.data import data_from_config
     from icep.dense import dense_model
     from icep.errors import ConfigError
+    from icep.seeding import seed_everything
     from icep.train import Trainer
 
     names = [n.strip() for n in args.criteria.split(",") if n.strip()]

@@ -9,14 +9,14 @@ from conftest import digits_data, trained_on_digits
 from omegaconf import OmegaConf
 from torch import nn
 
-from icep.app import seed_everything
 from icep.compute import CostCache, ModelCost, format_flops, measure_cost
-from icep.logging import RunLogger
+from icep.loggers import RunLogger
 from icep.models import cifar_resnet
 from icep.pipelines import PruningRun, run_ice, run_iterative
 from icep.pipelines.base import COST_PHASES
 from icep.pipelines.ice import freeze_layers
 from icep.pruning import L1, PruningEngine, Taylor
+from icep.seeding import seed_everything
 from icep.train import Distillation, Trainer, sgd
 
 ROOT_CONF = "conf/pipeline"

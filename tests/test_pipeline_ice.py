@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, digits_data, trained_on_digits
 from omegaconf import OmegaConf
 
-from icep.logging import RunLogger
+from icep.loggers import RunLogger
 from icep.models import cifar_resnet
 from icep.pipelines import PruningRun, run_ice, run_iterative
 from icep.pipelines.ice import pruning_aware_lr, select_frozen, should_finetune

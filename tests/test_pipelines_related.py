@@ -13,7 +13,7 @@ from conftest import FAST, ROOT, digits_data, read_jsonl, run_icep, trained_on_d
 from omegaconf import OmegaConf
 
 from icep.errors import ConfigError
-from icep.logging import RunLogger
+from icep.loggers import RunLogger
 from icep.models import cifar_resnet
 from icep.pipelines import PIPELINES, PruningRun, check_pipeline, epi
 from icep.pipelines.agp import prune_epochs

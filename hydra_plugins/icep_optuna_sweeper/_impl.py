@@ -31,7 +31,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import ConfigError, IcepError
-from icep.logging import write_json
+from icep.loggers import write_json
 from icep.serialization import atomic_open
 from icep.tune.search import one_line
 from icep.tune.select import TrialResult, pareto_front, select_trial

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
-import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from torch import nn
 
 from icep.compute import WORK_KEYS
 from icep.data import Data
-from icep.logging import RunLogger
+from icep.loggers import RunLogger
 from icep.pruning import (
     PruningEngine,
     Unit,
@@ -349,9 +347,6 @@ class PruningRun:
                 },
                 f,
             )
-            if os.environ.get("ICEP_TEST_KILL_IN_CHECKPOINT") == str(len(self.rows)):
-                f.flush()  # fault injection for the tests: die with the new file half-way in
-                os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, blob: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`save_checkpoint`: rebuild the pruned

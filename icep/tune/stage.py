@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import ConfigError, IcepError
-from icep.logging import RunLogger, write_json
+from icep.loggers import RunLogger, write_json
 from icep.tune.search import run_search
 from icep.tune.select import TrialResult, pareto_front, select_trial
 from icep.tune.space import SearchSpace
@@ -117,10 +117,10 @@ def tune_pipeline(
     out: Path,
 ) -> Tuning:
     """Run the search configured in ``cfg.tune`` and return the parameters for the final run."""
-    from icep.app import seed_everything
     from icep.config import validate
     from icep.data import subsample
     from icep.pipelines import PruningRun, run_ice
+    from icep.seeding import seed_everything
 
     tcfg = cfg.tune
     space, objectives, sampler, pruner = check_tune(cfg)

@@ -8,7 +8,7 @@ import time
 from omegaconf import OmegaConf
 from wandb_offline import history, run_info, summary
 
-from icep.logging import RunLogger
+from icep.loggers import RunLogger
 
 ROWS = [{"step": s, "unit": f"layer1.{s}", "val_acc": 90.0 - s, "lr": None} for s in (1, 2, 3)]
 
@@ -64,7 +64,7 @@ def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
 
 
 def test_wandb_online_without_key_or_server_says_why_at_once(monkeypatch):
-    from icep.logging import _wandb_offline_reason
+    from icep.loggers import _wandb_offline_reason
 
     unreachable = "http://127.0.0.1:9"  # the discard port: nothing listens there
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
