@@ -1,7 +1,9 @@
-"""Checks on the composed config, run before any work starts.
+"""The one check of the composed config (:func:`validate`), run before any data or model is
+touched, and the labels a config gives a run.
 
-Hydra already rejects unknown group options and keys; these are the value checks. Each failure is
-a :class:`ConfigError` naming the key, the value and what is allowed.
+Hydra already rejects unknown group options and keys; these are the value checks, one rule per
+key in :data:`RULES`. Each failure is a :class:`ConfigError` naming the key, the value and what is
+allowed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from icep.errors import ConfigError
+from icep.errors import ConfigError, IcepError
 
 
 def uses_ratio(pipeline: Any) -> bool:
@@ -40,6 +42,50 @@ def pipeline_label(pipeline: Any) -> str:
     return f"{pipeline.get('name')}_{schedule}"
 
 
+def run_tags(cfg: DictConfig, criterion: str) -> list[str]:
+    """W&B tags that tell runs of one experiment apart in filters and grouped views
+    (``criterion``: the criterion's name)."""
+    share = pruned_share(cfg.pipeline)
+    return [
+        pipeline_label(cfg.pipeline),
+        cfg.model.name,
+        cfg.dataset.name,
+        criterion,
+        *([f"ratio={share}"] if share is not None else []),
+        f"seed={cfg.seed}",
+    ]
+
+
+def run_name(cfg: DictConfig, criterion: str) -> str:
+    """The W&B run name: pipeline, criterion, ratio and seed, e.g. ``ice-l1-r0.6-s0``."""
+    share = pruned_share(cfg.pipeline)
+    return "-".join(
+        [
+            pipeline_label(cfg.pipeline),
+            criterion,
+            *([f"r{share}"] if share is not None else []),
+        ]
+        + [f"s{cfg.seed}"]
+    )
+
+
+def build(cfg: DictConfig, key: str) -> Any:
+    """``hydra.utils.instantiate`` of the node at ``key`` (its ``_target_``); a node that cannot
+    be built (an argument its class does not take, a bad value) is a ConfigError naming the key."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(OmegaConf.select(cfg, key))
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, IcepError):
+            raise cause from None
+        what = OmegaConf.select(cfg, f"{key}._target_")
+        reason = str(cause or exc).strip().splitlines()[0]
+        raise ConfigError(key, f"cannot build {what}: {reason}") from None
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -48,80 +94,142 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# key -> (test, what is allowed). Keys absent from the config are skipped, so one table serves
-# every pipeline and dataset.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _int_at_least(low: int) -> Rule:
+    return (lambda v: _int(v) and v >= low), f"an integer >= {low}"
+
+
+def _number_at_least(low: float, unit: str = "") -> Rule:
+    return (lambda v: _number(v) and v >= low), f"a number >= {low:g}{unit}"
+
+
+def _positive() -> Rule:
+    return (lambda v: _number(v) and v > 0), "a number > 0"
+
+
+def _open_share() -> Rule:
+    return (lambda v: _number(v) and 0 < v < 1), "a number strictly between 0 and 1"
+
+
+def _share_below_one() -> Rule:
+    return (lambda v: _number(v) and 0 <= v < 1), "a number in [0, 1)"
+
+
+def _one_of(*values: Any) -> Rule:
+    return (lambda v: v in values), ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
+
+
+def _boolean() -> Rule:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def _auto_or_boolean() -> Rule:
+    return (lambda v: v == "auto" or isinstance(v, bool)), "auto, true or false"
+
+
+# The schema: key -> (test, what is allowed). Keys absent from the config are skipped, so one
+# table serves every pipeline, fine-tune policy, criterion and dataset. The rules between keys
+# follow in validate().
+RULES: dict[str, Rule] = {
     "seed": (_int, "an integer"),
-    "pipeline.ratio": (lambda v: _number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
-    "pipeline.finetune_epochs": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "pipeline.final_finetune_epochs": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    "pipeline.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "pipeline.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "pipeline.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "pipeline.distill_temperature": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "pipeline.thre": (lambda v: _number(v) and v >= 0, "a number >= 0 (accuracy points)"),
-    "pipeline.fr": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "pipeline.base": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "pipeline.p": (lambda v: _number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
-    "pipeline.beta": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "pipeline.delta": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "pipeline.decision_split": (lambda v: v in ("val", "test"), "val or test"),
-    "pipeline.trigger": (lambda v: isinstance(v, bool), "true or false"),
-    "pipeline.freeze": (lambda v: isinstance(v, bool), "true or false"),
-    "pipeline.adaptive_lr": (lambda v: isinstance(v, bool), "true or false"),
-    "pipeline.distill": (lambda v: isinstance(v, bool), "true or false"),
-    "dense.epochs": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "dense.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "dense.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "dense.nesterov": (lambda v: isinstance(v, bool), "true or false"),
-    "dense.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "dense.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "dense.batch_size": (lambda v: v is None or (_int(v) and v >= 1), "null or an integer >= 1"),
-    "dense.schedule": (
-        lambda v: v in ("cosine", "step", "onecycle"),
-        "cosine, step or onecycle",
-    ),
-    "dense.warmup_share": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "dense.div_factor": (lambda v: _number(v) and v >= 1, "a number >= 1"),
-    "trainer.batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "trainer.eval_batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "trainer.num_workers": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    "trainer.loader": (lambda v: v in ("auto", "device", "workers"), "auto, device or workers"),
-    "trainer.device_data_gb": (lambda v: _number(v) and v >= 0, "a number >= 0 (GiB)"),
-    "trainer.prefetch_factor": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "trainer.amp": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
-    "trainer.channels_last": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
-    "trainer.cudnn_benchmark": (
-        lambda v: v == "auto" or isinstance(v, bool),
-        "auto, true or false",
-    ),
-    "trainer.compile": (lambda v: isinstance(v, bool), "true or false"),
-    "dataset.val_fraction": (
-        lambda v: _number(v) and 0 < v < 1,
-        "a number strictly between 0 and 1",
-    ),
-    "dataset.bad_images": (lambda v: v in ("error", "skip"), "error or skip"),
-    "logger.mode": (
-        lambda v: v in ("online", "offline", "disabled"),
-        "online, offline or disabled",
-    ),
+    # pipelines (conf/pipeline/)
+    "pipeline.ratio": _open_share(),
+    "pipeline.target": _open_share(),
+    "pipeline.steps": _int_at_least(1),
+    "pipeline.one_shot": _open_share(),
+    "pipeline.initial": _share_below_one(),
+    "pipeline.schedule": _one_of("blockwise", "constant", "geometric"),
+    "pipeline.scope": _one_of("uniform", "global"),
+    "pipeline.structure": _one_of("structured", "unstructured"),
+    "pipeline.min_channels_share": _share_below_one(),
+    "pipeline.epochs": _int_at_least(1),
+    "pipeline.start_epoch": _int_at_least(1),
+    "pipeline.frequency": _int_at_least(1),
+    "pipeline.alpha": _open_share(),
+    "pipeline.tau": (_number, "a number"),
+    "pipeline.window": _int_at_least(1),
+    "pipeline.final_finetune_epochs": _int_at_least(0),
+    "pipeline.thre": _number_at_least(0, " (accuracy points)"),
+    "pipeline.fr": ((lambda v: _number(v) and 0 <= v <= 1), "a number in [0, 1]"),
+    "pipeline.base": _positive(),
+    "pipeline.p": _open_share(),
+    "pipeline.beta": _positive(),
+    "pipeline.delta": _number_at_least(0),
+    "pipeline.decision_split": _one_of("val", "test"),
+    "pipeline.trigger": _boolean(),
+    "pipeline.freeze": _boolean(),
+    "pipeline.adaptive_lr": _boolean(),
+    # the training keys of AGP and EPI, and of every fine-tune policy (conf/pipeline/finetune/)
+    **{
+        f"{node}.{key}": rule
+        for node in ("pipeline", "pipeline.finetune")
+        for key, rule in {
+            "lr": _positive(),
+            "optimizer.momentum": _share_below_one(),
+            "optimizer.weight_decay": _number_at_least(0),
+            "distill": _boolean(),
+            "distill_temperature": _positive(),
+            "distill_weight": _number_at_least(0),
+        }.items()
+    },
+    "pipeline.finetune.epochs": _int_at_least(1),
+    "pipeline.finetune.patience": _int_at_least(1),
+    "pipeline.finetune.max_epochs": _int_at_least(1),
+    "pipeline.finetune.min_delta": _number_at_least(0, " (accuracy points)"),
+    # criteria (conf/criterion/)
+    "criterion.batches": _int_at_least(1),
+    "criterion.bins": _int_at_least(2),
+    "criterion.seed": (_int, "an integer"),
+    # dense training
+    "dense.epochs": _int_at_least(1),
+    "dense.lr": _positive(),
+    "dense.momentum": _share_below_one(),
+    "dense.nesterov": _boolean(),
+    "dense.weight_decay": _number_at_least(0),
+    "dense.label_smoothing": _share_below_one(),
+    "dense.batch_size": ((lambda v: v is None or (_int(v) and v >= 1)), "null or an integer >= 1"),
+    "dense.schedule": _one_of("cosine", "step", "onecycle"),
+    "dense.warmup_share": _share_below_one(),
+    "dense.div_factor": _number_at_least(1),
+    # trainer
+    "trainer.batch_size": _int_at_least(1),
+    "trainer.eval_batch_size": _int_at_least(1),
+    "trainer.num_workers": _int_at_least(0),
+    "trainer.loader": _one_of("auto", "device", "workers"),
+    "trainer.device_data_gb": _number_at_least(0, " (GiB)"),
+    "trainer.prefetch_factor": _int_at_least(1),
+    "trainer.amp": _auto_or_boolean(),
+    "trainer.channels_last": _auto_or_boolean(),
+    "trainer.cudnn_benchmark": _auto_or_boolean(),
+    "trainer.compile": _boolean(),
+    # datasets (conf/dataset/)
+    "dataset.val_fraction": _open_share(),
+    "dataset.bad_images": _one_of("error", "skip"),
+    # loggers (conf/logger/)
+    "logger.mode": _one_of("online", "offline", "disabled"),
+    # the tuning stage (conf/tune/)
+    "tune.n_trials": _int_at_least(1),
+    "tune.train_fraction": ((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "tune.eval_fraction": ((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "tune.tolerance": _number_at_least(0, " (accuracy points)"),
 }
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first value that is out of range."""
+    """Raise :class:`ConfigError` for the first value that is out of range: the table of rules,
+    then the rules between keys, the model's name and the tuning stage. Runs before any data or
+    model is touched."""
     for key, (test, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
         if value == "<absent>":
             continue
         if not test(value):
             raise ConfigError(key, f"got {value!r}; must be {allowed}")
-    base, delta = OmegaConf.select(cfg, "pipeline.base"), OmegaConf.select(cfg, "pipeline.delta")
-    if base is not None and delta is not None and delta >= base:
-        raise ConfigError(
-            "pipeline.delta",
-            f"got {delta}; must be below pipeline.base ({base}) so lr(x) stays positive",
-        )
+    pipeline = cfg.get("pipeline")
+    if pipeline is not None:
+        _check_pipeline(pipeline)
     if OmegaConf.select(cfg, "dense.nesterov") and OmegaConf.select(cfg, "dense.momentum") == 0:
         raise ConfigError("dense.nesterov", "got true; needs dense.momentum > 0 (it is 0)")
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")
@@ -130,3 +238,54 @@ def validate(cfg: DictConfig) -> None:
             "model.checkpoint",
             f"{checkpoint} does not exist; give the path of a trained model or null to train one",
         )
+    arch = OmegaConf.select(cfg, "model.arch")
+    if arch is not None and "name" in arch:
+        from icep.models import check_name
+
+        check_name(arch._target_, arch.name)
+    if cfg.get("tune") is not None:
+        from icep.tune.stage import check_tune
+
+        check_tune(cfg)
+
+
+def _check_pipeline(p: DictConfig) -> None:
+    """The rules between a pipeline's keys."""
+    base, delta = p.get("base"), p.get("delta")
+    if base is not None and delta is not None and delta >= base:
+        raise ConfigError(
+            "pipeline.delta",
+            f"got {delta}; must be below pipeline.base ({base}) so lr(x) stays positive",
+        )
+    if p.get("one_shot") is not None and p.one_shot >= p.target:
+        raise ConfigError(
+            "pipeline.one_shot", f"got {p.one_shot}; must be below pipeline.target ({p.target})"
+        )
+    if p.get("initial") is not None and p.initial >= p.target:
+        raise ConfigError(
+            "pipeline.initial", f"got {p.initial}; must be below pipeline.target ({p.target})"
+        )
+    if p.get("start_epoch") is not None:
+        last = p.start_epoch + (p.steps - 1) * p.frequency
+        if last > p.epochs:
+            raise ConfigError(
+                "pipeline.epochs",
+                f"got {p.epochs}; the last AGP step comes at epoch {last} "
+                "(start_epoch + (steps - 1) * frequency): raise epochs or lower the others",
+            )
+    if p.get("structure") == "unstructured" and uses_ratio(p):
+        raise ConfigError(
+            "pipeline.structure",
+            "unstructured pruning needs a schedule; set pipeline.schedule=constant or geometric",
+        )
+    # The global scope's floor caps how much it can prune.
+    target = p.get("alpha", p.get("target"))
+    global_scope = p.get("scope", "global") == "global" and p.get("structure") != "unstructured"
+    if target is not None and "min_channels_share" in p and global_scope and not uses_ratio(p):
+        floor = p.min_channels_share
+        if target > 1 - floor:
+            raise ConfigError(
+                "pipeline.min_channels_share",
+                f"got {floor}; every layer keeps that share, so the target {target} cannot be "
+                f"reached: lower it below {1 - target:.4g}",
+            )

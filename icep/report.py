@@ -178,6 +178,18 @@ def read_run(path: Path) -> Run:
         return Run(path, "unreadable", f"{type(exc).__name__}: {_first_line(exc)}")
 
 
+def _criterion(path: Path, config: dict) -> str | None:
+    """The run's criterion: the option Hydra recorded as chosen (``criterion=NAME``), or the
+    ``criterion.name`` key of a config from before criteria were built from ``_target_``."""
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        hydra = yaml.safe_load(hydra_file.read_text()) or {}
+        choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+        if choices.get("criterion"):
+            return choices["criterion"]
+    return (config.get("criterion") or {}).get("name")
+
+
 def _read_run(path: Path) -> Run:
     config_file = path / ".hydra" / "config.yaml"
     if not config_file.is_file():
@@ -191,7 +203,7 @@ def _read_run(path: Path) -> Run:
         "pipeline": pipeline_label(pipeline),
         "model": (config.get("model") or {}).get("name"),
         "dataset": (config.get("dataset") or {}).get("name"),
-        "criterion": (config.get("criterion") or {}).get("name"),
+        "criterion": _criterion(path, config),
         "ratio": ratio,
         "seed": config.get("seed"),
     }

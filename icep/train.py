@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +243,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         distill: Distillation | None = None,
         desc: str = "train",
-        lr_key: str = "pipeline.lr (ICE: pipeline.base)",
+        lr_key: str = "pipeline.finetune.lr (ICE: pipeline.base; AGP, EPI: pipeline.lr)",
         label_smoothing: float = 0.0,
         batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> float:
@@ -311,7 +311,7 @@ class Trainer:
         distill: Distillation | None = None,
         desc: str = "train",
         val_loader: DataLoader | None = None,
-        lr_key: str = "pipeline.lr (ICE: pipeline.base)",
+        lr_key: str = "pipeline.finetune.lr (ICE: pipeline.base; AGP, EPI: pipeline.lr)",
         done: int = 0,
         after_epoch: Callable[[int], None] | None = None,
         label_smoothing: float = 0.0,
@@ -348,16 +348,22 @@ class Trainer:
         return loss
 
 
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should step: frozen ones (``requires_grad=False``) left out."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def sgd(
-    model: nn.Module,
+    params: nn.Module | Iterable[nn.Parameter],
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     nesterov: bool = False,
 ) -> torch.optim.SGD:
-    """A fresh SGD over the trainable parameters (frozen ones are left out); the fused CUDA
-    kernel when they all live on a GPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """A fresh SGD over ``params`` (a model: its trainable parameters), with the fused CUDA
+    kernel when they all live on a GPU. Called like a ``torch.optim`` class, so a config's
+    ``_partial_`` optimizer node can name either."""
+    params = trainable(params) if isinstance(params, nn.Module) else list(params)
     fused = bool(params) and all(p.device.type == "cuda" for p in params)
     return torch.optim.SGD(
         params,

@@ -67,16 +67,28 @@ def icep_env(cache: Path | None = None, **extra: str) -> dict:
     return {**env, **extra}
 
 
-def _icep_command(args: list[str], run_dir: Path, cache: Path, env: dict | None):
+def _icep_command(
+    args: list[str], run_dir: Path, cache: Path, env: dict | None, kill_in_checkpoint: int | None
+):
     full_env = icep_env(cache, **(env or {}))
-    return [sys.executable, "-m", "icep", f"hydra.run.dir={run_dir}", *args], full_env
+    entry = ["-m", "icep"]
+    if kill_in_checkpoint is not None:
+        entry = [str(ROOT / "tests" / "faults.py"), f"--kill-in-checkpoint={kill_in_checkpoint}"]
+    return [sys.executable, *entry, f"hydra.run.dir={run_dir}", *args], full_env
 
 
 def run_icep(
-    args: list[str], run_dir: Path, cache: Path, timeout: float = 300, env: dict | None = None
+    args: list[str],
+    run_dir: Path,
+    cache: Path,
+    timeout: float = 300,
+    env: dict | None = None,
+    kill_in_checkpoint: int | None = None,
 ):
-    """``python -m icep ARGS`` in a subprocess with its run folder at ``run_dir``."""
-    command, full_env = _icep_command(args, run_dir, cache, env)
+    """``python -m icep ARGS`` in a subprocess with its run folder at ``run_dir``. With
+    ``kill_in_checkpoint=STEP`` the run SIGKILLs itself while it writes step STEP's checkpoint
+    (tests/faults.py)."""
+    command, full_env = _icep_command(args, run_dir, cache, env, kill_in_checkpoint)
     return subprocess.run(
         command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )
@@ -84,7 +96,7 @@ def run_icep(
 
 def start_icep(args: list[str], run_dir: Path, cache: Path, env: dict | None = None):
     """``python -m icep ARGS`` started in the background (a Popen), output discarded."""
-    command, full_env = _icep_command(args, run_dir, cache, env)
+    command, full_env = _icep_command(args, run_dir, cache, env, None)
     return subprocess.Popen(
         command, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -139,3 +151,24 @@ def kill_after(out: Path, steps: int, proc, timeout: float = 240) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compose_config(*overrides: str):
+    """The whole config as ``python -m icep OVERRIDES`` composes it (no run folder)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def pipeline_overrides(name: str, *overrides: str, **keys) -> list[str]:
+    """``pipeline=NAME``, then ``overrides`` as given, then ``pipeline.KEY=VALUE`` for ``keys``
+    (``**{"finetune.lr": 0.01}`` for a nested key)."""
+    return [f"pipeline={name}", *overrides, *(f"pipeline.{k}={v}" for k, v in keys.items())]
+
+
+def build_pipeline(name: str, *overrides: str, **keys):
+    """The pipeline object the app would build for ``pipeline_overrides(name, ...)``."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose_config(*pipeline_overrides(name, *overrides, **keys)).pipeline)

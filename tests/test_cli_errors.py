@@ -167,13 +167,13 @@ CASES = {
     "unknown dataset": (["dataset=cifar11"], ["dataset=cifar11 is not an option", "cifar10"]),
     "unknown criterion": (["criterion=l3"], ["criterion=l3 is not an option", "l1, l2"]),
     "unknown pipeline": (["pipeline=ice2"], ["pipeline=ice2 is not an option", "iterative"]),
-    "unknown pipeline name": (
-        ["pipeline.name=ice2"],
-        ["pipeline.name: unknown pipeline 'ice2'; choose one of: dense, iterative, ice"],
+    "unknown pipeline class": (
+        ["pipeline._target_=icep.pipelines.ice.ICE2"],
+        ["pipeline: cannot build icep.pipelines.ice.ICE2: "],
     ),
-    "unknown criterion name": (
-        ["criterion.name=l3"],
-        ["criterion.name: unknown criterion 'l3'; choose one of: l1, l2"],
+    "an argument the pipeline does not take": (
+        ["+pipeline.thre2=1"],
+        ["pipeline: cannot build icep.pipelines.ice.ICE: ", "'thre2'"],
     ),
     "unknown torchvision model": (
         ["model=torchvision", "model.name=resnet999"],
@@ -188,10 +188,10 @@ CASES = {
     "ratio negative": (["pipeline.ratio=-0.2"], ["pipeline.ratio: got -0.2; must be"]),
     "ratio not a number": (["pipeline.ratio=half"], ["pipeline.ratio: got 'half'; must be"]),
     "zero epochs": (
-        ["pipeline.finetune_epochs=0"],
-        ["pipeline.finetune_epochs: got 0; must be an integer >= 1"],
+        ["pipeline.finetune.epochs=0"],
+        ["pipeline.finetune.epochs: got 0; must be an integer >= 1"],
     ),
-    "negative epochs": (["pipeline.finetune_epochs=-1"], ["pipeline.finetune_epochs: got -1"]),
+    "negative epochs": (["pipeline.finetune.epochs=-1"], ["pipeline.finetune.epochs: got -1"]),
     "zero dense epochs": (["dense.epochs=0"], ["dense.epochs: got 0; must be an integer >= 1"]),
     "negative final epochs": (
         ["pipeline.final_finetune_epochs=-1"],
@@ -211,8 +211,8 @@ CASES = {
         ["pipeline.delta: got 0.002; must be below pipeline.base (0.001)"],
     ),
     "lr zero": (
-        ["pipeline=iterative", "pipeline.lr=0"],
-        ["pipeline.lr: got 0; must be a number > 0"],
+        ["pipeline=iterative", "pipeline.finetune.lr=0"],
+        ["pipeline.finetune.lr: got 0; must be a number > 0"],
     ),
     "unknown device": (["trainer.device=tpu"], ["trainer.device: got 'tpu'; use auto, cpu"]),
     "bad_images value": (
@@ -422,10 +422,15 @@ def test_nan_loss_fails_the_run_and_wandb_offline_fallback(place):
     place.before = place._snapshot()  # now with the good run and its cached dense model
     assert any(p.parent.name == "dense" and "digits" in p.name for p in place.before)
 
-    result = run_icep([*tiny, "pipeline=iterative", "pipeline.lr=1e30"], place.run_dir, place.cache)
+    result = run_icep(
+        [*tiny, "pipeline=iterative", "pipeline.finetune.lr=1e30"], place.run_dir, place.cache
+    )
     line = one_line(result.returncode, result.stdout, result.stderr)
     assert "fine-tune" in line and "epoch 1/1: the loss became " in line, line
-    assert "(lr 1e+30); the learning rate is too high for this model: lower pipeline.lr" in line
+    assert (
+        "(lr 1e+30); the learning rate is too high for this model: lower pipeline.finetune.lr"
+        in line
+    )
     summary = json.loads((place.run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == line
     place.assert_untouched()

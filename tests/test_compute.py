@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import digits_data, trained_on_digits
-from omegaconf import OmegaConf
+from conftest import build_pipeline, digits_data, trained_on_digits
 from torch import nn
 
 from icep.compute import CostCache, ModelCost, format_flops, measure_cost
 from icep.loggers import RunLogger
 from icep.models import cifar_resnet
-from icep.pipelines import PruningRun, run_ice, run_iterative
+from icep.pipelines import PruningRun
 from icep.pipelines.base import COST_PHASES
 from icep.pipelines.ice import freeze_layers
 from icep.pruning import L1, PruningEngine, Taylor
 from icep.seeding import seed_everything
 from icep.train import Distillation, Trainer, sgd
-
-ROOT_CONF = "conf/pipeline"
 
 
 def small_net() -> nn.Module:
@@ -139,9 +136,7 @@ def prune(pipeline, overrides, digits, dense_state, out):
     model.load_state_dict(dense_state)
     run = PruningRun(model, digits, Trainer(torch.device("cpu")), L1(), RunLogger(out))
     seed_everything(0, digits)
-    name = "iterative" if pipeline is run_iterative else "ice"
-    cfg = OmegaConf.merge(OmegaConf.load(f"{ROOT_CONF}/{name}.yaml"), overrides)
-    return pipeline(run, cfg), run.rows
+    return build_pipeline(pipeline, **overrides)(run), run.rows
 
 
 def counts(summary, rows):
@@ -155,9 +150,9 @@ def counts(summary, rows):
 def test_ice_with_its_three_components_off_counts_what_the_baseline_counts(
     digits, dense_state, tmp_path
 ):
-    baseline = prune(run_iterative, {}, digits, dense_state, tmp_path / "baseline")
+    baseline = prune("iterative", {}, digits, dense_state, tmp_path / "baseline")
     off = prune(
-        run_ice,
+        "ice",
         {"trigger": False, "freeze": False, "adaptive_lr": False},
         digits,
         dense_state,
@@ -172,8 +167,8 @@ def test_ice_with_its_three_components_off_counts_what_the_baseline_counts(
 def test_the_same_run_twice_counts_the_same_and_ice_counts_less(digits, dense_state, tmp_path):
     # thre high enough that no step fine-tunes, whatever the floats of this CPU: the counts are
     # then fixed by the data sizes alone (one analysis epoch, one evaluation per step).
-    first = prune(run_ice, {"thre": 100.0}, digits, dense_state, tmp_path / "a")
-    second = prune(run_ice, {"thre": 100.0}, digits, dense_state, tmp_path / "b")
+    first = prune("ice", {"thre": 100.0}, digits, dense_state, tmp_path / "a")
+    second = prune("ice", {"thre": 100.0}, digits, dense_state, tmp_path / "b")
     assert counts(*first) == counts(*second)
     summary, rows = first
     assert summary["finetunes"] == 0
@@ -181,5 +176,5 @@ def test_the_same_run_twice_counts_the_same_and_ice_counts_less(digits, dense_st
     assert summary["compute"]["freeze_analysis"]["images_bwd"] == train
     assert summary["compute"]["eval"]["images_fwd"] == val * (1 + len(rows))
     assert summary["images_bwd_total"] == train
-    baseline, _ = prune(run_iterative, {}, digits, dense_state, tmp_path / "baseline")
+    baseline, _ = prune("iterative", {}, digits, dense_state, tmp_path / "baseline")
     assert summary["flops_total"] < baseline["flops_total"] / 3

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra.utils
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -42,8 +43,40 @@ def test_experiment_resnet56_cifar10():
     assert cfg.dataset.name == "cifar10"
     assert cfg.pipeline.name == "iterative"
     assert cfg.pipeline.ratio == 0.6
-    assert cfg.criterion.name == "l1"
+    assert cfg.criterion._target_ == "icep.pruning.criteria.L1"
     assert cfg.name == "resnet56_cifar10"
+
+
+TRAINING_PIPELINES = ("agp", "epi")  # they train with their own optimizer, no fine-tune policy
+
+
+@pytest.mark.parametrize(
+    ("name", "finetune"),
+    [
+        *(
+            (name, finetune)
+            for name in options("pipeline")
+            if name not in ("dense", *TRAINING_PIPELINES)
+            for finetune in options("pipeline/finetune")
+        ),
+        *((name, None) for name in TRAINING_PIPELINES),
+    ],
+)
+def test_every_pipeline_builds_with_every_fine_tune_policy(name, finetune):
+    """Each pipeline's config is its class's schema: every key is an argument it takes."""
+    from icep.config import build, validate
+
+    overrides = [f"pipeline={name}", *([f"pipeline/finetune={finetune}"] if finetune else [])]
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)
+    pipeline = build(cfg, "pipeline")
+    assert callable(pipeline) and pipeline.name == cfg.pipeline.name
+    training = pipeline.finetune if finetune else pipeline  # where lr and optimizer live
+    if finetune:
+        assert training.name == finetune
+    optimizer = training.optimizer(torch.nn.Linear(2, 2).parameters(), lr=training.lr)
+    assert optimizer.param_groups[0]["lr"] == training.lr
 
 
 @pytest.mark.parametrize("name", [n for n in options("model")])
@@ -72,9 +105,9 @@ def test_paper_experiments_select_ratio_and_either_pipeline(experiment, model, u
     assert ice.pipeline.name == units_pipeline and ice.pipeline.ratio == 0.8
     assert base.pipeline.name == "iterative" and base.pipeline.ratio == 0.6
     # The baseline's fine-tune lr is ICE's base, and the baseline carries no ICE keys.
-    assert base.pipeline.lr == ice.pipeline.base
+    assert base.pipeline.finetune.lr == ice.pipeline.base
     assert "thre" not in base.pipeline
-    assert ice.pipeline.distill == base.pipeline.distill
+    assert ice.pipeline.finetune == base.pipeline.finetune
 
 
 @pytest.mark.parametrize(
@@ -100,4 +133,5 @@ def test_paper_comparison_sweeps_baseline_and_ice_over_ratios_and_seeds(experime
                 model,
                 dataset,
             ]
-            assert job.pipeline.distill and job.pipeline.lr == 0.001 and job.name == experiment
+            finetune = job.pipeline.finetune
+            assert finetune.distill and finetune.lr == 0.001 and job.name == experiment

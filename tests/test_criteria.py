@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_icep
-from hydra import compose, initialize_config_module
+from conftest import FAST, compose_config, run_icep
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from icep.config import build, validate
 from icep.errors import ConfigError, IcepError
-from icep.pruning import CRITERIA, PruningEngine, build_criterion, list_criteria, prepare_criterion
+from icep.pruning import MeanActivation, PruningEngine, prepare_criterion
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ALL = ["l1", "l2", "fpgm", "bn_scale", "taylor", "random", "mean_activation", "entropy"]
@@ -58,6 +58,12 @@ def loader(n: int = 64, batch_size: int = 16) -> DataLoader:
     x = torch.randn(n, 1, 8, 8, generator=generator)
     y = torch.randint(0, 3, (n,), generator=generator)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def build_criterion(name: str, **options):
+    """criterion=NAME as the app builds it, with ``criterion.KEY=VALUE`` for ``options``."""
+    overrides = [f"criterion.{k}={v}" for k, v in options.items()]
+    return build(compose_config(f"criterion={name}", *overrides), "criterion")
 
 
 def scores(name: str, engine: PruningEngine, **options) -> torch.Tensor:
@@ -201,7 +207,7 @@ def test_data_criterion_prunes_through_the_engine(tiny):
         model.bn1.bias[TARGET] = -100.0
         model.conv1.weight[TARGET].mul_(-1)  # a marker: the only filter with this weight sum
     marker = model.conv1.weight[TARGET].sum().item()
-    criterion = build_criterion("mean_activation", batches=1)
+    criterion = MeanActivation(batches=1)
     prepare_criterion(criterion, engine, engine.units[0].convs, loader(), "cpu")
     assert engine.prune_unit(0, 1 / WIDTH, criterion) == 1
     sums = model.conv1.weight.sum(dim=(1, 2, 3)).tolist()
@@ -211,27 +217,21 @@ def test_data_criterion_prunes_through_the_engine(tiny):
 # --- Registry and configs ----------------------------------------------------------------------
 
 
-def test_registry_lists_every_criterion_and_each_has_a_config():
-    assert list_criteria() == list(CRITERIA) == ALL
+def test_every_criterion_has_a_config_that_builds_it():
     assert sorted(p.stem for p in (CONF / "criterion").glob("*.yaml")) == sorted(ALL)
-    with initialize_config_module("icep.conf", version_base="1.3"):
-        for name in ALL:
-            cfg = compose("config", overrides=[f"criterion={name}", "seed=5"])
-            assert cfg.criterion.name == name
-            options = {k: v for k, v in cfg.criterion.items() if k != "name"}
-            criterion = build_criterion(name, **options)
-            assert criterion.name == name
-            assert criterion.needs_data == (name in ("taylor", "mean_activation", "entropy"))
-    assert build_criterion("random", seed=5).seed == 5
+    for name in ALL:
+        cfg = compose_config(f"criterion={name}", "seed=5")
+        criterion = build(cfg, "criterion")
+        assert criterion.name == name
+        assert criterion.needs_data == (name in ("taylor", "mean_activation", "entropy"))
+    assert build(compose_config("criterion=random", "seed=5"), "criterion").seed == 5
 
 
-def test_unknown_criterion_or_bad_option_is_a_config_error():
-    with pytest.raises(ConfigError, match="unknown criterion 'x'; choose one of: l1, l2, fpgm"):
-        build_criterion("x")
-    with pytest.raises(ConfigError, match="bad options for 'taylor'"):
-        build_criterion("taylor", batches=0)
-    with pytest.raises(ConfigError, match="bad options for 'entropy'"):
-        build_criterion("entropy", bin=3)
+def test_a_bad_criterion_setting_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^criterion\.batches: got 0; must be an integer >= 1"):
+        validate(compose_config("criterion=taylor", "criterion.batches=0"))
+    with pytest.raises(ConfigError, match=r"^criterion: cannot build .*Entropy.*'bin'"):
+        build(compose_config("criterion=entropy", "+criterion.bin=3"), "criterion")
 
 
 # --- End to end --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ JOB = [
     "dataset.train_subset=300",
     "dataset.test_subset=100",
     "pipeline.ratio=0.5",
-    "pipeline.finetune_epochs=1",
+    "pipeline.finetune.epochs=1",
 ]
 
 

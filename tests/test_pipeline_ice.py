@@ -7,15 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, digits_data, trained_on_digits
-from omegaconf import OmegaConf
+from conftest import build_pipeline, digits_data, trained_on_digits
 
 from icep.loggers import RunLogger
 from icep.models import cifar_resnet
-from icep.pipelines import PruningRun, run_ice, run_iterative
+from icep.pipelines import PruningRun
 from icep.pipelines.ice import pruning_aware_lr, select_frozen, should_finetune
 from icep.pruning import L1
-from icep.train import Trainer
+from icep.train import Trainer, sgd
 
 BASE, P, BETA, DELTA = 0.001, 0.15, 50, 0.0007
 
@@ -75,9 +74,9 @@ def dense_state(digits):
     return trained_on_digits(digits, depth=20, epochs=6, min_val_acc=85)
 
 
-def ice_cfg(**overrides):
-    cfg = OmegaConf.load(ROOT / "conf" / "pipeline" / "ice.yaml")
-    return OmegaConf.merge(cfg, overrides)
+def ice(**keys):
+    """pipeline=ice as Hydra composes and builds it, with ``pipeline.KEY=VALUE`` for ``keys``."""
+    return build_pipeline("ice", **keys)
 
 
 class ScriptedAccuracy(Trainer):
@@ -103,26 +102,20 @@ class ScriptedAccuracy(Trainer):
         return 90.0 - 2.0 * self._prunes
 
 
-def run_pipeline(pipeline, cfg, digits, dense_state, tmp_path, trainer=None):
+def run_pipeline(pipeline, digits, dense_state, tmp_path, trainer=None):
     torch.manual_seed(0)
     model = cifar_resnet(20, num_classes=10, in_channels=1)
     model.load_state_dict(dense_state)
     trainer = trainer if trainer is not None else Trainer(torch.device("cpu"))
     run = PruningRun(model, digits, trainer, L1(), RunLogger(tmp_path))
     digits.train.generator.manual_seed(0)  # the same batches for every pipeline
-    summary = pipeline(run, cfg)
+    summary = pipeline(run)
     return run, summary
 
 
 def test_frozen_layers_stay_bit_identical_while_others_train(digits, dense_state, tmp_path):
-    cfg = ice_cfg(fr=0.5, thre=-100.0)  # fine-tune every step
-    model_holder = {}
-
-    def spy(run, cfg):
-        model_holder["run"] = run
-        return run_ice(run, cfg)
-
-    run, summary = run_pipeline(spy, cfg, digits, dense_state, tmp_path)
+    pipeline = ice(fr=0.5, thre=-100.0)  # fine-tune every step
+    run, summary = run_pipeline(pipeline, digits, dense_state, tmp_path)
     touched = run.engine.touched_convs()
     assert len(touched) == 18  # conv1 and conv2 of each of ResNet-20's 9 blocks
     assert len(summary["frozen_layers"]) == math.ceil(0.5 * 18)
@@ -133,7 +126,7 @@ def test_frozen_layers_stay_bit_identical_while_others_train(digits, dense_state
     frozen = summary["frozen_layers"]
     norms = [run.engine.norm_after(n) for n in frozen]
     snapshot = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    run.finetune(1, 0.01, 0.9, 1e-4)
+    run.fit(run.new_optimizer(sgd, 0.01), 1)
     changed = {n for n, p in run.model.named_parameters() if not torch.equal(p, snapshot[n])}
     for layer in frozen + norms:
         assert not any(n.startswith(layer + ".") for n in changed), layer
@@ -146,77 +139,70 @@ def test_thre_below_any_drop_fine_tunes_every_step_and_huge_thre_none(
     digits, dense_state, tmp_path
 ):
     # Not thre=0: on 70 val digits a prune can leave the accuracy where it was, or raise it.
-    _, every = run_pipeline(
-        run_ice, ice_cfg(thre=-100.0, freeze=False), digits, dense_state, tmp_path / "a"
-    )
+    _, every = run_pipeline(ice(thre=-100.0, freeze=False), digits, dense_state, tmp_path / "a")
     assert every["finetunes"] == every["steps"] == 9
     assert every["finetunes_skipped"] == 0
-    run, none = run_pipeline(
-        run_ice, ice_cfg(thre=1000.0, freeze=False), digits, dense_state, tmp_path / "b"
-    )
+    run, none = run_pipeline(ice(thre=1000.0, freeze=False), digits, dense_state, tmp_path / "b")
     assert none["finetunes"] == 0 and none["finetunes_skipped"] == 9
     assert none["time_finetune_s"] == 0
     assert all(r["lr"] is None and r["epochs"] == 0 for r in run.rows)
 
 
 def test_ablation_switches_change_exactly_what_they_name(digits, dense_state, tmp_path):
-    def run(cfg, name):
-        return run_pipeline(run_ice, cfg, digits, dense_state, tmp_path / name, ScriptedAccuracy())
+    def run(pipeline, name):
+        return run_pipeline(pipeline, digits, dense_state, tmp_path / name, ScriptedAccuracy())
 
-    full_run, full = run(ice_cfg(thre=3.0), "full")
+    full_run, full = run(ice(thre=3.0), "full")
     assert full["frozen_layers"] and full["finetunes"] == 4
     assert [r["step"] for r in full_run.rows if r["finetuned"]] == [2, 4, 6, 8]
     lrs = [r["lr"] for r in full_run.rows if r["lr"] is not None]
     assert any(lr < BASE * 0.99 for lr in lrs)  # the adaptive lr falls as the network thins
 
-    no_trigger_run, no_trigger = run(ice_cfg(thre=3.0, trigger=False), "nt")
+    no_trigger_run, no_trigger = run(ice(thre=3.0, trigger=False), "nt")
     assert no_trigger["finetunes"] == 9
     assert all(r["acc_pruned"] is None for r in no_trigger_run.rows)  # no decision evaluation
     assert no_trigger["frozen_layers"] == full["frozen_layers"]
     assert any(r["lr"] < BASE * 0.99 for r in no_trigger_run.rows)
 
-    no_freeze_run, no_freeze = run(ice_cfg(thre=3.0, freeze=False), "nf")
+    no_freeze_run, no_freeze = run(ice(thre=3.0, freeze=False), "nf")
     assert no_freeze["frozen_layers"] == [] and no_freeze["frozen_params"] == 0
     assert no_freeze["t_freeze_analysis"] == 0
     assert all(r["frozen_params"] == 0 for r in no_freeze_run.rows)
     assert all(r["acc_pruned"] is not None for r in no_freeze_run.rows)
     assert [r["finetuned"] for r in no_freeze_run.rows] == [r["finetuned"] for r in full_run.rows]
 
-    const_run, _ = run(ice_cfg(thre=3.0, adaptive_lr=False), "cl")
+    const_run, _ = run(ice(thre=3.0, adaptive_lr=False), "cl")
     assert all(r["lr"] == BASE for r in const_run.rows if r["finetuned"])
     assert const_run.rows[0]["frozen_params"] == full_run.rows[0]["frozen_params"]
 
 
 def test_all_switches_off_is_the_baseline_at_lr_base(digits, dense_state, tmp_path):
-    off = ice_cfg(trigger=False, freeze=False, adaptive_lr=False, base=0.002)
-    ice_run, ice = run_pipeline(run_ice, off, digits, dense_state, tmp_path / "ice")
-    base_cfg = OmegaConf.merge(
-        OmegaConf.load(ROOT / "conf" / "pipeline" / "iterative.yaml"), {"lr": 0.002}
-    )
-    base_run, base = run_pipeline(run_iterative, base_cfg, digits, dense_state, tmp_path / "it")
+    off = ice(trigger=False, freeze=False, adaptive_lr=False, base=0.002)
+    ice_run, ice_summary = run_pipeline(off, digits, dense_state, tmp_path / "ice")
+    baseline = build_pipeline("iterative", **{"finetune.lr": 0.002})
+    base_run, base = run_pipeline(baseline, digits, dense_state, tmp_path / "it")
     for a, b in zip(ice_run.rows, base_run.rows, strict=True):
         for key in ("val_acc", "params", "macs", "remaining", "lr", "finetuned", "epochs"):
             assert a[key] == b[key], key
-    assert ice["acc_final_test"] == base["acc_final_test"]
-    assert ice["finetunes"] == base["finetunes"] == 9
+    assert ice_summary["acc_final_test"] == base["acc_final_test"]
+    assert ice_summary["finetunes"] == base["finetunes"] == 9
 
 
 def test_ice_fine_tunes_less_than_the_baseline(digits, dense_state, tmp_path):
-    _, ice = run_pipeline(
-        run_ice, ice_cfg(thre=3.0), digits, dense_state, tmp_path / "ice", ScriptedAccuracy()
+    _, ice_summary = run_pipeline(
+        ice(thre=3.0), digits, dense_state, tmp_path / "ice", ScriptedAccuracy()
     )
-    base_cfg = OmegaConf.load(ROOT / "conf" / "pipeline" / "iterative.yaml")
     _, base = run_pipeline(
-        run_iterative, base_cfg, digits, dense_state, tmp_path / "it", ScriptedAccuracy()
+        build_pipeline("iterative"), digits, dense_state, tmp_path / "it", ScriptedAccuracy()
     )
-    assert ice["finetunes"] == 4 < base["finetunes"] == 9
+    assert ice_summary["finetunes"] == 4 < base["finetunes"] == 9
     # Fewer fine-tunes is the saving; how much time that is belongs to the benchmarks, not here.
-    assert ice["params_after"] == base["params_after"]  # same pruning, different cost
+    assert ice_summary["params_after"] == base["params_after"]  # same pruning, different cost
 
 
 def test_decision_split_test_and_recovery_fine_tune(digits, dense_state, tmp_path):
-    cfg = ice_cfg(decision_split="test", freeze=False, final_finetune_epochs=1, thre=1000.0)
-    run, summary = run_pipeline(run_ice, cfg, digits, dense_state, tmp_path)
+    pipeline = ice(decision_split="test", freeze=False, final_finetune_epochs=1, thre=1000.0)
+    run, summary = run_pipeline(pipeline, digits, dense_state, tmp_path)
     assert summary["decision_split"] == "test"
     assert all("test_acc" in r and "val_acc" not in r for r in run.rows)
     assert summary["final_finetune"]["epochs"] == 1

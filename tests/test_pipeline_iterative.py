@@ -157,7 +157,9 @@ def test_dense_model_is_cached_and_reused(digits_run, tmp_path, cache_dir):
     run_dir, _ = digits_run
     first = json.loads((run_dir / "summary.json").read_text())
     result = run_icep(
-        [*FAST, "pipeline=iterative", "pipeline.distill=true"], tmp_path / "again", cache_dir
+        [*FAST, "pipeline=iterative", "pipeline.finetune.distill=true"],
+        tmp_path / "again",
+        cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     second = json.loads((tmp_path / "again" / "summary.json").read_text())

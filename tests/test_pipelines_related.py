@@ -9,15 +9,23 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, ROOT, digits_data, read_jsonl, run_icep, trained_on_digits
-from omegaconf import OmegaConf
+from conftest import (
+    FAST,
+    compose_config,
+    digits_data,
+    pipeline_overrides,
+    read_jsonl,
+    run_icep,
+    trained_on_digits,
+)
+from hydra.utils import instantiate
 
+from icep.config import validate
 from icep.errors import ConfigError
 from icep.loggers import RunLogger
 from icep.models import cifar_resnet
-from icep.pipelines import PIPELINES, PruningRun, check_pipeline, epi
-from icep.pipelines.agp import prune_epochs
-from icep.pipelines.epi import epi_values, firing_epoch, similarity
+from icep.pipelines import EPI, PruningRun
+from icep.pipelines.epi import epi_values, fires, similarity
 from icep.pruning import L1, select_global, uniform_widths
 from icep.pruning.schedules import agp, constant, geometric, hybrid, one_shot
 from icep.train import Trainer
@@ -34,16 +42,18 @@ def dense_state(digits):
     return trained_on_digits(digits, depth=8, epochs=4, min_val_acc=50)
 
 
-def pipeline_cfg(name: str, **overrides):
-    """conf/pipeline/NAME.yaml with ``overrides`` (iterative_geometric: iterative's keys)."""
-    path = ROOT / "conf" / "pipeline" / f"{name}.yaml"
-    cfg = OmegaConf.load(path)
-    if "defaults" in cfg:
-        cfg = OmegaConf.merge(
-            OmegaConf.load(path.with_name(f"{cfg.defaults[0]}.yaml")),
-            {k: v for k, v in cfg.items() if k != "defaults"},
-        )
-    return OmegaConf.merge(cfg, overrides)
+def pipeline_cfg(name: str, *overrides: str, **keys):
+    """The whole config with pipeline=NAME, ``overrides`` and ``pipeline.KEY=VALUE`` for
+    ``keys``, checked as the app checks it."""
+    cfg = compose_config(*pipeline_overrides(name, *overrides, **keys))
+    validate(cfg)
+    return cfg
+
+
+def firing_epoch(counts, tau: float, window: int) -> int | None:
+    """The first epoch (1-based) at which EPI fires for this sequence of per-layer counts."""
+    values = epi_values(counts, window)
+    return next((t for t in range(1, len(values) + 1) if fires(values[:t], tau, window)), None)
 
 
 def new_run(digits, dense_state, tmp_path, checkpoint=None):
@@ -56,9 +66,8 @@ def new_run(digits, dense_state, tmp_path, checkpoint=None):
 
 
 def run_pipeline(cfg, digits, dense_state, tmp_path):
-    check_pipeline(cfg)
     run = new_run(digits, dense_state, tmp_path)
-    return run, PIPELINES[cfg.name](run, cfg)
+    return run, instantiate(cfg.pipeline)(run)
 
 
 def expected_share(original: dict[str, int], share: float) -> float:
@@ -98,12 +107,11 @@ def test_schedule_pipelines_prune_every_unit_to_each_share(
 
 def test_agp_prunes_at_its_epochs_and_trains_in_between():
     cfg = pipeline_cfg("agp", target=0.8, steps=3, start_epoch=2, frequency=2, epochs=7)
-    epochs = prune_epochs(cfg)
+    epochs = instantiate(cfg.pipeline).prune_epochs()
     assert list(epochs) == [2, 4, 6]
     assert list(epochs.values()) == pytest.approx(agp(0.8, 3))
-    check_pipeline(cfg)
     with pytest.raises(ConfigError, match=r"pipeline\.epochs: got 5; the last AGP step"):
-        check_pipeline(OmegaConf.merge(cfg, {"epochs": 5}))
+        pipeline_cfg("agp", target=0.8, steps=3, start_epoch=2, frequency=2, epochs=5)
 
 
 # --- scope ------------------------------------------------------------------------------------
@@ -178,8 +186,14 @@ def test_patience_stops_and_puts_back_the_best_weights(digits, dense_state, tmp_
         return next(accuracies)
 
     run.trainer.evaluate = evaluate
-    cfg = pipeline_cfg("one_shot", finetune_policy="patience", patience=2, min_delta=0.1)
-    assert run.recover(cfg, 0.01) == 4  # epochs 3 and 4 did not improve on epoch 2
+    cfg = pipeline_cfg(
+        "one_shot",
+        "pipeline/finetune=patience",
+        **{"finetune.patience": 2, "finetune.min_delta": 0.1},
+    )
+    assert (
+        run.recover(instantiate(cfg.pipeline.finetune), 0.01) == 4
+    )  # epochs 3 and 4 did not improve on epoch 2
     assert run.acc_now == 60.0
     best = snapshots[1]
     assert all(torch.equal(v, best[k]) for k, v in run.model.state_dict().items())
@@ -192,14 +206,19 @@ def test_patience_is_capped_by_max_epochs(digits, dense_state, tmp_path):
     run = new_run(digits, dense_state, tmp_path)
     accuracies = iter([50.0, 60.0, 70.0, 80.0])
     run.trainer.evaluate = lambda model, loader, desc="eval": next(accuracies)
-    cfg = pipeline_cfg("hybrid", finetune_policy="patience", patience=5, max_epochs=3)
-    assert run.recover(cfg, 0.01) == 3
+    cfg = pipeline_cfg(
+        "hybrid", "pipeline/finetune=patience", **{"finetune.patience": 5, "finetune.max_epochs": 3}
+    )
+    assert run.recover(instantiate(cfg.pipeline.finetune), 0.01) == 3
     assert run.acc_now == 70.0
 
 
 def test_patience_runs_in_a_pipeline_and_records_the_epochs(digits, dense_state, tmp_path):
     cfg = pipeline_cfg(
-        "iterative_geometric", steps=2, finetune_policy="patience", patience=1, max_epochs=2
+        "iterative_geometric",
+        "pipeline/finetune=patience",
+        steps=2,
+        **{"finetune.patience": 1, "finetune.max_epochs": 2},
     )
     run, summary = run_pipeline(cfg, digits, dense_state, tmp_path)
     assert all(1 <= r["epochs"] <= 2 for r in run.rows)
@@ -242,14 +261,14 @@ def test_epi_fires_on_a_settling_sequence_and_not_before_its_window():
 KEPT = [[9, 16, 32], [7, 16, 32], [6, 16, 32], [6, 16, 32]]
 
 
-def crafted_ranking(run, cfg):
+def crafted_ranking(self, run):
     widths = run.engine.unit_widths()
     kept = KEPT[len(run.rows)]  # this epoch's
     return {n: list(range(w - k)) for (n, w), k in zip(widths.items(), kept, strict=True)}
 
 
 def test_epi_pipeline_prunes_once_when_it_fires(digits, dense_state, tmp_path, monkeypatch):
-    monkeypatch.setattr(epi, "rank_channels", crafted_ranking)
+    monkeypatch.setattr(EPI, "rank_channels", crafted_ranking)
     cfg = pipeline_cfg("epi", epochs=4, window=1, tau=0.5, alpha=0.4)
     run, summary = run_pipeline(cfg, digits, dense_state, tmp_path)
     counts = KEPT[:3]
@@ -288,7 +307,7 @@ class Stop(Exception):
 def test_a_run_resumes_from_its_checkpoint_to_the_same_metrics(
     name, overrides, digits, dense_state, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(epi, "rank_channels", crafted_ranking)  # EPI fires after the resume
+    monkeypatch.setattr(EPI, "rank_channels", crafted_ranking)  # EPI fires after the resume
     cfg = pipeline_cfg(name, **overrides)
     full_run, full = run_pipeline(cfg, digits, dense_state, tmp_path / "full")
 
@@ -301,11 +320,11 @@ def test_a_run_resumes_from_its_checkpoint_to_the_same_metrics(
 
     killed.on_step.append(stop_after_step_two)
     with pytest.raises(Stop):
-        PIPELINES[cfg.name](killed, cfg)
+        instantiate(cfg.pipeline)(killed)
 
     resumed = new_run(digits, dense_state, tmp_path / "killed", checkpoint)
     resumed.restore(torch.load(checkpoint, weights_only=True))
-    summary = PIPELINES[cfg.name](resumed, cfg)
+    summary = instantiate(cfg.pipeline)(resumed)
 
     def untimed(rows):
         return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows]
@@ -322,8 +341,8 @@ def test_a_run_resumes_from_its_checkpoint_to_the_same_metrics(
 @pytest.mark.parametrize(
     ("name", "overrides", "key"),
     [
-        ("one_shot", {"finetune_policy": "early"}, "pipeline.finetune_policy"),
-        ("one_shot", {"finetune_policy": "patience", "patience": 0}, "pipeline.patience"),
+        ("one_shot", {"finetune.epochs": 0}, "pipeline.finetune.epochs"),
+        ("one_shot", {"finetune.lr": -1}, "pipeline.finetune.lr"),
         ("iterative", {"schedule": "cubic"}, "pipeline.schedule"),
         ("iterative", {"structure": "unstructured"}, "pipeline.structure"),
         ("one_shot", {"scope": "layer"}, "pipeline.scope"),
@@ -334,9 +353,13 @@ def test_a_run_resumes_from_its_checkpoint_to_the_same_metrics(
     ],
 )
 def test_bad_pipeline_settings_name_the_key(name, overrides, key):
-    cfg = pipeline_cfg(name, **overrides)
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": "):
-        check_pipeline(cfg)
+        pipeline_cfg(name, **overrides)
+
+
+def test_a_bad_patience_setting_names_the_key():
+    with pytest.raises(ConfigError, match=r"^pipeline\.finetune\.patience: got 0"):
+        pipeline_cfg("one_shot", "pipeline/finetune=patience", **{"finetune.patience": 0})
 
 
 def test_hybrid_through_the_app(tmp_path, cache_dir):

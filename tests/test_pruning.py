@@ -10,14 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
-from icep.errors import ConfigError
 from icep.models import cifar_resnet
 from icep.pruning import (
-    CRITERIA,
     L1,
     L2,
     PruningEngine,
-    build_criterion,
     count_macs_params,
     remaining_fraction,
     spatial_conv_weights,
@@ -267,18 +264,6 @@ def test_norm_criteria_score_each_filter():
     assert int(l1.argmin()) == int(l2.argmin()) == 2
     assert torch.allclose(l1, conv.weight.abs().sum(dim=(1, 2, 3)))
     assert torch.allclose(l2, conv.weight.pow(2).sum(dim=(1, 2, 3)).sqrt())
-
-
-def test_criteria_registry():
-    assert {"l1", "l2"} <= set(CRITERIA)  # the others: tests/test_criteria.py
-    assert isinstance(build_criterion("l1"), L1)
-    assert isinstance(build_criterion("l2"), L2)
-    assert not build_criterion("l1").needs_data
-    with pytest.raises(ConfigError, match="unknown criterion 'x'; choose one of: l1, l2, ") as err:
-        build_criterion("x")
-    assert err.value.key == "criterion.name"
-    with pytest.raises(ConfigError, match="criterion"):
-        build_criterion("l1", p=3)
 
 
 def test_criterion_with_wrong_shape_is_rejected():

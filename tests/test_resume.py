@@ -63,8 +63,7 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_one_before(
     tmp_path, cache_dir, uninterrupted
 ):
     out = tmp_path / "killed"
-    env = {"ICEP_TEST_KILL_IN_CHECKPOINT": "4"}  # dies after writing step 4's file, before rename
-    result = run_icep(ARGS, out, cache_dir, env=env)
+    result = run_icep(ARGS, out, cache_dir, kill_in_checkpoint=4)  # step 4's file, not renamed
     assert result.returncode < 0  # SIGKILL
     assert list(out.glob(".checkpoint.pt.*.tmp"))  # the interrupted write
     assert torch.load(out / "checkpoint.pt", weights_only=True)["steps"] == 3
@@ -77,9 +76,7 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_one_before(
 
 def test_resuming_with_another_config_is_refused(tmp_path, cache_dir):
     out = tmp_path / "run"
-    killed = run_icep(
-        [*FAST, "pipeline=iterative"], out, cache_dir, env={"ICEP_TEST_KILL_IN_CHECKPOINT": "2"}
-    )
+    killed = run_icep([*FAST, "pipeline=iterative"], out, cache_dir, kill_in_checkpoint=2)
     assert killed.returncode < 0
     before = (out / "checkpoint.pt").read_bytes()  # step 1's
     hydra_files = {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")}
@@ -101,7 +98,7 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_the_key_is_set(tm
     change of config and is refused."""
     out = tmp_path / "run"
     args = [*FAST, "pipeline=iterative"]
-    killed = run_icep(args, out, cache_dir, env={"ICEP_TEST_KILL_IN_CHECKPOINT": "2"})
+    killed = run_icep(args, out, cache_dir, kill_in_checkpoint=2)
     assert killed.returncode < 0
     blob = torch.load(out / "checkpoint.pt", weights_only=True)
     del blob["config"]["dense.nesterov"]  # as an icep before that key wrote it

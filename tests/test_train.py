@@ -81,7 +81,7 @@ def test_nan_loss_names_epoch_batch_and_lr():
         trainer.fit(model, loader(), sgd(model, 0.05), epochs=3, desc="fine-tune")
     assert str(err.value) == (
         "fine-tune epoch 2/3: the loss became nan at batch 3/8 (lr 0.05); the learning rate is "
-        "too high for this model: lower pipeline.lr (ICE: pipeline.base)"
+        "too high for this model: lower pipeline.finetune.lr (ICE: pipeline.base; AGP, EPI: pipeline.lr)"
     )
     assert model.calls == 8 + 3  # stopped at the batch, not at the end of the epoch
 

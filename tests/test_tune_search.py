@@ -3,6 +3,8 @@ stop it with one message, and a study in a storage is continued, not restarted."
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -102,6 +104,45 @@ def test_a_search_continues_its_study_from_sqlite(tmp_path):
         TrialState.COMPLETE,
     ]
     assert trials[2].user_attrs[REASON].startswith("interrupted")
+
+
+def test_an_interrupt_fails_the_running_trial_and_a_rerun_continues(tmp_path):
+    calls = []
+
+    def objective(trial):
+        calls.append(trial.number)
+        x = SPACE.suggest(trial)["x"]
+        if trial.number == 1:
+            raise KeyboardInterrupt
+        return [x]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_study(tmp_path), objective, 3, max_failure_rate=0.5)
+    trials = _study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs[REASON].startswith("interrupted")
+    # Both finished trials count toward n_trials: with 2 none runs, with 3 one more.
+    assert len(run_search(_study(tmp_path), objective, 2, max_failure_rate=0.5)) == 2
+    assert calls == [0, 1]
+    run_search(_study(tmp_path), objective, 3, max_failure_rate=0.5)
+    assert calls == [0, 1, 2]
+
+
+def test_each_finished_trial_is_logged_and_handed_to_on_trial(tmp_path, caplog):
+    seen = []
+
+    def objective(trial):
+        x = SPACE.suggest(trial)["x"]
+        if trial.number == 0:
+            raise ValueError("bad point")
+        return [x]
+
+    with caplog.at_level(logging.INFO, logger="icep"):
+        run_search(_study(tmp_path), objective, 2, max_failure_rate=1.0, on_trial=seen.append)
+    assert [(t.number, t.state) for t in seen] == [(0, TrialState.FAIL), (1, TrialState.COMPLETE)]
+    assert "tune: trial 0 (1/2 finished" in caplog.text
+    assert "FAIL: ValueError: bad point" in caplog.text
+    assert "tune: trial 1 (2/2 finished" in caplog.text
 
 
 def test_a_grid_search_covers_its_grid_and_stops(tmp_path):

@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from test_tune_space import PAPER_GRID as PAPER_GRID_EXPRESSIONS
 
+from icep.config import validate
 from icep.errors import ConfigError
 from icep.tune import SearchSpace
-from icep.tune.stage import check_tune
 
 # 600 digits train+val samples; each trial uses a quarter of train and half of val.
 SMALL = [*FAST, "dataset.train_subset=600", "tune.train_fraction=0.25", "tune.eval_fraction=0.5"]
@@ -134,7 +134,7 @@ def test_the_pruner_stops_a_hopeless_trial_and_a_rerun_continues_the_study(tmp_p
 
 def _check(*overrides):
     with initialize_config_module("icep.conf", version_base="1.3"):
-        check_tune(compose("config", overrides=["tune=tpe", *overrides]))
+        validate(compose("config", overrides=["tune=tpe", *overrides]))
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def _check(*overrides):
         (["tune.space.thre='interval(2,1)'"], "tune.space.thre: interval(2,1): the interval is"),
         (["tune.objectives=[drop,time]"], "tune.pruner.name: Optuna's pruners work on one"),
         (["tune.pruner.name=medain"], "tune.pruner.name: got 'medain'"),
-        (["tune.train_fraction=0"], "tune.train_fraction: got 0; must be in (0, 1]"),
+        (["tune.train_fraction=0"], "tune.train_fraction: got 0; must be a number in (0, 1]"),
         (["tune=grid", "tune.space.fr='interval(0.1,0.5)'"], "tune.space.fr: a grid search needs"),
     ],
 )

@@ -49,12 +49,7 @@ def torchvision_model(
     """Any torchvision classification model by name (``torchvision.models.list_models``)."""
     import torchvision
 
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        close = [m for m in available if name.split("_")[0] in m][:8] or available[:8]
-        raise ConfigError(
-            "model.name", f"unknown torchvision model '{name}'; e.g. {', '.join(close)}"
-        )
+    _check_torchvision_name(name)
     if weights is not None:
         # Pretrained heads have 1000 classes: build with them, then swap the classifier.
         model = torchvision.models.get_model(name, weights=weights)
@@ -83,12 +78,38 @@ def timm_model(
     """Any timm model by name (``timm.list_models``)."""
     import timm
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ConfigError("model.name", f"unknown timm model '{name}'; e.g. {', '.join(close)}")
+    _check_timm_name(name)
     return timm.create_model(
         name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels
     )
+
+
+def _check_torchvision_name(name: str) -> None:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        close = [m for m in available if name.split("_")[0] in m][:8] or available[:8]
+        raise ConfigError(
+            "model.name", f"unknown torchvision model '{name}'; e.g. {', '.join(close)}"
+        )
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ConfigError("model.name", f"unknown timm model '{name}'; e.g. {', '.join(close)}")
+
+
+def check_name(builder: str, name: str) -> None:
+    """Refuse a ``model.name`` that the ``model.arch`` builder (its ``_target_``) does not know,
+    before any data is loaded: torchvision's and timm's names are listed without building."""
+    if builder == f"{__name__}.torchvision_model":
+        _check_torchvision_name(name)
+    elif builder == f"{__name__}.timm_model":
+        _check_timm_name(name)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

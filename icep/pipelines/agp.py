@@ -13,48 +13,58 @@ Each epoch is one step of the run's record and checkpoint (with the optimizer's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from icep.pipelines.base import PruningRun
-from icep.pipelines.schedule import SchedulePruner
+from icep.pipelines.cumulative import PruneTo, SchedulePruner
+from icep.pipelines.finetune import Training
 from icep.pruning.schedules import agp
-from icep.train import sgd
 
 
-def prune_epochs(cfg: Any) -> dict[int, float]:
-    """Epoch -> the cumulative share to prune to at its start."""
-    cumulative = agp(cfg.target, cfg.steps, cfg.initial)
-    return {cfg.start_epoch + k * cfg.frequency: share for k, share in enumerate(cumulative)}
+@dataclass(kw_only=True)
+class AGP(PruneTo, Training):
+    target: float  # s_f: the final pruned share
+    initial: float  # s_i: the share before the first step
+    steps: int  # n: pruning steps
+    start_epoch: int  # epoch of the first step (1-based)
+    frequency: int  # dt: epochs between steps
+    epochs: int  # all training epochs; those after the last step recover
+    name: str  # the label of reports, W&B tags and run names
 
+    def prune_epochs(self) -> dict[int, float]:
+        """Epoch -> the cumulative share to prune to at its start."""
+        cumulative = agp(self.target, self.steps, self.initial)
+        return {self.start_epoch + k * self.frequency: share for k, share in enumerate(cumulative)}
 
-def run_agp(run: PruningRun, cfg: Any) -> dict[str, Any]:
-    run.planned_steps = cfg.epochs
-    schedule = prune_epochs(cfg)
-    run.start()
-    distill = run.teacher(cfg) if cfg.distill else None
-    pruner = SchedulePruner(run, cfg)
-    optimizer = run.optimizer(cfg.lr, cfg.momentum, cfg.weight_decay)
-    for epoch in run.pending(range(1, cfg.epochs + 1)):
-        share = schedule.get(epoch)
-        if share is not None:
-            pruner.prune_to(share)
-            # new Parameters (structured) or new zeros (masks): a new optimizer
-            optimizer = sgd(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
-        run.train_epoch(optimizer, distill, f"agp epoch {epoch}/{cfg.epochs}")
-        run.evaluate()
-        run.keep_optimizer(optimizer)
-        run.record(
-            f"epoch {epoch}",
-            epoch=epoch,
-            pruned=share is not None,
-            target=share,
-            **pruner.measure(),
-            lr=cfg.lr,
+    def __call__(self, run: PruningRun) -> dict[str, Any]:
+        run.planned_steps = self.epochs
+        schedule = self.prune_epochs()
+        run.start()
+        distill = run.teacher(self)
+        pruner = SchedulePruner(run, self)
+        optimizer = run.resume_optimizer(run.new_optimizer(self.optimizer, self.lr))
+        for epoch in run.pending(range(1, self.epochs + 1)):
+            share = schedule.get(epoch)
+            if share is not None:
+                pruner.prune_to(share)
+                # new Parameters (structured) or new zeros (masks): a new optimizer
+                optimizer = run.new_optimizer(self.optimizer, self.lr)
+            run.train_epoch(optimizer, distill, f"agp epoch {epoch}/{self.epochs}")
+            run.evaluate()
+            run.keep_optimizer(optimizer)
+            run.record(
+                f"epoch {epoch}",
+                epoch=epoch,
+                pruned=share is not None,
+                target=share,
+                **pruner.measure(),
+                lr=self.lr,
+            )
+        return run.summary(
+            ratio=None,
+            target=self.target,
+            schedule=list(schedule.values()),
+            prune_epochs=list(schedule),
+            **pruner.finish(),
         )
-    return run.summary(
-        ratio=None,
-        target=cfg.target,
-        schedule=list(schedule.values()),
-        prune_epochs=list(schedule),
-        **pruner.finish(),
-    )

@@ -17,6 +17,7 @@ from torch import nn
 from icep.compute import WORK_KEYS
 from icep.data import Data
 from icep.loggers import RunLogger
+from icep.pipelines.finetune import FineTune
 from icep.pruning import (
     PruningEngine,
     Unit,
@@ -26,7 +27,7 @@ from icep.pruning import (
     spatial_conv_weights,
 )
 from icep.serialization import atomic_open, layer_shapes
-from icep.train import Distillation, Trainer, sgd
+from icep.train import Distillation, Trainer, trainable
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,15 @@ class PruningRun:
         )
         return self.acc_original
 
-    def teacher(self, cfg: Any) -> Distillation:
-        """The unpruned model, frozen, as a distillation teacher (call before pruning)."""
+    def teacher(self, settings: Any) -> Distillation | None:
+        """The unpruned model, frozen, as a distillation teacher (call before pruning), when
+        ``settings`` (a fine-tune policy, or the training keys of AGP and EPI) ask for one:
+        ``distill``, ``distill_temperature``, ``distill_weight``."""
+        if not settings.distill:
+            return None
         source = self._dense if self._dense is not None else self.model
         teacher = copy.deepcopy(source).eval().requires_grad_(False)
-        return Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
+        return Distillation(teacher, settings.distill_temperature, settings.distill_weight)
 
     def evaluate(self) -> float:
         """Accuracy (percent) on the decision split, timed and counted as ``eval``."""
@@ -175,35 +180,72 @@ class PruningRun:
             self.engine.prune_unit(unit.index, ratio, self.criterion)
             self.trainer.prepare(self.model)  # pruned weights come back in the default layout
 
-    def finetune(
+    # --- training: a fine-tune policy (icep.pipelines.finetune) or a pipeline's own epochs ---
+
+    def recover(
         self,
-        epochs: int,
+        policy: FineTune,
+        lr: float | None = None,
+        distill: Distillation | None = None,
+        desc: str = "fine-tune",
+    ) -> int:
+        """Fine-tune after a prune as ``policy`` says (at ``lr``, by default the policy's own),
+        leaving ``acc_now`` measured on the weights it ends with. Returns the epochs it ran."""
+        epochs = policy(self, lr, distill, desc)
+        self.finetunes += 1
+        return epochs
+
+    def new_optimizer(
+        self,
+        make: Callable[..., torch.optim.Optimizer],
         lr: float,
-        momentum: float,
-        weight_decay: float,
+        model: nn.Module | None = None,
+        phase: str = "finetune",
+    ) -> torch.optim.Optimizer:
+        """``make`` (a ``_partial_`` optimizer node) over the trainable parameters of ``model``
+        (by default the model being pruned) at ``lr``."""
+        with self.timer.phase(phase):
+            return make(trainable(self.model if model is None else model), lr=lr)
+
+    def fit(
+        self,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
         distill: Distillation | None = None,
         desc: str = "fine-tune",
         model: nn.Module | None = None,
         phase: str = "finetune",
     ) -> None:
-        """``epochs`` epochs with a fresh SGD at a constant ``lr``, timed as ``phase``.
-
-        ``model`` defaults to the model being pruned; a different one (a copy for an analysis)
-        is trained the same way but does not count as a fine-tune of the run.
-        """
+        """Train ``epochs`` epochs with ``optimizer``, timed as ``phase``. ``model`` defaults to
+        the model being pruned; a copy for an analysis is trained the same way. A NaN loss raises
+        an IcepError naming ``desc`` (the step) and the lr."""
         target = self.model if model is None else model
         with self.timer.phase(phase):
-            optimizer = sgd(target, lr, momentum, weight_decay)
-            # A NaN loss raises an IcepError naming ``desc`` (the step) and the lr.
             self.trainer.fit(target, self.data.train, optimizer, epochs, distill=distill, desc=desc)
-        if model is None:
-            self.finetunes += 1
 
-    def optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-        """The SGD of a pipeline that trains across steps (AGP, EPI): a fresh one, or, in a run
-        resumed from a checkpoint, the one saved there with :meth:`keep_optimizer` (momentum
-        included), so the resumed run trains on as the uninterrupted one would."""
-        optimizer = sgd(self.model, lr, momentum, weight_decay)
+    def train_epoch(
+        self, optimizer: torch.optim.Optimizer, distill: Distillation | None, desc: str
+    ) -> None:
+        """One epoch with ``optimizer`` (kept across epochs: the pipelines that prune during
+        training), counted as a fine-tune."""
+        self.fit(optimizer, 1, distill, desc)
+        self.finetunes += 1
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's weights, to :meth:`put_back` later."""
+        with self.timer.phase("finetune"):
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def put_back(self, weights: dict[str, torch.Tensor], acc: float) -> None:
+        """Load weights from :meth:`snapshot`; ``acc`` is what their evaluation gave."""
+        with self.timer.phase("finetune"):
+            self.model.load_state_dict(weights)
+        self.acc_now = acc
+
+    def resume_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """In a run resumed from a checkpoint, load the state saved there with
+        :meth:`keep_optimizer` (momentum included) into ``optimizer``, so the resumed run trains
+        on as the uninterrupted one would."""
         saved = self.state.pop("optimizer", None)
         if saved is not None:
             optimizer.load_state_dict(saved)
@@ -212,61 +254,6 @@ class PruningRun:
     def keep_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Put ``optimizer``'s state in the next checkpoint."""
         self.state["optimizer"] = optimizer.state_dict()
-
-    def recover(
-        self,
-        cfg: Any,
-        lr: float,
-        distill: Distillation | None = None,
-        desc: str = "fine-tune",
-    ) -> int:
-        """Fine-tune after a prune as ``cfg.finetune_policy`` says, and leave ``acc_now``
-        measured on the weights it ends with. Returns the epochs it ran.
-
-        ``fixed``: ``cfg.finetune_epochs`` epochs, then one evaluation. ``patience``: one SGD
-        for epoch after epoch, each evaluated on the decision split; it stops once ``patience``
-        epochs in a row did not beat the best accuracy by more than ``min_delta`` points, or after
-        ``max_epochs``, and puts back the weights of the best epoch.
-        """
-        if cfg.finetune_policy == "fixed":
-            self.finetune(cfg.finetune_epochs, lr, cfg.momentum, cfg.weight_decay, distill, desc)
-            self.evaluate()
-            return cfg.finetune_epochs
-        return self._finetune_with_patience(cfg, lr, distill, desc)
-
-    def _finetune_with_patience(
-        self, cfg: Any, lr: float, distill: Distillation | None, desc: str
-    ) -> int:
-        best_acc, best_epoch, best_state = float("-inf"), 0, None
-        epoch = 0
-        with self.timer.phase("finetune"):
-            optimizer = sgd(self.model, lr, cfg.momentum, cfg.weight_decay)
-        while epoch < cfg.max_epochs and epoch - best_epoch < cfg.patience:
-            epoch += 1
-            self._fit_epoch(optimizer, distill, desc)
-            acc = self.evaluate()
-            if acc > best_acc + cfg.min_delta:
-                with self.timer.phase("finetune"):
-                    best_acc, best_epoch = acc, epoch
-                    best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        if best_epoch != epoch:
-            with self.timer.phase("finetune"):
-                self.model.load_state_dict(best_state)
-            self.acc_now = best_acc  # what the evaluation of these weights gave
-        log.info("%s: %d epochs, best %.2f%% after epoch %d", desc, epoch, best_acc, best_epoch)
-        self.finetunes += 1
-        return epoch
-
-    def _fit_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> None:
-        """One epoch of the model being pruned, timed as fine-tuning."""
-        with self.timer.phase("finetune"):
-            self.trainer.fit(self.model, self.data.train, optimizer, 1, distill=distill, desc=desc)
-
-    def train_epoch(self, optimizer: Any, distill: Distillation | None, desc: str) -> None:
-        """One epoch with ``optimizer`` (kept across epochs: the pipelines that prune during
-        training), counted as a fine-tune."""
-        self._fit_epoch(optimizer, distill, desc)
-        self.finetunes += 1
 
     def record(self, unit: Unit | str, **fields: Any) -> dict[str, Any]:
         """Append one step's row to metrics.jsonl (and W&B), adding size, the accuracy after the

@@ -16,11 +16,12 @@ counts and EPI values so far), so ``resume=true`` continues after the last finis
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from icep.pipelines.base import PruningRun
+from icep.pipelines.finetune import Training
 from icep.pruning import select_global
-from icep.train import sgd
 
 
 def similarity(a: Sequence[int], b: Sequence[int]) -> float:
@@ -50,65 +51,62 @@ def fires(values: Sequence[float | None], tau: float, window: int) -> bool:
     return last > tau and all(last > v for v in values[-window - 1 : -1])
 
 
-def firing_epoch(counts: Sequence[Sequence[int]], tau: float, window: int) -> int | None:
-    """The first epoch (1-based) at which EPI fires for this sequence of per-layer counts."""
-    values = epi_values(counts, window)
-    for epoch in range(1, len(values) + 1):
-        if fires(values[:epoch], tau, window):
-            return epoch
-    return None
+@dataclass(kw_only=True)
+class EPI(Training):
+    alpha: float  # share of the unit channels pruned when EPI fires
+    tau: float  # threshold
+    window: int  # r: counts averaged over, and earlier EPI values to beat
+    epochs: int  # all training epochs
+    min_channels_share: float  # each conv keeps >= ceil(share * C_orig) channels (>= 1)
+    name: str  # the label of reports, W&B tags and run names
 
+    def __call__(self, run: PruningRun) -> dict[str, Any]:
+        run.planned_steps = self.epochs
+        run.start()
+        distill = run.teacher(self)
+        # Counts N_t, EPI values and the firing epoch so far: all a resumed run needs to go on.
+        history = run.state.setdefault("epi", {"counts": [], "values": [], "fired": None})
+        optimizer = run.resume_optimizer(run.new_optimizer(self.optimizer, self.lr))
+        for epoch in run.pending(range(1, self.epochs + 1)):
+            run.train_epoch(optimizer, distill, f"epi epoch {epoch}/{self.epochs}")
+            epi = None
+            if history["fired"] is None:
+                with run.timer.phase("prune"):  # ranking every epoch is the method's cost
+                    epi = self.rank_and_maybe_prune(run, history, epoch)
+                if history["fired"] == epoch:  # new Parameters: a new optimizer
+                    optimizer = run.new_optimizer(self.optimizer, self.lr, phase="prune")
+            run.evaluate()
+            run.keep_optimizer(optimizer)
+            run.record(
+                f"epoch {epoch}",
+                epoch=epoch,
+                epi=epi,
+                pruned=history["fired"] == epoch,
+                channels_pruned_share=run.engine.pruned_share(),
+                lr=self.lr,
+            )
+        return run.summary(ratio=None, target=self.alpha, epi_fired_epoch=history["fired"])
 
-def rank_channels(run: PruningRun, cfg: Any) -> dict[str, list[int]]:
-    """The channels a prune to ``alpha`` would remove now, per unit conv (one global ranking)."""
-    engine = run.engine
-    original = engine.original_widths
-    run.prepare_criterion(list(original), engine)
-    scores = {name: engine.scores(name, run.criterion) for name in original}
-    return select_global(scores, original, cfg.alpha, cfg.min_channels_share)
+    def rank_channels(self, run: PruningRun) -> dict[str, list[int]]:
+        """The channels a prune to ``alpha`` would remove now, per unit conv (one global
+        ranking)."""
+        engine = run.engine
+        original = engine.original_widths
+        run.prepare_criterion(list(original), engine)
+        scores = {name: engine.scores(name, run.criterion) for name in original}
+        return select_global(scores, original, self.alpha, self.min_channels_share)
 
-
-def run_epi(run: PruningRun, cfg: Any) -> dict[str, Any]:
-    run.planned_steps = cfg.epochs
-    run.start()
-    distill = run.teacher(cfg) if cfg.distill else None
-    # Counts N_t, EPI values and the firing epoch so far: all a resumed run needs to go on.
-    history = run.state.setdefault("epi", {"counts": [], "values": [], "fired": None})
-    optimizer = run.optimizer(cfg.lr, cfg.momentum, cfg.weight_decay)
-    for epoch in run.pending(range(1, cfg.epochs + 1)):
-        run.train_epoch(optimizer, distill, f"epi epoch {epoch}/{cfg.epochs}")
-        epi = None
-        if history["fired"] is None:
-            with run.timer.phase("prune"):  # ranking every epoch is the method's cost
-                epi = _rank_and_maybe_prune(run, cfg, history, epoch)
-                if history["fired"] == epoch:
-                    optimizer = sgd(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
-        run.evaluate()
-        run.keep_optimizer(optimizer)
-        run.record(
-            f"epoch {epoch}",
-            epoch=epoch,
-            epi=epi,
-            pruned=history["fired"] == epoch,
-            channels_pruned_share=run.engine.pruned_share(),
-            lr=cfg.lr,
-        )
-    return run.summary(ratio=None, target=cfg.alpha, epi_fired_epoch=history["fired"])
-
-
-def _rank_and_maybe_prune(
-    run: PruningRun,
-    cfg: Any,
-    history: dict[str, Any],
-    epoch: int,
-) -> float | None:
-    """Record this epoch's kept counts and EPI; prune to the ranking if EPI fires. Returns EPI."""
-    removal = rank_channels(run, cfg)
-    widths = run.engine.unit_widths()
-    history["counts"].append([widths[n] - len(removal[n]) for n in widths])
-    history["values"].append(epi_values(history["counts"], cfg.window)[-1])
-    if fires(history["values"], cfg.tau, cfg.window):
-        run.engine.prune_channels(removal)
-        run.trainer.prepare(run.model)
-        history["fired"] = epoch
-    return history["values"][-1]
+    def rank_and_maybe_prune(
+        self, run: PruningRun, history: dict[str, Any], epoch: int
+    ) -> float | None:
+        """Record this epoch's kept counts and EPI; prune to the ranking if EPI fires. Returns
+        EPI."""
+        removal = self.rank_channels(run)
+        widths = run.engine.unit_widths()
+        history["counts"].append([widths[n] - len(removal[n]) for n in widths])
+        history["values"].append(epi_values(history["counts"], self.window)[-1])
+        if fires(history["values"], self.tau, self.window):
+            run.engine.prune_channels(removal)
+            run.trainer.prepare(run.model)
+            history["fired"] = epoch
+        return history["values"][-1]

@@ -4,12 +4,16 @@ after every step."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from icep.pipelines.base import PruningRun
-from icep.pipelines.schedule import run_schedule
+from icep.pipelines.cumulative import SchedulePipeline
 from icep.pruning.schedules import hybrid
 
 
-def run_hybrid(run: PruningRun, cfg: Any) -> dict[str, Any]:
-    return run_schedule(run, cfg, hybrid(cfg.target, cfg.steps, cfg.one_shot))
+@dataclass(kw_only=True)
+class Hybrid(SchedulePipeline):
+    one_shot: float  # the first slice, 0 < one_shot < target
+    steps: int  # geometric steps after the first slice
+
+    def cumulative(self) -> list[float]:
+        return hybrid(self.target, self.steps, self.one_shot)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from icep.pipelines.base import COST_PHASES, PruningRun
+from icep.pipelines.finetune import FineTune, FixedEpochs
 from icep.pruning import PruningEngine
 from icep.train import Distillation
 
@@ -74,93 +76,132 @@ def freeze_layers(model: nn.Module, engine: PruningEngine, names: list[str]) -> 
             model.get_submodule(norm).requires_grad_(False)
 
 
-def analyse_freezing(
-    run: PruningRun, cfg: Any, distill: Distillation | None
-) -> tuple[dict[str, float], list[str]]:
+def analyse_freezing(run: PruningRun, ice: ICE, distill: Distillation | None) -> dict[str, float]:
     """The one-off analysis: on a copy, prune only the first unit, fine-tune one epoch at
-    ``base`` and score every conv the units touch. Returns the scores and the layers to freeze."""
+    ``base`` and score every conv the units touch (:func:`freeze_scores`)."""
     names = run.engine.touched_convs()
     with run.timer.phase("freeze_analysis"):
         original_norm = {n: run.model.get_submodule(n).weight.detach().norm().item() for n in names}
         trial = copy.deepcopy(run.model)
         engine = PruningEngine(trial, run.example_inputs)
-        unit = engine.units[0]
-        run.prepare_criterion(unit.convs, engine)
-        engine.prune_unit(0, cfg.ratio, run.criterion)
+        run.prepare_criterion(engine.units[0].convs, engine)
+        engine.prune_unit(0, ice.ratio, run.criterion)
         run.trainer.prepare(trial)
         before = _l1(trial, names)
-    run.finetune(
-        1,
-        cfg.base,
-        cfg.momentum,
-        cfg.weight_decay,
-        distill,
-        desc="freeze analysis",
-        model=trial,
-        phase="freeze_analysis",
+    optimizer = run.new_optimizer(
+        ice.finetune.optimizer, ice.base, model=trial, phase="freeze_analysis"
     )
+    run.fit(optimizer, 1, distill, "freeze analysis", model=trial, phase="freeze_analysis")
     with run.timer.phase("freeze_analysis"):
-        scores = freeze_scores(before, _l1(trial, names), original_norm)
-        frozen = select_frozen(scores, cfg.fr)
-    del trial, engine
-    return scores, frozen
+        return freeze_scores(before, _l1(trial, names), original_norm)
 
 
 # --- The loop ----------------------------------------------------------------------------------
-def run_ice(run: PruningRun, cfg: Any) -> dict[str, Any]:
-    run.start(cfg.decision_split)
-    distill = run.teacher(cfg) if cfg.distill else None
-    frozen: list[str] = []
-    if cfg.freeze:
-        if "frozen" not in run.state:  # a resumed run has it from its checkpoint
-            scores, frozen = analyse_freezing(run, cfg, distill)
-            run.state["frozen"] = frozen
-            log.info("froze %d of %d layers: %s", len(frozen), len(scores), frozen)
-        frozen = run.state["frozen"]
+@dataclass(kw_only=True)
+class ICE:
+    """ICE-Pruning: every unit pruned once by ``ratio`` in forward order; after each prune the
+    trigger decides whether to fine-tune, at the pruning-aware lr, with the least-changing
+    layers frozen. Built from conf/pipeline/ice.yaml; with ``trigger``, ``freeze`` and
+    ``adaptive_lr`` all false it is the baseline at lr = ``base``."""
+
+    ratio: float  # share of each unit's channels removed: ceil(ratio * C)
+    finetune: FineTune  # each triggered fine-tune (pipeline/finetune=fixed|patience)
+    trigger: bool  # 3.1
+    thre: float
+    freeze: bool  # 3.2
+    fr: float
+    adaptive_lr: bool  # 3.3
+    base: float
+    p: float
+    beta: float
+    delta: float
+    decision_split: str
+    final_finetune_epochs: int
+    name: str  # the label of reports, W&B tags and run names
+    grid: Any = None  # the tuning stage's search spaces (conf/tune/), not used by the loop
+    ranges: Any = None
+
+    def __call__(self, run: PruningRun) -> dict[str, Any]:
+        run.start(self.decision_split)
+        distill = run.teacher(self.finetune)
+        frozen = self.frozen_layers(run, distill) if self.freeze else []
         freeze_layers(run.model, run.engine, frozen)
-    for unit in run.pending(run.units):
-        run.prune(unit, cfg.ratio)
-        acc_pruned = run.evaluate() if cfg.trigger else None
-        triggered = not cfg.trigger or should_finetune(run.acc_original, acc_pruned, cfg.thre)
-        lr, epochs = None, 0
-        if triggered:
-            lr = learning_rate(run, cfg)
-            epochs = run.recover(
-                cfg, lr, distill, desc=f"fine-tune {unit.index + 1}/{len(run.units)}"
+        for unit in run.pending(run.units):
+            run.prune(unit, self.ratio)
+            acc_pruned = run.evaluate() if self.trigger else None
+            triggered = not self.trigger or should_finetune(run.acc_original, acc_pruned, self.thre)
+            lr, epochs = None, 0
+            if triggered:
+                lr = self.learning_rate(run)
+                desc = f"fine-tune {unit.index + 1}/{len(run.units)}"
+                epochs = run.recover(self.finetune, lr, distill, desc)
+            run.record(
+                unit,
+                ratio=self.ratio,
+                acc_pruned=acc_pruned,
+                triggered=triggered,
+                finetuned=triggered,
+                lr=lr,
+                epochs=epochs,
+                frozen_params=run.frozen_params(),
             )
-        run.record(
-            unit,
-            ratio=cfg.ratio,
-            acc_pruned=acc_pruned,
-            triggered=triggered,
-            finetuned=triggered,
-            lr=lr,
-            epochs=epochs,
+        final = self.final_finetune(run, distill)
+        return run.summary(
+            frozen_layers=frozen,
             frozen_params=run.frozen_params(),
+            finetunes_skipped=len(run.units) - sum(r["finetuned"] for r in run.rows),
+            t_freeze_analysis=run.timer.totals.get("freeze_analysis", 0.0),
+            final_finetune=final,
+            hyperparameters=self.hyperparameters(),
         )
-    final = {}
-    if cfg.final_finetune_epochs > 0:
-        lr = learning_rate(run, cfg)
+
+    def learning_rate(self, run: PruningRun) -> float:
+        if not self.adaptive_lr:
+            return self.base
+        return pruning_aware_lr(run.remaining(), self.base, self.p, self.beta, self.delta)
+
+    def frozen_layers(self, run: PruningRun, distill: Distillation | None) -> list[str]:
+        """The layers to freeze, analysed once (a resumed run has them from its checkpoint)."""
+        if "frozen" not in run.state:
+            scores = analyse_freezing(run, self, distill)
+            run.state["frozen"] = select_frozen(scores, self.fr)
+            log.info(
+                "froze %d of %d layers: %s",
+                len(run.state["frozen"]),
+                len(scores),
+                run.state["frozen"],
+            )
+        return run.state["frozen"]
+
+    def final_finetune(self, run: PruningRun, distill: Distillation | None) -> dict[str, Any]:
+        """``final_finetune_epochs`` recovery epochs after the last step (the reference: none)."""
+        if self.final_finetune_epochs <= 0:
+            return {}
+        lr = self.learning_rate(run)
         before = run.timer.total(*COST_PHASES)
-        run.finetune(
-            cfg.final_finetune_epochs,
-            lr,
-            cfg.momentum,
-            cfg.weight_decay,
-            distill,
-            desc="recovery fine-tune",
+        tune = self.finetune
+        recovery = FixedEpochs(
+            name="fixed",
+            epochs=self.final_finetune_epochs,
+            lr=lr,
+            optimizer=tune.optimizer,
+            distill=tune.distill,
+            distill_temperature=tune.distill_temperature,
+            distill_weight=tune.distill_weight,
         )
-        run.evaluate()
+        run.recover(recovery, lr, distill, desc="recovery fine-tune")
         seconds = run.timer.total(*COST_PHASES) - before
-        final = {"epochs": cfg.final_finetune_epochs, "lr": lr, "seconds": seconds}
-    return run.summary(
-        frozen_layers=frozen,
-        frozen_params=run.frozen_params(),
-        finetunes_skipped=len(run.units) - sum(r["finetuned"] for r in run.rows),
-        t_freeze_analysis=run.timer.totals.get("freeze_analysis", 0.0),
-        final_finetune=final,
-        hyperparameters={k: cfg[k] for k in HYPERPARAMETERS},
-    )
+        return {"epochs": self.final_finetune_epochs, "lr": lr, "seconds": seconds}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings a summary reports, the fine-tune policy's included."""
+        tune = self.finetune
+        return {
+            **{k: getattr(self, k) for k in HYPERPARAMETERS},
+            "finetune_policy": tune.name,
+            "finetune_epochs": getattr(tune, "epochs", None),
+            "distill": tune.distill,
+        }
 
 
 HYPERPARAMETERS = (
@@ -174,25 +215,16 @@ HYPERPARAMETERS = (
     "freeze",
     "adaptive_lr",
     "decision_split",
-    "finetune_epochs",
-    "finetune_policy",
     "final_finetune_epochs",
-    "distill",
 )
 
 
-def learning_rate(run: PruningRun, cfg: Any) -> float:
-    if not cfg.adaptive_lr:
-        return cfg.base
-    return pruning_aware_lr(run.remaining(), cfg.base, cfg.p, cfg.beta, cfg.delta)
-
-
 __all__ = [
+    "ICE",
     "analyse_freezing",
     "freeze_layers",
     "freeze_scores",
     "pruning_aware_lr",
-    "run_ice",
     "select_frozen",
     "should_finetune",
 ]

@@ -1,25 +1,38 @@
 """Iterative pruning. ``schedule: blockwise`` is the baseline of METHOD.md section 2: every step
 prunes one unit by ``ratio``, then fine-tunes. ``constant`` and ``geometric`` (section 4) prune
 every unit at each step, to the schedule's cumulative share of ``target`` over ``steps`` steps
-(:mod:`icep.pipelines.schedule`)."""
+(:mod:`icep.pipelines.cumulative`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from icep.pipelines.base import PruningRun
-from icep.pipelines.schedule import cumulative_schedule, run_schedule
+from icep.pipelines.cumulative import SchedulePipeline
+from icep.pruning.schedules import constant, geometric
 
 
-def run_iterative(run: PruningRun, cfg: Any) -> dict[str, Any]:
-    if cfg.schedule != "blockwise":
-        return run_schedule(run, cfg, cumulative_schedule(cfg))
-    run.start()
-    distill = run.teacher(cfg) if cfg.distill else None
-    for unit in run.pending(run.units):
-        run.prune(unit, cfg.ratio)
-        epochs = run.recover(
-            cfg, cfg.lr, distill, desc=f"fine-tune {unit.index + 1}/{len(run.units)}"
-        )
-        run.record(unit, ratio=cfg.ratio, finetuned=True, lr=cfg.lr, epochs=epochs)
-    return run.summary()
+@dataclass(kw_only=True)
+class Iterative(SchedulePipeline):
+    schedule: str  # blockwise | constant | geometric
+    ratio: float  # blockwise: share of each unit's channels removed: ceil(ratio * C)
+    steps: int  # constant, geometric: number of pruning steps
+
+    def cumulative(self) -> list[float]:
+        if self.schedule == "constant":
+            return constant(self.target, self.steps)
+        return geometric(self.target, self.steps)
+
+    def __call__(self, run: PruningRun) -> dict[str, Any]:
+        if self.schedule != "blockwise":
+            return super().__call__(run)
+        run.start()
+        distill = run.teacher(self.finetune)
+        for unit in run.pending(run.units):
+            run.prune(unit, self.ratio)
+            desc = f"fine-tune {unit.index + 1}/{len(run.units)}"
+            epochs = run.recover(self.finetune, distill=distill, desc=desc)
+            lr = self.finetune.lr
+            run.record(unit, ratio=self.ratio, finetuned=True, lr=lr, epochs=epochs)
+        return run.summary()

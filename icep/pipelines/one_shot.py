@@ -3,12 +3,13 @@ single step, then one fine-tune (fixed epochs or with patience)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from icep.pipelines.base import PruningRun
-from icep.pipelines.schedule import run_schedule
+from icep.pipelines.cumulative import SchedulePipeline
 from icep.pruning.schedules import one_shot
 
 
-def run_one_shot(run: PruningRun, cfg: Any) -> dict[str, Any]:
-    return run_schedule(run, cfg, one_shot(cfg.target))
+@dataclass(kw_only=True)
+class OneShot(SchedulePipeline):
+    def cumulative(self) -> list[float]:
+        return one_shot(self.target)

@@ -2,7 +2,6 @@
 unstructured magnitude masks."""
 
 from icep.pruning.criteria import (
-    CRITERIA,
     FPGM,
     L1,
     L2,
@@ -13,8 +12,6 @@ from icep.pruning.criteria import (
     MeanActivation,
     Random,
     Taylor,
-    build_criterion,
-    list_criteria,
     prepare_criterion,
 )
 from icep.pruning.engine import (
@@ -30,7 +27,6 @@ from icep.pruning.engine import (
 from icep.pruning.unstructured import MagnitudePruner
 
 __all__ = [
-    "CRITERIA",
     "FPGM",
     "L1",
     "L2",
@@ -44,8 +40,6 @@ __all__ = [
     "MagnitudePruner",
     "PruningEngine",
     "Unit",
-    "build_criterion",
-    "list_criteria",
     "prepare_criterion",
     "ceil_share",
     "count_macs_params",

@@ -14,7 +14,8 @@ Torch-Pruning's importance classes score a whole coupled group (the conv, its Ba
 next layer's input channels) and reduce over it; METHOD.md defines each criterion on the filter
 (or its one BatchNorm channel) alone, so the criteria below compute their scores directly.
 
-Every criterion is registered in :data:`CRITERIA` by name and has a config in conf/criterion/.
+Every criterion has a config in conf/criterion/ whose ``_target_`` names its class; a new one is a
+class here plus a YAML file there (``python -m icep.criteria_agreement --list`` lists them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icep.errors import ConfigError, IcepError
+from icep.errors import IcepError
 
 if TYPE_CHECKING:
     from icep.pruning.engine import PruningEngine
@@ -323,25 +324,3 @@ class Random(Criterion):
 
     def __repr__(self) -> str:
         return f"Random(seed={self.seed})"
-
-
-CRITERIA: dict[str, type[Criterion]] = {
-    c.name: c for c in (L1, L2, FPGM, BNScale, Taylor, Random, MeanActivation, Entropy)
-}
-
-
-def list_criteria() -> list[str]:
-    """The registered criterion names, in registry order."""
-    return list(CRITERIA)
-
-
-def build_criterion(name: str, **kwargs: Any) -> Criterion:
-    """The criterion registered as ``name``, built with ``kwargs`` (the rest of its config)."""
-    if name not in CRITERIA:
-        raise ConfigError(
-            "criterion.name", f"unknown criterion '{name}'; choose one of: {', '.join(CRITERIA)}"
-        )
-    try:
-        return CRITERIA[name](**kwargs)
-    except (TypeError, ValueError) as exc:  # an option it does not take, or a bad value
-        raise ConfigError("criterion", f"bad options for '{name}': {exc}") from None

@@ -1,26 +1,22 @@
 """Pruning schedules (METHOD.md section 4): how much is pruned by each step.
 
 A schedule is the cumulative pruned share after each step, as fractions of the ORIGINAL channel
-(or weight) count: ``[c_1, ..., c_n]`` rising to the target T. :func:`increments` gives each
-step's slice of the original, :func:`step_ratios` the share of what is left that each step
-removes (what an engine that prunes "r of the current channels" needs).
+(or weight) count: ``[c_1, ..., c_n]`` rising to the target T. The config's values are checked
+before a run starts (:mod:`icep.config`); these functions refuse impossible ones with a
+ValueError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 
-from icep.errors import ConfigError
-
-
-def _check(target: float, steps: int, key: str = "pipeline") -> None:
+def _check(target: float, steps: int) -> None:
     if not 0 < target < 1:
-        raise ConfigError(f"{key}.target", f"got {target}; must be strictly between 0 and 1")
+        raise ValueError(f"target {target} must be strictly between 0 and 1")
     if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"{key}.steps", f"got {steps!r}; must be an integer >= 1")
+        raise ValueError(f"steps {steps!r} must be an integer >= 1")
 
 
-def one_shot(target: float, steps: int = 1) -> list[float]:
+def one_shot(target: float) -> list[float]:
     """Everything in one step."""
     _check(target, 1)
     return [target]
@@ -43,10 +39,7 @@ def hybrid(target: float, steps: int, one_shot_share: float) -> list[float]:
     (``steps + 1`` steps in all)."""
     _check(target, steps)
     if not 0 < one_shot_share < target:
-        raise ConfigError(
-            "pipeline.one_shot",
-            f"got {one_shot_share}; must be above 0 and below the target {target}",
-        )
+        raise ValueError(f"one_shot {one_shot_share} must be above 0 and below the target {target}")
     keep = (1 - target) / (1 - one_shot_share)
     rest = [1 - (1 - one_shot_share) * keep ** (k / steps) for k in range(1, steps + 1)]
     return [one_shot_share, *rest]
@@ -57,36 +50,8 @@ def agp(target: float, steps: int, initial: float = 0.0) -> list[float]:
     ``t = 1..n`` (t0 = 0, one step per pruning interval): fast early, slow at the end."""
     _check(target, steps)
     if not 0 <= initial < target:
-        raise ConfigError("pipeline.initial", f"got {initial}; must be in [0, target {target})")
+        raise ValueError(f"initial {initial} must be in [0, target {target})")
     return [target + (initial - target) * (1 - k / steps) ** 3 for k in range(1, steps + 1)]
 
 
-SCHEDULES: dict[str, Callable[..., list[float]]] = {
-    "one_shot": one_shot,
-    "constant": constant,
-    "geometric": geometric,
-    "hybrid": hybrid,
-    "agp": agp,
-}
-
-
-def increments(cumulative: Sequence[float]) -> list[float]:
-    """Each step's slice, as a share of the original count."""
-    return [b - a for a, b in zip([0.0, *cumulative[:-1]], cumulative, strict=True)]
-
-
-def step_ratios(cumulative: Sequence[float]) -> list[float]:
-    """Each step's share of what is left before it: ``(c_k - c_{k-1}) / (1 - c_{k-1})``."""
-    return [(b - a) / (1 - a) for a, b in zip([0.0, *cumulative[:-1]], cumulative, strict=True)]
-
-
-__all__ = [
-    "SCHEDULES",
-    "agp",
-    "constant",
-    "geometric",
-    "hybrid",
-    "increments",
-    "one_shot",
-    "step_ratios",
-]
+__all__ = ["agp", "constant", "geometric", "hybrid", "one_shot"]

@@ -1,6 +1,7 @@
-"""The ask-and-tell loop of a search: run trials until the study holds ``n_trials`` finished ones,
-recording each trial that raises as FAIL with its reason instead of stopping, and each trial the
-pruner stops as PRUNED. A study that already holds trials (from its storage) is continued."""
+"""The search loop: Optuna's ``study.optimize`` runs trials until the study holds ``n_trials``
+finished ones, recording each trial that raises as FAIL with its reason instead of stopping, and
+each trial the pruner stops as PRUNED. A study that already holds trials (from its storage) is
+continued."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import logging
 from collections.abc import Callable, Sequence
 
 import optuna
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import IcepError
-from icep.tune.study import REASON, fail_stale_trials, finished, log_trial, tell
+from icep.tune.study import REASON, fail_stale_trials, finished, log_trial
 
 log = logging.getLogger(__name__)
 
 Objective = Callable[[optuna.Trial], Sequence[float]]
+
+# Every finished trial counts toward n_trials: a failed one used up its budget as well.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def one_line(exc: BaseException) -> str:
@@ -33,10 +38,11 @@ def run_search(
     key: str = "tune",
     on_trial: Callable[[FrozenTrial], None] | None = None,
 ) -> list[FrozenTrial]:
-    """Ask and tell until ``study`` has ``n_trials`` finished trials; returns all its trials.
+    """Run trials until ``study`` has ``n_trials`` finished ones; returns all its trials.
 
     The search stops with an :class:`IcepError` once more than ``max_failure_rate`` of
     ``n_trials`` have failed: so many failures point at the setup, not at unlucky parameters.
+    An interrupt (Ctrl-C) fails the running trial and ends the search; a rerun continues it.
     """
     stale = fail_stale_trials(study)
     done = len(finished(study))
@@ -48,22 +54,15 @@ def run_search(
             n_trials,
             f", {stale} interrupted trial(s) marked failed" if stale else "",
         )
-    while len(finished(study)) < n_trials:
-        trial = study.ask()
-        try:
-            values = objective(trial)
-        except optuna.TrialPruned as exc:
-            frozen = tell(
-                study, trial, TrialState.PRUNED, reason=str(exc) or "stopped by the pruner"
-            )
-        except Exception as exc:  # noqa: BLE001 - any error fails this trial, not the search
-            frozen = tell(study, trial, TrialState.FAIL, reason=one_line(exc))
-            log.debug("trial %d failed", trial.number, exc_info=True)
-        else:
-            frozen = tell(study, trial, TrialState.COMPLETE, values=list(values))
-        log_trial(frozen, len(finished(study)), n_trials, prefix="tune")
+    if done >= n_trials:  # optimize() would run one trial before any callback could stop it
+        return study.get_trials(deepcopy=False)
+
+    def report(study: optuna.Study, trial: FrozenTrial) -> None:
+        log_trial(trial, len(finished(study)), n_trials, prefix="tune")
         if on_trial is not None:
-            on_trial(frozen)
+            on_trial(trial)
+
+    def stop_on_failures(study: optuna.Study, trial: FrozenTrial) -> None:
         failures = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         if len(failures) > max_failure_rate * n_trials:
             first = failures[0]
@@ -72,4 +71,30 @@ def run_search(
                 f"{key}.max_failure_rate={max_failure_rate} of {n_trials}; first failure, "
                 f"trial {first.number}: {first.user_attrs.get(REASON, 'no reason recorded')}"
             )
+
+    study.optimize(
+        recording_reasons(objective),
+        catch=(Exception,),
+        callbacks=[report, stop_on_failures, MaxTrialsCallback(n_trials, states=FINISHED)],
+    )
     return study.get_trials(deepcopy=False)
+
+
+def recording_reasons(objective: Objective) -> Objective:
+    """``objective``, storing why a trial ended early as its ``reason`` user attribute (Optuna
+    records the state but not the reason); the exception still goes on to Optuna."""
+
+    def run(trial: optuna.Trial) -> Sequence[float]:
+        try:
+            return objective(trial)
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr(REASON, str(exc) or "stopped by the pruner")
+            raise
+        except Exception as exc:
+            trial.set_user_attr(REASON, one_line(exc))  # Optuna logs the traceback
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr(REASON, "interrupted: the search was stopped while it ran")
+            raise
+
+    return run

@@ -20,6 +20,7 @@ from typing import Any
 
 import optuna
 import torch
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
@@ -71,10 +72,14 @@ class Tuning:
 
 
 def check_tune(cfg: DictConfig) -> tuple[SearchSpace, list[str], Any, Any]:
-    """Check ``cfg.tune`` before any work starts; returns the space, the objectives, the sampler
-    and the pruner. Each mistake is a ConfigError naming the key."""
+    """Check what ``cfg.tune`` builds before any work starts (its plain values are rules of
+    :data:`icep.config.RULES`); returns the space, the objectives, the sampler and the pruner.
+    Each mistake is a ConfigError naming the key."""
+    from icep.pipelines.ice import ICE
+
     tcfg = cfg.tune
-    if cfg.pipeline.name != "ice":
+    target = cfg.pipeline.get("_target_")
+    if target is None or not issubclass(get_class(target), ICE):
         raise ConfigError(
             "tune",
             f"auto-tuning searches ICE's hyperparameters; pipeline={cfg.pipeline.name} has none "
@@ -94,14 +99,6 @@ def check_tune(cfg: DictConfig) -> tuple[SearchSpace, list[str], Any, Any]:
         or len(set(objectives)) < len(objectives)
     ):
         raise ConfigError("tune.objectives", f"got {objectives}; use [drop], [time] or [drop,time]")
-    for key, low, high in (("train_fraction", 0, 1), ("eval_fraction", 0, 1)):
-        value = tcfg[key]
-        if not isinstance(value, (int, float)) or not low < value <= high:
-            raise ConfigError(f"tune.{key}", f"got {value!r}; must be in (0, 1]")
-    if not isinstance(tcfg.n_trials, int) or tcfg.n_trials < 1:
-        raise ConfigError("tune.n_trials", f"got {tcfg.n_trials!r}; must be an integer >= 1")
-    if not isinstance(tcfg.tolerance, (int, float)) or tcfg.tolerance < 0:
-        raise ConfigError("tune.tolerance", f"got {tcfg.tolerance!r}; must be a number >= 0")
     sampler = build_sampler(tcfg.sampler, tcfg.seed, space)
     pruner = build_pruner(tcfg.pruner)
     check_pruner(pruner, len(objectives), "tune.pruner.name")
@@ -119,7 +116,7 @@ def tune_pipeline(
     """Run the search configured in ``cfg.tune`` and return the parameters for the final run."""
     from icep.config import validate
     from icep.data import subsample
-    from icep.pipelines import PruningRun, run_ice
+    from icep.pipelines import PruningRun
     from icep.seeding import seed_everything
 
     tcfg = cfg.tune
@@ -179,7 +176,7 @@ def tune_pipeline(
             if pruner_enabled(pruner):
                 run.on_step.append(StepReporter(trial))
             seed_everything(cfg.seed, small)
-            summary = run_ice(run, pipeline_cfg)
+            summary = instantiate(pipeline_cfg)(run)
             logger.log_summary({**head, "status": "completed", **summary})
             failed = False
         except optuna.TrialPruned as exc:

@@ -1,4 +1,4 @@
-"""`python -m icep.criteria`: per-layer Spearman correlation and pruned-filter overlap between
+"""`python -m icep.criteria_agreement`: per-layer Spearman correlation and pruned-filter overlap between
 the criteria, printed and written as JSON, CSV and a heat-map PNG."""
 
 from __future__ import annotations
@@ -8,34 +8,51 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from hydra import initialize_config_module
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from icep.criteria import (
-    average_ranks,
+from icep.criteria_agreement import (
+    build_criteria,
     compare,
+    criterion_options,
     main,
     overlap,
     pruned_set,
     score_layers,
     spearman,
+    write_heatmaps,
     write_results,
 )
 from icep.models import cifar_resnet
-from icep.pruning import CRITERIA, PruningEngine, build_criterion
+from icep.pruning import PruningEngine
+
+ALL = ["l1", "l2", "fpgm", "bn_scale", "taylor", "random", "mean_activation", "entropy"]
 
 
 def test_spearman_ranks_ties_and_signs():
-    assert average_ranks(np.array([3.0, 1.0, 3.0, 0.0])).tolist() == [2.5, 1.0, 2.5, 0.0]
+    # Ties share their average rank: ranks [2.5, 1, 2.5, 0] against [0, 1, 2, 3].
+    tied = spearman(np.array([3.0, 1.0, 3.0, 0.0]), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert tied == pytest.approx(-3.0 / np.sqrt(4.5 * 5.0))
     a = np.array([0.1, 0.5, 0.2, 0.9, 0.3])
     assert spearman(a, np.exp(a)) == pytest.approx(1.0)  # any increasing map
     assert spearman(a, -a) == pytest.approx(-1.0)
-    assert np.isnan(spearman(a, np.ones(5)))
+
+
+def test_spearman_of_a_constant_ranking_is_nan_without_a_warning():
+    a = np.array([0.1, 0.5, 0.2, 0.9, 0.3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy warns on constant input; icep checks first
+        assert np.isnan(spearman(a, np.ones(5)))
+        assert np.isnan(spearman(np.zeros(5), a))
+        assert np.isnan(spearman(np.ones(5), np.ones(5)))
+        assert np.isnan(spearman(np.ones(1), np.ones(1)))  # a layer of one filter
 
 
 def test_pruned_set_follows_the_engine_rounding_and_overlap_is_a_share():
@@ -57,20 +74,17 @@ def result():
                 module.weight.uniform_(0.5, 1.5)
     engine = PruningEngine(model, torch.zeros(1, 3, 32, 32))
     data = TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
-    criteria = {name: build_criterion(name, **_small(name)) for name in CRITERIA}
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        criteria = build_criteria(criterion_options(), [], batches=2)
     layers = score_layers(engine, criteria, DataLoader(data, batch_size=16), "cpu")
     assert list(layers) == [c for unit in engine.units for c in unit.convs]
     return compare(layers, ratio=0.5)
 
 
-def _small(name: str) -> dict:
-    return {"batches": 2} if CRITERIA[name].needs_data else {}
-
-
 def test_l1_and_l2_rank_random_filters_almost_alike(result):
     names = result["criteria"]
     rho = np.array(result["spearman"])
-    assert names == list(CRITERIA)
+    assert names == criterion_options() == sorted(ALL)
     assert rho[names.index("l1"), names.index("l2")] > 0.9  # "Rethinking the Pruning Criteria"
     assert np.allclose(rho, rho.T, equal_nan=True)
     assert np.allclose(np.diag(rho), 1.0)
@@ -97,10 +111,19 @@ def test_results_are_written_as_json_csv_and_png(result, tmp_path):
         assert image.format == "PNG" and image.width > 200
 
 
+def test_heat_maps_sit_side_by_side_and_take_undefined_cells(tmp_path):
+    nan = float("nan")
+    path = tmp_path / "maps.png"
+    panels = {"a": [[1.0, nan], [nan, -1.0]], "b": [[1.0, 0.25], [0.25, 1.0]]}
+    write_heatmaps(path, ["l1", "random"], panels)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 1.5 * image.height
+
+
 def test_list_and_one_line_errors(capsys):
     assert main(["--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in listed] == list(CRITERIA)
+    assert [line.split()[0] for line in listed] == sorted(ALL)
     assert main(["--criteria", "l1,nope"]) == 1
     err = capsys.readouterr().err.strip()
     assert "unknown criterion 'nope'" in err and len(err.splitlines()) == 1
@@ -130,7 +153,7 @@ def test_cli_on_the_dense_digits_model(tmp_path):
     ]
     env = {**os.environ, "ICEP_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(
-        [sys.executable, "-m", "icep.criteria", *args],
+        [sys.executable, "-m", "icep.criteria_agreement", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

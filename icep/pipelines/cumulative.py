@@ -1,5 +1,6 @@
 """The loop the schedule pipelines share (METHOD.md section 4): every step prunes EVERY unit up to
 the schedule's next cumulative share of the original channels (or weights), then fine-tunes.
+The schedules themselves are :mod:`icep.pruning.schedules`.
 
 How a step prunes is :class:`SchedulePruner`'s business:
 
@@ -14,38 +15,33 @@ How a step prunes is :class:`SchedulePruner`'s business:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from icep.pipelines.base import PruningRun
+from icep.pipelines.finetune import FineTune
 from icep.pruning import MagnitudePruner, select_global, uniform_widths
-from icep.pruning.schedules import agp, constant, geometric, hybrid, one_shot
-
-# The schedules `pipeline=iterative` takes (`blockwise`: one unit per step, the baseline).
-ITERATIVE_SCHEDULES = ("blockwise", "constant", "geometric")
 
 
-def cumulative_schedule(cfg: Any) -> list[float]:
-    """The cumulative pruned share after each step for a schedule pipeline's config."""
-    kind = cfg.schedule if cfg.name == "iterative" else cfg.name
-    if kind == "one_shot":
-        return one_shot(cfg.target)
-    if kind == "hybrid":
-        return hybrid(cfg.target, cfg.steps, cfg.one_shot)
-    if kind == "agp":
-        return agp(cfg.target, cfg.steps, cfg.initial)
-    return {"constant": constant, "geometric": geometric}[kind](cfg.target, cfg.steps)
+@dataclass(kw_only=True)
+class PruneTo:
+    """How a schedule pipeline prunes to a share: the ``scope``, ``min_channels_share`` and
+    ``structure`` keys of its config."""
+
+    scope: str  # uniform | global
+    min_channels_share: float  # global scope: each conv keeps >= ceil(share * C_orig) channels
+    structure: str  # structured | unstructured
 
 
 class SchedulePruner:
     """Brings the run's model to a cumulative pruned share, structured or unstructured."""
 
-    def __init__(self, run: PruningRun, cfg: Any):
+    def __init__(self, run: PruningRun, how: PruneTo):
         self.run = run
-        self.scope = cfg.scope
-        self.min_channels_share = cfg.min_channels_share
+        self.scope = how.scope
+        self.min_channels_share = how.min_channels_share
         # Masks start from the weights' zeros, so a resumed run finds them again.
-        self.masks = MagnitudePruner(run.model) if cfg.structure == "unstructured" else None
+        self.masks = MagnitudePruner(run.model) if how.structure == "unstructured" else None
         self.label = "weights" if self.masks is not None else f"all units ({self.scope})"
 
     def prune_to(self, share: float) -> None:
@@ -85,24 +81,38 @@ class SchedulePruner:
         return {"structure": "unstructured", "sparsity": self.masks.sparsity()}
 
 
-def run_schedule(run: PruningRun, cfg: Any, cumulative: Sequence[float]) -> dict[str, Any]:
-    """Prune to each cumulative share in turn, fine-tuning after every step."""
-    run.planned_steps = len(cumulative)
-    run.start()
-    distill = run.teacher(cfg) if cfg.distill else None
-    pruner = SchedulePruner(run, cfg)
-    for share in run.pending(cumulative):
-        pruner.prune_to(share)
-        epochs = run.recover(
-            cfg, cfg.lr, distill, desc=f"fine-tune {len(run.rows) + 1}/{len(cumulative)}"
+@dataclass(kw_only=True)
+class SchedulePipeline(PruneTo):
+    """Prune to each share of :meth:`cumulative` in turn, fine-tuning after every step. A
+    schedule pipeline is this plus its :meth:`cumulative`."""
+
+    target: float  # the share of the original channels (or weights) pruned at the end
+    finetune: FineTune  # after every step (pipeline/finetune=fixed|patience)
+    name: str  # the label of reports, W&B tags and run names
+
+    def cumulative(self) -> list[float]:
+        """The cumulative pruned share after each step."""
+        raise NotImplementedError
+
+    def __call__(self, run: PruningRun) -> dict[str, Any]:
+        cumulative = self.cumulative()
+        run.planned_steps = len(cumulative)
+        run.start()
+        distill = run.teacher(self.finetune)
+        pruner = SchedulePruner(run, self)
+        for share in run.pending(cumulative):
+            pruner.prune_to(share)
+            desc = f"fine-tune {len(run.rows) + 1}/{len(cumulative)}"
+            epochs = run.recover(self.finetune, distill=distill, desc=desc)
+            run.record(
+                pruner.label,
+                target=share,
+                **pruner.measure(),
+                finetuned=True,
+                lr=self.finetune.lr,
+                epochs=epochs,
+            )
+        # A schedule step has no per-unit ratio: the summary's `ratio` would be a stale config key.
+        return run.summary(
+            ratio=None, target=self.target, schedule=list(cumulative), **pruner.finish()
         )
-        run.record(
-            pruner.label,
-            target=share,
-            **pruner.measure(),
-            finetuned=True,
-            lr=cfg.lr,
-            epochs=epochs,
-        )
-    # A schedule step has no per-unit ratio: the summary's `ratio` would be a stale config key.
-    return run.summary(ratio=None, target=cfg.target, schedule=list(cumulative), **pruner.finish())

@@ -1,7 +1,7 @@
 """How much the pruning criteria agree, layer by layer (METHOD.md section 5).
 
-    python -m icep.criteria --list
-    python -m icep.criteria model=resnet20 dataset=digits [--ratio 0.5] [--criteria l1,l2,fpgm]
+    python -m icep.criteria_agreement --list
+    python -m icep.criteria_agreement model=resnet20 dataset=digits [--ratio 0.5] [--criteria l1,l2]
 
 The arguments without dashes are Hydra overrides of icep's config (``conf/config.yaml``): the
 model is ``model.checkpoint`` when set, otherwise the cached dense model of that config (trained
@@ -31,29 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.errors import HydraException
+from scipy.stats import spearmanr
 
 from icep.errors import IcepError
-from icep.pruning import CRITERIA, Criterion, PruningEngine, build_criterion, prepare_criterion
+from icep.pruning import Criterion, PruningEngine, prepare_criterion
 
 # Must match the engine's rounding of ceil(ratio * C) (icep/pruning/engine.py).
 _CEIL_TOLERANCE = 1e-9
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties sharing their average rank (as Spearman's correlation needs)."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    _, inverse = np.unique(values, return_inverse=True)
-    return (np.bincount(inverse, weights=ranks) / np.bincount(inverse))[inverse]
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation; NaN when either ranking is constant."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denominator) if denominator > 0 else math.nan
+    """Spearman's rank correlation (ties share their average rank); NaN when either ranking is
+    constant, where it is undefined (checked here, so scipy does not warn)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
 
 
 def pruned_set(scores: np.ndarray, ratio: float) -> set[int]:
@@ -158,74 +150,79 @@ def _finite(node: Any) -> Any:
 
 
 def write_heatmaps(
-    path: Path,
-    names: Sequence[str],
-    panels: dict[str, Sequence[Sequence[float]]],
-    cell: int = 48,
+    path: Path, names: Sequence[str], panels: dict[str, Sequence[Sequence[float]]]
 ) -> None:
-    """One heat map per panel (title -> matrix), side by side, as a PNG drawn with PIL (icep
-    does not depend on matplotlib): red is 1, white 0, blue -1, grey undefined."""
-    from PIL import Image, ImageDraw, ImageFont
+    """One heat map per panel (title -> matrix), side by side in one PNG, every cell annotated
+    with its value: red is 1, white 0, blue -1, grey (``-``) undefined."""
+    import matplotlib as mpl
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no display needed
+    from matplotlib.figure import Figure
 
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label = int(max(probe.textlength(n, font=font) for n in names)) + 12
-    title_h, k = 24, len(names)
-    side = label + k * cell
-    image = Image.new("RGB", (len(panels) * (side + 20), title_h + side + 10), "white")
-    draw = ImageDraw.Draw(image)
-    for p, (title, matrix) in enumerate(panels.items()):
-        x0 = p * (side + 20)
-        draw.text((x0 + 4, 4), title, fill="black", font=font)
-        for i, name in enumerate(names):
-            y = title_h + label + i * cell + cell // 2 - 5
-            draw.text((x0 + 4, y), name, fill="black", font=font)
-            # Column labels, vertical, on the top band.
-            text = Image.new("RGB", (label, 12), "white")
-            ImageDraw.Draw(text).text((2, 0), name, fill="black", font=font)
-            image.paste(
-                text.rotate(90, expand=True), (x0 + label + i * cell + cell // 2 - 6, title_h)
-            )
-        for i, row in enumerate(matrix):
-            for j, value in enumerate(row):
-                left, top = x0 + label + j * cell, title_h + label + i * cell
-                draw.rectangle(
-                    (left, top, left + cell - 1, top + cell - 1),
-                    fill=_colour(value),
-                    outline="white",
-                )
-                text = "-" if math.isnan(value) else f"{value:.2f}"
-                draw.text((left + 8, top + cell // 2 - 5), text, fill="black", font=font)
-    image.save(path)
+    k = len(names)
+    side = 1.5 + 0.55 * k
+    fig = Figure(figsize=(side * len(panels) + 1.0, side + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    cmap = mpl.colormaps["bwr"].with_extremes(bad="lightgrey")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, matrix) in zip(axes, panels.items(), strict=True):
+        values = np.asarray(matrix, dtype=float)
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-1.0, vmax=1.0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(k), names, rotation=90)
+        ax.set_yticks(range(k), names)
+        for (i, j), value in np.ndenumerate(values):
+            text = "-" if math.isnan(value) else f"{value:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.savefig(path, dpi=120)
 
 
-def _colour(value: float) -> tuple[int, int, int]:
-    if math.isnan(value):
-        return (200, 200, 200)
-    t = max(-1.0, min(1.0, value))
-    fade = int(255 * (1 - abs(t)))
-    return (255, fade, fade) if t >= 0 else (fade, fade, 255)
+def criterion_options() -> list[str]:
+    """The criteria a run can use: the options of the ``criterion`` config group."""
+    from importlib.resources import files
+
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in (files("icep.conf") / "criterion").iterdir()
+        if p.name.endswith(".yaml")
+    )
 
 
-def _criterion_options(name: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """The settings of ``conf/criterion/NAME.yaml``, as the run config resolves them."""
+def build_criteria(
+    names: Sequence[str], overrides: Sequence[str], batches: int | None = None
+) -> dict[str, Criterion]:
+    """Each criterion as a run with ``criterion=NAME`` and ``overrides`` builds it from
+    conf/criterion/NAME.yaml; ``batches`` replaces the data criteria's own."""
     from hydra import compose
 
-    cfg = compose("config", overrides=[*overrides, f"criterion={name}"])
-    return {k: v for k, v in cfg.criterion.items() if k != "name"}
+    from icep.config import build, validate
+    from icep.errors import ConfigError
+
+    options = criterion_options()
+    unknown = [n for n in names if n not in options]
+    if unknown:
+        raise ConfigError(
+            "--criteria", f"unknown criterion '{unknown[0]}'; choose from {', '.join(options)}"
+        )
+    criteria = {}
+    for name in names:
+        cfg = compose("config", overrides=[*overrides, f"criterion={name}"])
+        if batches is not None and "batches" in cfg.criterion:
+            cfg.criterion.batches = batches
+        validate(cfg)
+        criteria[name] = build(cfg, "criterion")
+    return criteria
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m icep.criteria",
+        prog="python -m icep.criteria_agreement",
         description="Per-layer agreement of the pruning criteria on one model: Spearman rank "
         "correlation and overlap of the pruned filters, averaged over the layers.",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet56")
     parser.add_argument("--list", action="store_true", help="list the criteria and exit")
-    parser.add_argument(
-        "--criteria", default=",".join(CRITERIA), help="comma-separated (default: all)"
-    )
+    parser.add_argument("--criteria", help="comma-separated (default: all)")
     parser.add_argument("--ratio", type=float, default=0.5, help="pruning ratio for the overlap")
     parser.add_argument(
         "--batches", type=int, help="training batches for data-dependent criteria (default: yaml)"
@@ -233,14 +230,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder")
     args = parser.parse_args(argv)
     if args.list:
-        for name, cls in CRITERIA.items():
-            doc = (cls.__doc__ or "").strip().splitlines()[0]
-            print(f"{name:<16}{'(data) ' if cls.needs_data else ''}{doc}")
+        from hydra import initialize_config_module
+
+        with initialize_config_module("icep.conf", version_base="1.3"):
+            criteria = build_criteria(criterion_options(), [])
+        for name, criterion in criteria.items():
+            doc = (type(criterion).__doc__ or "").strip().splitlines()[0]
+            print(f"{name:<16}{'(data) ' if criterion.needs_data else ''}{doc}")
         return 0
     try:
         result, out = run(args)
     except (IcepError, HydraException) as exc:  # a bad option or override: one line, no trace
-        print(f"icep.criteria: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"icep.criteria_agreement: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     names = result["criteria"]
     print(f"{len(result['layers'])} layers; mean over layers")
@@ -264,19 +265,17 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     from icep.seeding import seed_everything
     from icep.train import Trainer
 
-    names = [n.strip() for n in args.criteria.split(",") if n.strip()]
+    names = (
+        [n.strip() for n in args.criteria.split(",") if n.strip()]
+        if args.criteria
+        else criterion_options()
+    )
     if not 0.0 < args.ratio < 1.0:
         raise ConfigError("--ratio", f"must lie in (0, 1), got {args.ratio}")
     with initialize_config_module("icep.conf", version_base="1.3"):
         cfg = compose("config", overrides=list(args.overrides))
-        options = {n: _criterion_options(n, args.overrides) for n in names if n in CRITERIA}
-    validate(cfg)
-    criteria = {}
-    for name in names:
-        kwargs = options.get(name, {})
-        if args.batches is not None and "batches" in kwargs:
-            kwargs["batches"] = args.batches
-        criteria[name] = build_criterion(name, **kwargs)
+        validate(cfg)
+        criteria = build_criteria(names, args.overrides, args.batches)
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
     data = data_from_config(cfg, trainer.device)

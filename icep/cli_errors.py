@@ -1,0 +1,133 @@
+"""Errors the user can fix, as one line on stderr (``icep: error: ...``) and exit code 2; a bug
+keeps its traceback."""
+
+from __future__ import annotations
+
+import errno
+import re
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from icep.errors import IcepError
+
+
+def exit_with(message: str) -> None:
+    """Print ``message`` as icep's one error line and exit with code 2."""
+    print(f"icep: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``raise ... from``), outermost first. Not
+    the ones it was raised while handling: that would pass a bug off as the error it hit."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__
+    return chain
+
+
+# Errors of the file system the user can fix: permissions, a read-only or full disk, a file where
+# a folder should be.
+_FILE_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+}
+
+
+def _describe_os_error(exc: BaseException, error: OSError) -> str:
+    where = f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
+    frames = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    # Hydra setting up the run folder: run_job failed before it called the app's _app
+    if "run_job" in frames and "_app" not in frames:
+        return (
+            f"cannot create the run folder ({where}); pick a writable folder with "
+            "hydra.run.dir=... (hydra.sweep.dir=... with -m) or paths.outputs=..."
+        )
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{where}; free some space, or write elsewhere with paths.outputs=... / paths.cache=..."
+        )
+    return (
+        f"{where}; fix its permissions, or use other folders: paths.outputs=..., paths.cache=... "
+        "(or $ICEP_CACHE), dataset.root=..."
+    )
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """One line for an error the user can fix, or None for a bug (which keeps its traceback)."""
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    chain = _chain(exc)
+    for link in chain:  # e.g. a builder's ConfigError inside Hydra's InstantiationException
+        if isinstance(link, IcepError):
+            return str(link)
+    for link in chain:
+        if isinstance(link, torch.cuda.OutOfMemoryError):  # outside the trainer's loops
+            what, *detail = (part.rstrip(".") for part in one_line(link).split(". "))
+            return (
+                f"{what}{f' ({detail[0]})' if detail else ''}; lower trainer.batch_size and "
+                "trainer.eval_batch_size, or free the GPU of other work"
+            )
+        if isinstance(link, OSError) and link.errno in _FILE_ERRNOS:
+            return _describe_os_error(exc, link)
+    for link in chain:  # the submitit launcher's sbatch call
+        if (
+            isinstance(link, subprocess.CalledProcessError)
+            and Path(str(link.cmd[0])).name == "sbatch"
+        ):
+            said = one_line(RuntimeError(link.stderr or link.output or f"exit {link.returncode}"))
+            return (
+                f"sbatch refused the sweep ({said}); check the hydra.launcher.* keys "
+                "(partition, account, qos, gpus_per_node, mem_gb, timeout_min: "
+                "conf/hydra/launcher/slurm.yaml)"
+            )
+    if isinstance(exc, ValueError) and str(exc).startswith("Only one of --run, --multirun"):
+        return f"{exc}: print a multirun's config with --cfg job, without -m"
+    if 'Could not detect "srun"' in str(exc):
+        return (
+            "hydra/launcher=slurm needs a Slurm cluster (no srun on PATH here); on one machine "
+            "use hydra/launcher=local"
+        )
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        return f"{group}={name} is not an option; choose one of: {', '.join(exc.options)} (conf/{group}/)"
+    cause = exc.__cause__
+    if isinstance(exc, ConfigCompositionException) and isinstance(
+        cause, (ConfigKeyError, ConfigAttributeError)
+    ):
+        key = cause.full_key or cause.key
+        parent = cause.parent_node
+        known = f"; keys there: {', '.join(map(str, parent.keys()))}" if parent is not None else ""
+        return f"{key} is not a config key{known} (to add a new key use +{key}=...)"
+    if "requires --multirun" in str(exc):
+        (override,) = re.findall(r"'([^']*)'", str(exc))[:1] or ["KEY=EXPR"]
+        key, _, expression = override.partition("=")
+        if key.lstrip("+").startswith(("tune.space", "pipeline.grid", "pipeline.ranges")):
+            return (
+                f"{override}: quote the search expression so Hydra keeps it as text: "
+                f"'{key}=\"{expression}\"'"
+            )
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        text = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if cause is not None and str(cause).strip():
+            text.append(str(cause).strip().splitlines()[0])
+        return " ".join(text)
+    return None
