@@ -16,10 +16,10 @@ Variants (``--variants``, comma-separated, measured in the order given):
   ``cudnn.deterministic=True``, ``cudnn.benchmark=False``, ``torch.optim.SGD`` (not fused),
   ``.to(device)`` and ``loss.item()`` per batch.
 - ``icep``: icep's loop as a run sets it up on this device (``trainer.*=auto``): the data held on
-  the device (``trainer.loader=device``), batches cropped, flipped and normalized there; on CUDA
+  the device (``trainer.batching=device``), batches cropped, flipped and normalized there; on CUDA
   bf16 autocast, channels_last, cuDNN benchmark and the fused SGD.
 - ``icep_fp32``: ``icep`` without autocast and channels_last (the device data path stays).
-- ``icep_workers``: ``icep`` with DataLoader workers (``trainer.loader=workers``, ``--workers``)
+- ``icep_workers``: ``icep`` with DataLoader workers (``trainer.batching=workers``, ``--workers``)
   reading the decoded-on-the-fly JPEGs instead of the data held on the device.
 - ``icep_compile``: ``icep`` with ``trainer.compile=true``. Its first epoch (compilation included,
   as after every prune, since the shapes change) is reported apart from the steady epochs.
@@ -189,7 +189,7 @@ def dataset_cfg(args: argparse.Namespace):
     return cfg
 
 
-def icep_data(args: argparse.Namespace, device, loader: str):
+def icep_data(args: argparse.Namespace, device, batches: str):
     from icep.data import build_data
 
     return build_data(
@@ -200,7 +200,7 @@ def icep_data(args: argparse.Namespace, device, loader: str):
         num_workers=args.workers,
         cache_dir=args.cache,
         device=device,
-        loader=loader,
+        batches=batches,
     )
 
 

@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Imports here keep `python -m icep --help` and config errors fast.
     from icep.data import data_from_config
     from icep.dense import arch_spec, dense_model
-    from icep.loggers import RunLogger
+    from icep.loggers import RunInfo
     from icep.pipelines import PruningRun
     from icep.serialization import save_model
     from icep.train import Trainer
@@ -35,6 +35,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dense_only = "_target_" not in cfg.pipeline  # pipeline=dense: train the unpruned model only
     pipeline = None if dense_only else build(cfg, "pipeline")
     criterion = build(cfg, "criterion")
+    make_logger = build(cfg, "logger")
     out = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = resume_from(
@@ -48,15 +49,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
     data = data_from_config(cfg, trainer.device)
-    logger = RunLogger(
+    logger = make_logger(
         out,
-        cfg.logger,
-        config=config,
-        group=cfg.name,
-        job_type="final" if cfg.get("tune") is not None else pipeline_label(cfg.pipeline),
-        tags=run_tags(cfg, criterion.name),
-        name=run_name(cfg, criterion.name),
-        resume=checkpoint is not None,
+        RunInfo(
+            config=config,
+            group=cfg.name,
+            job_type="final" if cfg.get("tune") is not None else pipeline_label(cfg.pipeline),
+            tags=run_tags(cfg, criterion.name),
+            name=run_name(cfg, criterion.name),
+            resume=checkpoint is not None,
+        ),
     )
     if cfg.resume and checkpoint is None:
         logger.rewrite_steps([])  # starting afresh: no rows from the attempt before

@@ -8,6 +8,9 @@ allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -75,15 +78,34 @@ def build(cfg: DictConfig, key: str) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    what = OmegaConf.select(cfg, f"{key}._target_")
     try:
-        return instantiate(OmegaConf.select(cfg, key))
+        built = instantiate(OmegaConf.select(cfg, key))
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, IcepError):
             raise cause from None
-        what = OmegaConf.select(cfg, f"{key}._target_")
         reason = str(cause or exc).strip().splitlines()[0]
         raise ConfigError(key, f"cannot build {what}: {reason}") from None
+    _check_partials(built, cfg, key)
+    return built
+
+
+def _check_partials(built: Any, cfg: DictConfig, key: str) -> None:
+    """A ``_partial_`` node is finished later (an optimizer, with the parameters of each
+    fine-tune): check now that its keys are arguments it takes, in it and in the nodes of a
+    built dataclass (a pipeline's fine-tune policy and its optimizer)."""
+    if isinstance(built, functools.partial):
+        try:
+            inspect.signature(built.func).bind_partial(*built.args, **built.keywords)
+        except TypeError as exc:
+            what = OmegaConf.select(cfg, f"{key}._target_")
+            raise ConfigError(key, f"cannot build {what}: {exc}") from None
+    elif dataclasses.is_dataclass(built):
+        for f in dataclasses.fields(built):
+            node = OmegaConf.select(cfg, f"{key}.{f.name}")
+            if isinstance(node, DictConfig) and "_target_" in node:
+                _check_partials(getattr(built, f.name), cfg, f"{key}.{f.name}")
 
 
 def _number(value: Any) -> bool:
@@ -197,7 +219,7 @@ RULES: dict[str, Rule] = {
     "trainer.batch_size": _int_at_least(1),
     "trainer.eval_batch_size": _int_at_least(1),
     "trainer.num_workers": _int_at_least(0),
-    "trainer.loader": _one_of("auto", "device", "workers"),
+    "trainer.batching": _one_of("auto", "device", "workers"),
     "trainer.device_data_gb": _number_at_least(0, " (GiB)"),
     "trainer.prefetch_factor": _int_at_least(1),
     "trainer.amp": _auto_or_boolean(),
@@ -206,7 +228,36 @@ RULES: dict[str, Rule] = {
     "trainer.compile": _boolean(),
     # datasets (conf/dataset/)
     "dataset.val_fraction": _open_share(),
+    "dataset.train_subset": (
+        (lambda v: v is None or (_int(v) and v >= 2)),
+        "null or an integer >= 2 (train and val take one sample each at least)",
+    ),
+    "dataset.test_subset": (
+        (lambda v: v is None or (_int(v) and v >= 1)),
+        "null or an integer >= 1",
+    ),
+    "dataset.download": _boolean(),
     "dataset.bad_images": _one_of("error", "skip"),
+    "dataset.augment": _one_of("cifar", "imagenet", "none"),
+    "dataset.crop_padding": _int_at_least(0),
+    "dataset.image_size": _int_at_least(1),
+    "dataset.center_crop": ((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "dataset.mean": (
+        (lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(map(_number, v))),
+        "a list of numbers, one per channel",
+    ),
+    "dataset.std": (
+        (lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(_number(x) and x > 0 for x in v)),
+        "a list of numbers > 0, one per channel",
+    ),
+    "dataset.test_fraction": _open_share(),
+    "dataset.test_split_seed": (_int, "an integer"),
+    "dataset.num_samples": _int_at_least(2),
+    "dataset.num_test": _int_at_least(1),
+    "dataset.num_classes": _int_at_least(2),
+    "dataset.channels": _int_at_least(1),
+    "dataset.pattern_size": _int_at_least(1),
+    "dataset.noise": _number_at_least(0),
     # loggers (conf/logger/)
     "logger.mode": _one_of("online", "offline", "disabled"),
     # the tuning stage (conf/tune/)

@@ -1,10 +1,12 @@
 """Datasets and their loaders: CIFAR-10/100, ImageFolder trees (or a .tar.gz of one), sklearn's
 digits and synthetic tensors.
 
-Every dataset goes through the same steps in :func:`build_data`: a builder returns the untransformed
-train pool and test set with their transforms, then a seeded split holds out the validation set
-(the one every pruning decision looks at), optional seeded subsets shrink train/test for toy runs,
-and the loaders are made.
+Each ``conf/dataset/*.yaml`` names its class with ``_target_`` (:class:`Cifar10`,
+:class:`Cifar100`, :class:`ImageFolderTree`, :class:`Digits`, :class:`Synthetic`); its keys are
+that dataclass's fields. Every dataset then goes through the same steps in :func:`build_data`: its
+``load()`` returns the untransformed train pool and test set with their transforms, a seeded split
+holds out the validation set (the one every pruning decision looks at), optional seeded subsets
+shrink train/test for toy runs, and the loaders are made.
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
 
+from icep.device_batches import DeviceLoader, TensorSplit
 from icep.errors import ConfigError, IcepError
-from icep.loaders import DeviceLoader, TensorSplit
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,7 @@ _EXPECTED_TREE = (
     "a folder holding train/<class>/*.jpg and test/<class>/*.jpg ImageFolder trees "
     "(optionally val/), or a .tar.gz of one"
 )
-_CIFAR = {"cifar10": (datasets.CIFAR10, "CIFAR-10"), "cifar100": (datasets.CIFAR100, "CIFAR-100")}
 _CIFAR_IMAGE_SIZE = 32
-_AUGMENTS = ("cifar", "imagenet", "none")
-_BAD_IMAGES = ("error", "skip")
 _LISTED_BAD_IMAGES = 20  # the skip warning names this many files, then counts the rest
 _DIGITS_MAX = 16  # load_digits pixels run 0..16
 _DECODE_REPORT_EVERY = 10_000  # a progress line per this many decoded images
@@ -78,7 +78,7 @@ class _Source:
     val_pool: Dataset | None = None  # a separate val/ folder; None: split val off train_pool
     in_memory: bool = False  # tensors in memory: worker processes only add overhead
     description: str = ""
-    # The device path (icep.loaders): ``pixels(dataset, indices)`` gives those samples as
+    # The device path (icep.device_batches): ``pixels(dataset, indices)`` gives those samples as
     # (N, C, H, W) uint8 (or float) images and their labels; None: this source cannot give them.
     pixels: Callable[[Dataset, list[int]], tuple[torch.Tensor, torch.Tensor]] | None = None
     scale: float = 1 / 255  # uint8 to [0, 1]; then (x - mean) / std
@@ -105,11 +105,29 @@ class _Split(Dataset):
         return (self.transform(x) if self.transform is not None else x), y
 
 
-LOADERS = ("auto", "device", "workers")
+@dataclass(kw_only=True)
+class DatasetSpec:
+    """What a ``conf/dataset/*.yaml`` says, built from its ``_target_``: the keys every dataset
+    has. A subclass per kind of dataset adds its own keys (its config file is its schema) and
+    reads its pools in :meth:`load`."""
+
+    name: str  # the dataset's label: cache keys, reports, W&B tags
+    val_fraction: float  # seeded share of the train pool held out for validation
+    train_subset: int | None  # a seeded subset of that many train + val samples (toy runs)
+    test_subset: int | None  # a seeded subset of that many test samples (toy runs)
+
+    def load(self, *, seed: int, cache_dir: Path) -> _Source:
+        """The untransformed pools and their transforms. ``seed``: the run's, for generated
+        data; ``cache_dir``: where archives are unpacked and decoded images are kept."""
+        raise NotImplementedError
+
+
+# How batches are made (trainer.batching; see build_data).
+Batching = Literal["auto", "device", "workers"]
 
 
 def build_data(
-    cfg: DictConfig,
+    dataset: DictConfig | DatasetSpec,
     *,
     seed: int,
     batch_size: int,
@@ -117,38 +135,33 @@ def build_data(
     num_workers: int,
     cache_dir: str | Path,
     device: torch.device | str = "cpu",
-    loader: str = "auto",
+    batching: Batching = "auto",
     device_data_gb: float = 8.0,
     prefetch_factor: int = 4,
 ) -> Data:
-    """Build the train/val/test loaders of the ``dataset`` config node ``cfg``.
+    """Build the train/val/test loaders of ``dataset``: the ``dataset`` config node (built from
+    its ``_target_``) or the spec built from it.
 
     The val split and the optional ``train_subset``/``test_subset`` are drawn from ``seed``: the
     same seed gives the same samples. Archives named by ``dataset.root`` are unpacked once into
     ``cache_dir``.
 
-    ``loader``: ``device`` holds every split whole on ``device`` as uint8 and augments batches
-    there (:mod:`icep.loaders`); ``workers`` reads samples through DataLoaders with
+    ``batching``: ``device`` holds every split whole on ``device`` as uint8 and augments batches
+    there (:mod:`icep.device_batches`); ``workers`` reads samples through DataLoaders with
     ``num_workers`` processes (pinned memory on CUDA, ``prefetch_factor`` batches ahead);
     ``auto`` takes ``device`` when the source can give its pixels, its train augmentation can be
     done on tensors and all its samples take at most ``device_data_gb`` GiB, else ``workers``.
     """
-    builder = _BUILDERS.get(cfg.name)
-    if builder is None:
-        raise ConfigError("dataset.name", f"got {cfg.name!r}; expected one of {sorted(_BUILDERS)}")
-    if loader not in LOADERS:
-        raise ConfigError(
-            "trainer.loader", f"got {loader!r}; expected one of {' | '.join(LOADERS)}"
-        )
+    spec = dataset if isinstance(dataset, DatasetSpec) else build_dataset(dataset)
     device = torch.device(device)
-    source = builder(cfg, seed=seed, cache_dir=_absolute(cache_dir))
+    source = spec.load(seed=seed, cache_dir=_absolute(cache_dir))
 
     generator = torch.Generator().manual_seed(seed)
-    train_idx, val_idx = _split_train_val(source, cfg, generator)
-    test_idx = _subset(len(source.test), cfg.get("test_subset"), generator, "dataset.test_subset")
+    train_idx, val_idx = _split_train_val(source, spec, generator)
+    test_idx = _subset(len(source.test), spec.test_subset, generator)
     val_base = source.val_pool if source.val_pool is not None else source.train_pool
     n_samples = len(train_idx) + len(val_idx) + len(test_idx)
-    on_device = _use_device_path(source, loader, n_samples, device_data_gb, device)
+    on_device = _use_device_path(source, batching, n_samples, device_data_gb, device)
 
     if on_device:
         train, val, test = _tensor_splits(
@@ -185,7 +198,7 @@ def build_data(
     input_shape = tuple(test[0][0].shape)
     log.info(
         "dataset %s%s: %d train / %d val / %d test samples, %d classes, input %s; %s",
-        cfg.name,
+        spec.name,
         f" ({source.description})" if source.description else "",
         len(train),
         len(val),
@@ -197,7 +210,7 @@ def build_data(
         else f"read by DataLoaders with {splits['train'].num_workers} workers",
     )
     return Data(
-        name=cfg.name,
+        name=spec.name,
         **splits,
         num_classes=source.num_classes,
         input_shape=input_shape,
@@ -251,11 +264,27 @@ def with_batch_size(
     )
 
 
+def build_dataset(node: DictConfig) -> DatasetSpec:
+    """The :class:`DatasetSpec` a ``dataset`` config node names with ``_target_``; a node that
+    cannot be built is a ConfigError naming ``dataset``."""
+    from icep.config import build
+
+    spec = build(
+        OmegaConf.create({"dataset": OmegaConf.to_container(node, resolve=True)}), "dataset"
+    )
+    if not isinstance(spec, DatasetSpec):
+        raise ConfigError(
+            "dataset._target_",
+            f"got {node.get('_target_')!r}; expected a DatasetSpec class, e.g. icep.data.Cifar10",
+        )
+    return spec
+
+
 def _use_device_path(
-    source: _Source, loader: str, n_samples: int, limit_gb: float, device: torch.device
+    source: _Source, batching: Batching, n_samples: int, limit_gb: float, device: torch.device
 ) -> bool:
-    """Whether the splits go on the device (see :func:`build_data`'s ``loader``)."""
-    if loader == "workers":
+    """Whether the splits go on the device (see :func:`build_data`'s ``batching``)."""
+    if batching == "workers":
         return False
     why_not = None
     if source.pixels is None:
@@ -263,18 +292,18 @@ def _use_device_path(
     elif source.device_augment is None:
         why_not = "its train augmentation (dataset.augment) is not one the device path does"
     gib = n_samples * source.sample_bytes / 2**30
-    if loader == "device":
+    if batching == "device":
         if why_not is not None:
             raise ConfigError(
-                "trainer.loader", f"device: {why_not}; use trainer.loader=workers or auto"
+                "trainer.batching", f"device: {why_not}; use trainer.batching=workers or auto"
             )
         return True
     if why_not is not None:
-        log.info("trainer.loader=auto: DataLoader workers, as %s", why_not)
+        log.info("trainer.batching=auto: DataLoader workers, as %s", why_not)
         return False
     if gib > limit_gb:
         log.info(
-            "trainer.loader=auto: DataLoader workers, as the %d samples take %.1f GiB as uint8, "
+            "trainer.batching=auto: DataLoader workers, as the %d samples take %.1f GiB as uint8, "
             "over trainer.device_data_gb=%g",
             n_samples,
             gib,
@@ -315,8 +344,9 @@ def _tensor_splits(
 
 
 def data_from_config(cfg: DictConfig, device: torch.device | str = "cpu") -> Data:
-    """The run's data from its whole config: ``dataset``, the ``trainer`` batch sizes, loader
-    and workers, the run seed and the dataset cache under ``paths.cache``, for ``device``."""
+    """The run's data from its whole config: ``dataset``, the ``trainer`` batch sizes, how
+    batches are made and workers, the run seed and the dataset cache under ``paths.cache``, for
+    ``device``."""
     trainer = cfg.trainer
     return build_data(
         cfg.dataset,
@@ -326,7 +356,7 @@ def data_from_config(cfg: DictConfig, device: torch.device | str = "cpu") -> Dat
         num_workers=trainer.num_workers,
         cache_dir=Path(cfg.paths.cache) / "datasets",
         device=device,
-        loader=trainer.get("loader", "auto"),
+        batching=trainer.get("batching", "auto"),
         device_data_gb=trainer.get("device_data_gb", 8.0),
         prefetch_factor=trainer.get("prefetch_factor", 4),
     )
@@ -337,10 +367,8 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
     of train, ``eval_fraction`` of val and of test, at least one sample each. Same seed, same
     samples; the loaders keep their batch sizes and workers."""
 
-    def shrink(loader: DataLoader | DeviceLoader, fraction: float, key: str, shuffle: bool):
+    def shrink(loader: DataLoader | DeviceLoader, fraction: float, shuffle: bool):
         dataset = loader.dataset
-        if not 0 < fraction <= 1:
-            raise ConfigError(key, f"got {fraction}; must be in (0, 1]")
         n = len(dataset)
         size = max(1, round(n * fraction))
         picked = sorted(torch.randperm(n, generator=generator)[:size].tolist())
@@ -363,9 +391,9 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
     generator = torch.Generator().manual_seed(seed)
     return Data(
         name=data.name,
-        train=shrink(data.train, train_fraction, "tune.train_fraction", shuffle=True),
-        val=shrink(data.val, eval_fraction, "tune.eval_fraction", shuffle=False),
-        test=shrink(data.test, eval_fraction, "tune.eval_fraction", shuffle=False),
+        train=shrink(data.train, train_fraction, shuffle=True),
+        val=shrink(data.val, eval_fraction, shuffle=False),
+        test=shrink(data.test, eval_fraction, shuffle=False),
         num_classes=data.num_classes,
         input_shape=data.input_shape,
     )
@@ -375,19 +403,11 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
 
 
 def _split_train_val(
-    source: _Source, cfg: DictConfig, generator: torch.Generator
+    source: _Source, spec: DatasetSpec, generator: torch.Generator
 ) -> tuple[list[int], list[int]]:
     """Seeded train/val indices. ``train_subset`` caps train + val together, in the proportion
     ``val_fraction``, whether val is split off train or comes from its own folder."""
-    val_fraction = cfg.val_fraction
-    if not 0 < val_fraction < 1:
-        raise ConfigError("dataset.val_fraction", f"got {val_fraction}; expected 0 < x < 1")
-    train_subset = cfg.get("train_subset")
-    if train_subset is not None and train_subset < 2:
-        raise ConfigError(
-            "dataset.train_subset", f"got {train_subset}; expected null or at least 2"
-        )
-
+    val_fraction, train_subset = spec.val_fraction, spec.train_subset
     if source.val_pool is None:
         pool = torch.randperm(len(source.train_pool), generator=generator).tolist()
         if train_subset is not None:
@@ -408,151 +428,187 @@ def _split_train_val(
     return sorted(train), sorted(val)
 
 
-def _subset(n: int, size: int | None, generator: torch.Generator, key: str) -> list[int]:
+def _subset(n: int, size: int | None, generator: torch.Generator) -> list[int]:
     """All of ``range(n)``, or a seeded random ``size`` of them (all when size >= n)."""
     if size is None:
         return list(range(n))
-    if size < 1:
-        raise ConfigError(key, f"got {size}; expected null or a positive number of samples")
     return sorted(torch.randperm(n, generator=generator)[:size].tolist())
 
 
-# --- transforms ---------------------------------------------------------------------------------
+# --- image datasets -----------------------------------------------------------------------------
 
 
-def _augment_mode(cfg: DictConfig, allowed: Sequence[str] = _AUGMENTS) -> str:
-    value = cfg.get("augment")
-    mode = "none" if value in (None, False) else str(value)
-    if mode not in allowed:
-        raise ConfigError(
-            "dataset.augment", f"got {value!r}; expected one of {' | '.join(allowed)}"
+@dataclass(kw_only=True)
+class _Images(DatasetSpec):
+    """RGB images read from files (or CIFAR's arrays): where they are, how undecodable files are
+    handled, the augmentation and the normalization."""
+
+    root: str | None  # a folder or archive; relative to where the run starts
+    bad_images: str  # error | skip (ImageFolder trees only)
+    augment: str  # cifar | imagenet | none
+    crop_padding: int  # augment=cifar: pixels of zero padding before the random crop
+    mean: Sequence[float]  # per-channel normalization of the images scaled to [0, 1]
+    std: Sequence[float]
+
+    def _transforms(
+        self, image_size: int, center_crop: float | None = None
+    ) -> tuple[Callable, Callable]:
+        """(train, eval) transforms from PIL images to normalized tensors of ``image_size``."""
+        # Resize + CenterCrop make any folder of images square; on images already that size
+        # they copy.
+        fit = [T.Resize(image_size), T.CenterCrop(image_size)]
+        if self.augment == "cifar":
+            train = [
+                *fit,
+                T.RandomCrop(image_size, padding=self.crop_padding),
+                T.RandomHorizontalFlip(),
+            ]
+            val = fit
+        elif self.augment == "imagenet":
+            train = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+            val = [T.Resize(int(image_size / center_crop)), T.CenterCrop(image_size)]
+        else:
+            train = val = fit
+        to_tensor = [T.ToTensor(), T.Normalize(list(self.mean), list(self.std))]
+        return T.Compose([*train, *to_tensor]), T.Compose([*val, *to_tensor])
+
+    def _device_augment(self) -> tuple[int, bool] | None:
+        """The train augmentation as the device path does it: (crop padding, flip); None for
+        ``imagenet``, whose RandomResizedCrop needs the images at full size."""
+        return {"cifar": (int(self.crop_padding), True), "none": (0, False)}.get(self.augment)
+
+    def _source(self, image_size: int, center_crop: float | None = None, **fields) -> _Source:
+        """A _Source of RGB images of ``image_size`` with this dataset's normalization and both
+        paths' augmentation."""
+        train_tf, eval_tf = self._transforms(image_size, center_crop)
+        return _Source(
+            train_transform=train_tf,
+            eval_transform=eval_tf,
+            mean=list(self.mean),
+            std=list(self.std),
+            device_augment=self._device_augment(),
+            sample_bytes=3 * image_size * image_size,
+            **fields,
         )
-    return mode
 
-
-def _image_transforms(cfg: DictConfig, image_size: int, mode: str) -> tuple[Callable, Callable]:
-    """(train, eval) transforms from PIL images to normalized tensors of ``image_size``."""
-    # Resize + CenterCrop make any folder of images square; on images already that size they copy.
-    fit = [T.Resize(image_size), T.CenterCrop(image_size)]
-    if mode == "cifar":
-        train = [
-            *fit,
-            T.RandomCrop(image_size, padding=cfg.crop_padding),
-            T.RandomHorizontalFlip(),
-        ]
-        val = fit
-    elif mode == "imagenet":
-        train = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-        val = [T.Resize(int(image_size / cfg.center_crop)), T.CenterCrop(image_size)]
-    else:
-        train = val = fit
-    to_tensor = [T.ToTensor(), T.Normalize(list(cfg.mean), list(cfg.std))]
-    return T.Compose([*train, *to_tensor]), T.Compose([*val, *to_tensor])
-
-
-def _device_augment(cfg: DictConfig, mode: str) -> tuple[int, bool] | None:
-    """The train augmentation as the device path does it: (crop padding, flip); None for
-    ``imagenet``, whose RandomResizedCrop needs the images at full size."""
-    return {"cifar": (int(cfg.crop_padding), True), "none": (0, False)}.get(mode)
-
-
-def _image_source(cfg: DictConfig, image_size: int, mode: str, **fields) -> _Source:
-    """A _Source of RGB images of ``image_size`` with ``cfg``'s normalization and both paths'
-    augmentation for ``mode``."""
-    train_tf, eval_tf = _image_transforms(cfg, image_size, mode)
-    return _Source(
-        train_transform=train_tf,
-        eval_transform=eval_tf,
-        mean=list(cfg.mean),
-        std=list(cfg.std),
-        device_augment=_device_augment(cfg, mode),
-        sample_bytes=3 * image_size * image_size,
-        **fields,
-    )
+    def _tree_source(
+        self, tree: Path, image_size: int, cache_dir: Path, center_crop: float | None = None
+    ) -> _Source:
+        """The ImageFolder tree at ``tree`` (train/, test/ and optionally val/)."""
+        if not (tree / "test").is_dir():
+            raise ConfigError(
+                "dataset.root", f"{tree} has train/ but no test/; expected {_EXPECTED_TREE}"
+            )
+        train = _image_folder(tree / "train")
+        test = _image_folder(tree / "test", classes=train.classes)
+        val = (
+            _image_folder(tree / "val", classes=train.classes) if (tree / "val").is_dir() else None
+        )
+        if self.bad_images == "skip":
+            _drop_undecodable([d for d in (train, val, test) if d is not None])
+        return self._source(
+            image_size,
+            center_crop,
+            train_pool=train,
+            test=test,
+            num_classes=len(train.classes),
+            val_pool=val,
+            description=f"ImageFolder {tree}",
+            pixels=functools.partial(_decoded_pixels, image_size=image_size, cache_dir=cache_dir),
+        )
 
 
 # --- CIFAR --------------------------------------------------------------------------------------
 
 
-def _build_cifar(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
-    cls, title = _CIFAR[cfg.name]
-    root = _absolute(cfg.root)
-    mode = _augment_mode(cfg, allowed=("cifar", "none"))
+@dataclass(kw_only=True)
+class _Cifar(_Images):
+    """torchvision's CIFAR files under ``root``, or the same images as an ImageFolder tree (or a
+    .tar.gz of one, such as the CIFAR-10 JPEG archive), at 32x32."""
 
-    if not (root / cls.base_folder).is_dir():
-        # The same images as an ImageFolder tree, e.g. the CIFAR-10 JPEG archive.
-        tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
-        if tree is not None:
-            return _image_folder_source(cfg, tree, _CIFAR_IMAGE_SIZE, mode, cache_dir)
-        if not cfg.download:
+    download: bool  # torchvision downloads its files into root when missing
+
+    torchvision_class: ClassVar[type[datasets.CIFAR10]]
+    title: ClassVar[str]
+
+    def load(self, *, seed: int, cache_dir: Path) -> _Source:
+        cls, title = self.torchvision_class, self.title
+        if self.augment == "imagenet":  # RandomResizedCrop is for large images
+            raise ConfigError("dataset.augment", f"got 'imagenet'; {title} takes cifar or none")
+        root = _absolute(self.root)
+
+        if not (root / cls.base_folder).is_dir():
+            # The same images as an ImageFolder tree, e.g. the CIFAR-10 JPEG archive.
+            tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
+            if tree is not None:
+                return self._tree_source(tree, _CIFAR_IMAGE_SIZE, cache_dir)
+            if not self.download:
+                raise ConfigError(
+                    "dataset.root",
+                    f"{root} holds no {title} (expected {cls.base_folder}/ or an ImageFolder tree "
+                    "/ .tar.gz with train/ and test/); set dataset.root=... or "
+                    "dataset.download=true",
+                )
+        try:
+            train = cls(str(root), train=True, download=self.download)
+            test = cls(str(root), train=False, download=self.download)
+        except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
             raise ConfigError(
                 "dataset.root",
-                f"{root} holds no {title} (expected {cls.base_folder}/ or an ImageFolder tree / "
-                ".tar.gz with train/ and test/); set dataset.root=... or dataset.download=true",
-            )
-    try:
-        train = cls(str(root), train=True, download=cfg.download)
-        test = cls(str(root), train=False, download=cfg.download)
-    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
-        raise ConfigError(
-            "dataset.root",
-            f"{root / cls.base_folder} is incomplete or corrupt ({err}); "
-            "fix the files or set dataset.download=true",
-        ) from None
-    return _image_source(
-        cfg,
-        _CIFAR_IMAGE_SIZE,
-        mode,
-        train_pool=train,
-        test=test,
-        num_classes=len(train.classes),
-        description=f"torchvision {root}",
-        pixels=_array_pixels,
-    )
+                f"{root / cls.base_folder} is incomplete or corrupt ({err}); "
+                "fix the files or set dataset.download=true",
+            ) from None
+        return self._source(
+            _CIFAR_IMAGE_SIZE,
+            train_pool=train,
+            test=test,
+            num_classes=len(train.classes),
+            description=f"torchvision {root}",
+            pixels=_array_pixels,
+        )
+
+
+@dataclass(kw_only=True)
+class Cifar10(_Cifar):
+    """CIFAR-10 (conf/dataset/cifar10.yaml): cifar-10-batches-py/ or an ImageFolder tree."""
+
+    torchvision_class: ClassVar[type[datasets.CIFAR10]] = datasets.CIFAR10
+    title: ClassVar[str] = "CIFAR-10"
+
+
+@dataclass(kw_only=True)
+class Cifar100(_Cifar):
+    """CIFAR-100 (conf/dataset/cifar100.yaml): cifar-100-python/ or an ImageFolder tree."""
+
+    torchvision_class: ClassVar[type[datasets.CIFAR10]] = datasets.CIFAR100
+    title: ClassVar[str] = "CIFAR-100"
 
 
 # --- ImageFolder --------------------------------------------------------------------------------
 
 
-def _build_image_folder(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
-    if cfg.root is None:
-        raise ConfigError("dataset.root", f"is not set; expected {_EXPECTED_TREE}")
-    root = _absolute(cfg.root)
-    if not root.exists():
-        raise ConfigError("dataset.root", f"{root} does not exist; expected {_EXPECTED_TREE}")
-    tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
-    if tree is None:
-        split = root.name in ("train", "val", "test") and (root.parent / "train").is_dir()
-        hint = f"; it is one split of a tree: set dataset.root={root.parent}" if split else ""
-        raise ConfigError(
-            "dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}{hint}"
-        )
-    return _image_folder_source(cfg, tree, cfg.image_size, _augment_mode(cfg), cache_dir)
+@dataclass(kw_only=True)
+class ImageFolderTree(_Images):
+    """Any image classification set in torchvision's ImageFolder layout, or a .tar.gz of one
+    (conf/dataset/image_folder.yaml), resized and center-cropped to ``image_size``."""
 
+    image_size: int
+    center_crop: float  # augment=imagenet: share of the resized eval image the crop keeps
 
-def _image_folder_source(
-    cfg: DictConfig, tree: Path, image_size: int, mode: str, cache_dir: Path
-) -> _Source:
-    if not (tree / "test").is_dir():
-        raise ConfigError(
-            "dataset.root", f"{tree} has train/ but no test/; expected {_EXPECTED_TREE}"
-        )
-    train = _image_folder(tree / "train")
-    test = _image_folder(tree / "test", classes=train.classes)
-    val = _image_folder(tree / "val", classes=train.classes) if (tree / "val").is_dir() else None
-    if _bad_images_mode(cfg) == "skip":
-        _drop_undecodable([d for d in (train, val, test) if d is not None])
-    return _image_source(
-        cfg,
-        image_size,
-        mode,
-        train_pool=train,
-        test=test,
-        num_classes=len(train.classes),
-        val_pool=val,
-        description=f"ImageFolder {tree}",
-        pixels=functools.partial(_decoded_pixels, image_size=image_size, cache_dir=cache_dir),
-    )
+    def load(self, *, seed: int, cache_dir: Path) -> _Source:
+        if self.root is None:
+            raise ConfigError("dataset.root", f"is not set; expected {_EXPECTED_TREE}")
+        root = _absolute(self.root)
+        if not root.exists():
+            raise ConfigError("dataset.root", f"{root} does not exist; expected {_EXPECTED_TREE}")
+        tree = _find_tree(_unpack(root, cache_dir) if _is_archive(root) else root)
+        if tree is None:
+            split = root.name in ("train", "val", "test") and (root.parent / "train").is_dir()
+            hint = f"; it is one split of a tree: set dataset.root={root.parent}" if split else ""
+            raise ConfigError(
+                "dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}{hint}"
+            )
+        return self._tree_source(tree, self.image_size, cache_dir, self.center_crop)
 
 
 def _image_folder(folder: Path, classes: list[str] | None = None) -> datasets.ImageFolder:
@@ -566,13 +622,6 @@ def _image_folder(folder: Path, classes: list[str] | None = None) -> datasets.Im
             f"{folder} has classes {dataset.classes} but train/ has {classes}; they must match",
         )
     return dataset
-
-
-def _bad_images_mode(cfg: DictConfig) -> str:
-    mode = cfg.get("bad_images", "error")
-    if mode not in _BAD_IMAGES:
-        raise ConfigError("dataset.bad_images", f"got {mode!r}; expected error or skip")
-    return mode
 
 
 def _reason(exc: Exception) -> str:
@@ -766,34 +815,44 @@ def _decoded_cache(folder: datasets.ImageFolder, image_size: int, cache_dir: Pat
 # --- in-memory datasets -------------------------------------------------------------------------
 
 
-def _build_digits(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+@dataclass(kw_only=True)
+class Digits(DatasetSpec):
+    """sklearn's load_digits (conf/dataset/digits.yaml): 1,797 8x8 grayscale digits, in memory,
+    no augmentation."""
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.uint8).unsqueeze(1)  # 0..16
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    # A fixed test split, like CIFAR's test set: the run seed only moves train/val.
-    train_idx, test_idx = train_test_split(
-        range(len(labels)),
-        test_size=cfg.test_fraction,
-        random_state=cfg.test_split_seed,
-        stratify=labels.numpy(),
-    )
-    return _Source(
-        TensorDataset(images[train_idx], labels[train_idx]),
-        TensorDataset(images[test_idx], labels[test_idx]),
-        num_classes=int(labels.max()) + 1,
-        train_transform=_ScaleNormalize(1 / _DIGITS_MAX, cfg.mean, cfg.std),
-        eval_transform=_ScaleNormalize(1 / _DIGITS_MAX, cfg.mean, cfg.std),
-        in_memory=True,
-        description="sklearn load_digits",
-        pixels=_tensor_pixels,
-        scale=1 / _DIGITS_MAX,
-        mean=list(cfg.mean),
-        std=list(cfg.std),
-        sample_bytes=images[0].numel(),
-    )
+    test_fraction: float  # stratified share held out as the test set
+    test_split_seed: int  # the test split is fixed like CIFAR's; the run seed moves train/val
+    mean: Sequence[float]  # of the pixels scaled to [0, 1]
+    std: Sequence[float]
+
+    def load(self, *, seed: int, cache_dir: Path) -> _Source:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.uint8).unsqueeze(1)  # 0..16
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        # A fixed test split, like CIFAR's test set: the run seed only moves train/val.
+        train_idx, test_idx = train_test_split(
+            range(len(labels)),
+            test_size=self.test_fraction,
+            random_state=self.test_split_seed,
+            stratify=labels.numpy(),
+        )
+        return _Source(
+            TensorDataset(images[train_idx], labels[train_idx]),
+            TensorDataset(images[test_idx], labels[test_idx]),
+            num_classes=int(labels.max()) + 1,
+            train_transform=_ScaleNormalize(1 / _DIGITS_MAX, self.mean, self.std),
+            eval_transform=_ScaleNormalize(1 / _DIGITS_MAX, self.mean, self.std),
+            in_memory=True,
+            description="sklearn load_digits",
+            pixels=_tensor_pixels,
+            scale=1 / _DIGITS_MAX,
+            mean=list(self.mean),
+            std=list(self.std),
+            sample_bytes=images[0].numel(),
+        )
 
 
 class _ScaleNormalize:
@@ -808,36 +867,39 @@ class _ScaleNormalize:
         return (image.float() * self.scale - self.mean) / self.std
 
 
-def _build_synthetic(cfg: DictConfig, *, seed: int, cache_dir: Path) -> _Source:
-    """Each class is a fixed coarse pattern, upsampled to ``image_size``, plus Gaussian noise: a
-    small CNN learns it in an epoch or two, which makes it a cheap end-to-end check."""
-    generator = torch.Generator().manual_seed(seed)
-    shape = (cfg.num_classes, cfg.channels, cfg.pattern_size, cfg.pattern_size)
-    patterns = F.interpolate(torch.randn(shape, generator=generator), size=cfg.image_size)
+@dataclass(kw_only=True)
+class Synthetic(DatasetSpec):
+    """Generated tensors (conf/dataset/synthetic.yaml): each class is a fixed coarse pattern,
+    upsampled to ``image_size``, plus Gaussian noise, all drawn from the run seed. A small CNN
+    learns it in an epoch or two, which makes it a cheap end-to-end check."""
 
-    def sample(n: int) -> TensorDataset:
-        labels = torch.randint(cfg.num_classes, (n,), generator=generator)
-        noise = torch.randn((n, *patterns.shape[1:]), generator=generator)
-        return TensorDataset(patterns[labels] + cfg.noise * noise, labels)
+    num_samples: int  # train + val pool
+    num_test: int
+    num_classes: int
+    channels: int
+    image_size: int
+    pattern_size: int  # class patterns are drawn on this coarse grid, then upsampled
+    noise: float  # std of the noise added to the pattern (the pattern's own std is 1)
 
-    return _Source(
-        sample(cfg.num_samples),
-        sample(cfg.num_test),
-        num_classes=cfg.num_classes,
-        in_memory=True,
-        pixels=_tensor_pixels,
-        scale=1.0,
-        sample_bytes=patterns[0].numel() * patterns.element_size(),
-    )
+    def load(self, *, seed: int, cache_dir: Path) -> _Source:
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.num_classes, self.channels, self.pattern_size, self.pattern_size)
+        patterns = F.interpolate(torch.randn(shape, generator=generator), size=self.image_size)
 
+        def sample(n: int) -> TensorDataset:
+            labels = torch.randint(self.num_classes, (n,), generator=generator)
+            noise = torch.randn((n, *patterns.shape[1:]), generator=generator)
+            return TensorDataset(patterns[labels] + self.noise * noise, labels)
 
-_BUILDERS: dict[str, Callable[..., _Source]] = {
-    "cifar10": _build_cifar,
-    "cifar100": _build_cifar,
-    "image_folder": _build_image_folder,
-    "digits": _build_digits,
-    "synthetic": _build_synthetic,
-}
+        return _Source(
+            sample(self.num_samples),
+            sample(self.num_test),
+            num_classes=self.num_classes,
+            in_memory=True,
+            pixels=_tensor_pixels,
+            scale=1.0,
+            sample_bytes=patterns[0].numel() * patterns.element_size(),
+        )
 
 
 def _absolute(path: str | Path) -> Path:

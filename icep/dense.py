@@ -59,7 +59,8 @@ def cache_path(cfg: DictConfig, data: Data, amp: bool = False) -> Path:
     }
     if amp:  # float32 keys stay as they were
         keyed["amp"] = "bf16"
-    keyed["dataset"].pop("download", None)
+    for key in ("download", "_target_"):  # where the data comes from, not what it is
+        keyed["dataset"].pop(key, None)
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{digest}.pt"
 

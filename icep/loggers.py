@@ -1,4 +1,5 @@
-"""Run outputs: local files always, W&B as a mirror when ``logger=wandb``."""
+"""Run outputs: local files always (:class:`RunLogger`), W&B as a mirror when ``logger=wandb``
+(:class:`WandbLogger`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,93 +30,29 @@ def write_json(path: str | Path, data: Any) -> None:
         f.write("\n")
 
 
-class RunLogger:
-    """Writes ``metrics.jsonl`` (one row per pruning step) and ``summary.json`` in the run folder,
-    and mirrors both to W&B when a ``wandb`` logger config is given."""
+@dataclass
+class RunInfo:
+    """What a logger is told about the run it logs (W&B's run page, grouping and filters)."""
 
-    def __init__(
-        self,
-        run_dir: str | Path,
-        cfg: Any = None,
-        config: dict[str, Any] | None = None,
-        group: str | None = None,
-        job_type: str | None = None,
-        tags: list[str] | None = None,
-        name: str | None = None,
-        resume: bool = False,
-    ):
-        """``resume``: the run continues from a checkpoint, so its W&B run continues too (the
-        id kept in ``.wandb-run-id``) instead of a second, partial run in the dashboards."""
+    config: dict[str, Any] | None = None  # the resolved config
+    group: str | None = None  # the experiment
+    job_type: str | None = None  # the pipeline, or trial / final in a tuned run
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None
+    resume: bool = False  # continues from a checkpoint: the W&B run continues too
+
+
+class RunLogger:
+    """Writes ``metrics.jsonl`` (one row per pruning step) and ``summary.json`` in the run folder
+    (``logger=local``). Built from conf/logger/ as a ``_partial_`` node, then called with the run
+    folder and its :class:`RunInfo`."""
+
+    def __init__(self, run_dir: str | Path, info: RunInfo | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self.wandb_run = None
-        if cfg is not None and cfg.get("name") == "wandb":
-            self.wandb_run = self._start_wandb(cfg, config, group, job_type, tags, name, resume)
-
-    def _start_wandb(self, cfg, config, group, job_type, tags, name, resume):
-        import wandb
-
-        id_path = self.run_dir / WANDB_ID_FILE
-        run_id = id_path.read_text().strip() if resume and id_path.is_file() else None
-
-        def init(mode: str, silent: bool = False):
-            timeout = cfg.get("init_timeout")
-            return wandb.init(
-                project=cfg.project,
-                entity=cfg.get("entity"),
-                group=cfg.get("group") or group,
-                job_type=cfg.get("job_type") or job_type,
-                tags=list(cfg.get("tags") or []) + list(tags or []),
-                name=cfg.get("run_name") or name,
-                id=run_id,
-                resume="allow" if run_id else None,
-                mode=mode,
-                dir=str(self.run_dir),
-                config=config,
-                settings=wandb.Settings(
-                    quiet=True,
-                    silent=silent,  # after icep's own warning, wandb's offline notes repeat it
-                    **({"init_timeout": timeout} if timeout is not None else {}),
-                ),
-                reinit="create_new",  # the tuning stage's trial runs live beside the final run
-            )
-
-        mode = cfg.mode
-        if mode == "online":
-            base_url = wandb.setup().settings.base_url
-            if base_url not in _wandb_offline:
-                reason = _wandb_offline_reason(base_url, cfg.get("connect_timeout", 5.0))
-                _wandb_offline[base_url] = reason
-                if reason is not None:
-                    self._warn_offline(reason)
-            if _wandb_offline[base_url] is not None:
-                mode = "offline"
-        try:
-            run = init(mode, silent=mode != cfg.mode)
-        except wandb.errors.Error as exc:  # CommError (timeout), UsageError, AuthenticationError
-            if mode != "online":
-                raise
-            self._warn_offline(f"wandb.init failed ({type(exc).__name__}: {_first_line(exc)})")
-            run = init("offline", silent=True)
-        id_path.write_text(run.id + "\n")
-        # The pruning step is the x-axis of every per-step metric; t_total (cumulative seconds of
-        # pruning cost) and flops_total (its counted work) are the axes a panel can pick instead
-        # ("accuracy vs time", "accuracy vs compute").
-        run.define_metric("step")
-        run.define_metric("*", step_metric="step")
-        run.define_metric("t_total", step_metric="step", summary="max")
-        run.define_metric("flops_total", step_metric="step", summary="max")
-        return run
-
-    def _warn_offline(self, reason: str) -> None:
-        log.warning(
-            "W&B: %s; logging offline instead (logger.mode=offline): upload later with "
-            "`wandb sync %s`",
-            reason,
-            self.run_dir / "wandb" / "offline-run-*",
-        )
 
     def log_step(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -139,6 +78,99 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
+
+
+class WandbLogger(RunLogger):
+    """The local files plus a Weights & Biases run mirroring them (``logger=wandb``). A resumed
+    run continues its W&B run (the id kept in ``.wandb-run-id``) instead of starting a second,
+    partial one. Each setting left null takes the run's own (group, job type, name); ``tags``
+    are added to the run's."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        info: RunInfo | None = None,
+        *,
+        mode: str,
+        project: str,
+        entity: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        run_name: str | None = None,
+        tags: Sequence[str] = (),
+        connect_timeout: float = 5.0,
+        init_timeout: float | None = None,
+    ):
+        super().__init__(run_dir, info)
+        info = info or RunInfo()
+        self.mode, self.connect_timeout, self.init_timeout = mode, connect_timeout, init_timeout
+        self.wandb_run = self._start(
+            project=project,
+            entity=entity,
+            group=group or info.group,
+            job_type=job_type or info.job_type,
+            tags=[*tags, *info.tags],
+            name=run_name or info.name,
+            config=info.config,
+            resume=info.resume,
+        )
+
+    def _start(self, resume: bool, **settings: Any):
+        import wandb
+
+        id_path = self.run_dir / WANDB_ID_FILE
+        run_id = id_path.read_text().strip() if resume and id_path.is_file() else None
+
+        def init(mode: str, silent: bool = False):
+            timeout = self.init_timeout
+            return wandb.init(
+                **settings,
+                id=run_id,
+                resume="allow" if run_id else None,
+                mode=mode,
+                dir=str(self.run_dir),
+                settings=wandb.Settings(
+                    quiet=True,
+                    silent=silent,  # after icep's own warning, wandb's offline notes repeat it
+                    **({"init_timeout": timeout} if timeout is not None else {}),
+                ),
+                reinit="create_new",  # the tuning stage's trial runs live beside the final run
+            )
+
+        mode = self.mode
+        if mode == "online":
+            base_url = wandb.setup().settings.base_url
+            if base_url not in _wandb_offline:
+                reason = _wandb_offline_reason(base_url, self.connect_timeout)
+                _wandb_offline[base_url] = reason
+                if reason is not None:
+                    self._warn_offline(reason)
+            if _wandb_offline[base_url] is not None:
+                mode = "offline"
+        try:
+            run = init(mode, silent=mode != self.mode)
+        except wandb.errors.Error as exc:  # CommError (timeout), UsageError, AuthenticationError
+            if mode != "online":
+                raise
+            self._warn_offline(f"wandb.init failed ({type(exc).__name__}: {_first_line(exc)})")
+            run = init("offline", silent=True)
+        id_path.write_text(run.id + "\n")
+        # The pruning step is the x-axis of every per-step metric; t_total (cumulative seconds of
+        # pruning cost) and flops_total (its counted work) are the axes a panel can pick instead
+        # ("accuracy vs time", "accuracy vs compute").
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+        run.define_metric("t_total", step_metric="step", summary="max")
+        run.define_metric("flops_total", step_metric="step", summary="max")
+        return run
+
+    def _warn_offline(self, reason: str) -> None:
+        log.warning(
+            "W&B: %s; logging offline instead (logger.mode=offline): upload later with "
+            "`wandb sync %s`",
+            reason,
+            self.run_dir / "wandb" / "offline-run-*",
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ from conftest import (
 from omegaconf import OmegaConf
 from torch import nn
 
-from icep.loaders import DeviceLoader, TensorSplit
+from icep.device_batches import DeviceLoader, TensorSplit
 from icep.models import cifar_resnet
 from icep.pipelines.ice import freeze_layers
 from icep.pruning import L1, PruningEngine

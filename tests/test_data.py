@@ -1,4 +1,5 @@
-"""icep.data: splits, subsets, transforms and the sources (digits, synthetic, ImageFolder, CIFAR)."""
+"""icep.data: the dataset configs and their checks, splits, subsets, transforms and the sources
+(digits, synthetic, ImageFolder, CIFAR)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import time
@@ -15,15 +17,31 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from icep.data import Data, build_data
+from icep.config import validate
+from icep.data import (
+    Cifar10,
+    Cifar100,
+    Data,
+    Digits,
+    ImageFolderTree,
+    Synthetic,
+    build_data,
+    build_dataset,
+)
 from icep.errors import ConfigError, IcepError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHARED_CIFAR = CONF.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ("ant", "bee", "cat")
+
+
+def run_cfg(*overrides: str) -> DictConfig:
+    """The whole config as the app composes it."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def dataset_cfg(name: str, **values) -> DictConfig:
@@ -97,6 +115,65 @@ def fake_cifar_checks(monkeypatch):
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kw: True)  # batches.meta
 
 
+# --- the configs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("cifar10", Cifar10),
+        ("cifar100", Cifar100),
+        ("image_folder", ImageFolderTree),
+        ("digits", Digits),
+        ("synthetic", Synthetic),
+    ],
+)
+def test_each_dataset_config_builds_its_class(name, cls):
+    """The config is the class's schema: every key is a field, ``name`` stays the label."""
+    validate(run_cfg(f"dataset={name}"))
+    spec = build_dataset(dataset_cfg(name))
+    assert type(spec) is cls and spec.name == name
+
+
+def test_a_key_the_dataset_does_not_take_names_the_node():
+    cfg = dataset_cfg("digits")
+    with open_dict(cfg):
+        cfg.image_size = 32  # digits are 8x8, always
+    with pytest.raises(ConfigError, match="^dataset: cannot build icep.data.Digits: .*image_size"):
+        build(cfg)
+
+
+def test_a_node_without_a_dataset_class_names_target():
+    with pytest.raises(ConfigError, match="^dataset._target_: got None"):
+        build(DictConfig({"name": "mnist"}))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dataset.val_fraction=0.0"], "got 0.0; must be a number strictly between 0 and 1"),
+        (["dataset.val_fraction=1.0"], "got 1.0; must be a number strictly between 0 and 1"),
+        (["dataset.train_subset=1"], "got 1; must be null or an integer >= 2"),
+        (["dataset.train_subset=0.5"], "got 0.5; must be null or an integer >= 2"),
+        (["dataset.test_subset=0"], "got 0; must be null or an integer >= 1"),
+        (["dataset.std=[0.0]"], "got [0.0]; must be a list of numbers > 0, one per channel"),
+        (["dataset=image_folder", "dataset.augment=mixup"], "got 'mixup'; must be cifar, imagenet"),
+        (["dataset=image_folder", "dataset.bad_images=ignore"], "got 'ignore'; must be error or"),
+        (["dataset=image_folder", "dataset.image_size=0"], "got 0; must be an integer >= 1"),
+        (["dataset=image_folder", "dataset.center_crop=2"], "got 2; must be a number in (0, 1]"),
+        (["dataset=cifar10", "dataset.crop_padding=-1"], "got -1; must be an integer >= 0"),
+        (["dataset=cifar10", "dataset.download=yes"], "got 'yes'; must be true or false"),
+        (["dataset=synthetic", "dataset.num_classes=1"], "got 1; must be an integer >= 2"),
+        (["dataset=synthetic", "dataset.noise=-1"], "got -1; must be a number >= 0"),
+    ],
+)
+def test_bad_dataset_values_are_refused_before_any_data(overrides, message):
+    """One rule per key in icep.config.RULES, checked before the data is touched."""
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: {re.escape(message)}"):
+        validate(run_cfg(*overrides))
+
+
 # --- digits and synthetic -----------------------------------------------------------------------
 
 
@@ -139,17 +216,10 @@ def test_subsets_are_seeded():
     assert split["train"] != indices(build(cfg, seed=1))["train"]
 
 
-@pytest.mark.parametrize(
-    "key, value", [("val_fraction", 0.0), ("val_fraction", 1.0), ("train_subset", 1)]
-)
-def test_bad_split_settings_name_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"dataset.{key}"):
-        build(dataset_cfg("digits", **{key: value}))
-
-
-def test_unknown_dataset_name():
-    with pytest.raises(ConfigError, match="dataset.name"):
-        build(DictConfig({"name": "mnist"}))
+def test_a_split_that_leaves_no_train_sample_names_val_fraction():
+    """What the rules cannot know: how many samples the data has."""
+    with pytest.raises(ConfigError, match="^dataset.val_fraction: leaves 0 train and 2 val"):
+        build(dataset_cfg("digits", train_subset=2, val_fraction=0.9))
 
 
 def test_synthetic_shapes_and_determinism():
@@ -196,7 +266,7 @@ def test_augmentation_in_workers_repeats_from_the_restored_loader_state(tmp_path
     draws the same order and the same random crops and flips, worker processes included."""
     tree = make_tree(tmp_path / "tiny")
     cfg = dataset_cfg("image_folder", root=str(tree), image_size=24, val_fraction=0.25)
-    data = build(cfg, cache_dir=tmp_path / "cache", num_workers=1, batch_size=4, loader="workers")
+    data = build(cfg, cache_dir=tmp_path / "cache", num_workers=1, batch_size=4, batching="workers")
     assert not data.train.persistent_workers and data.train.num_workers == 1
     next(iter(data.train))  # an epoch in progress, as before a checkpoint
     state = data.train.generator.get_state()
@@ -210,13 +280,13 @@ def test_augmentation_in_workers_repeats_from_the_restored_loader_state(tmp_path
 
 def test_image_folder_uses_a_val_folder(tmp_path):
     tree = make_tree(tmp_path / "tiny", splits=("train", "val", "test"), per_class=2)
-    data = build(dataset_cfg("image_folder", root=str(tree)), loader="workers")
+    data = build(dataset_cfg("image_folder", root=str(tree)), batching="workers")
     assert len(data.train.dataset) == 6 and len(data.val.dataset) == 6
     assert data.val.dataset.base.root.endswith("val")
     # train_subset caps train + val together, val in the proportion val_fraction
     cfg = dataset_cfg("image_folder", root=str(tree), train_subset=4, val_fraction=0.25)
-    for loader in ("workers", "device"):
-        data = build(cfg, loader=loader)
+    for batches in ("workers", "device"):
+        data = build(cfg, batching=batches)
         assert len(data.train.dataset) == 3 and len(data.val.dataset) == 1
 
 
@@ -225,7 +295,7 @@ def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
     cache = tmp_path / "cache"
     cfg = dataset_cfg("image_folder", root=str(archive))
     with caplog.at_level(logging.INFO, logger="icep.data"):
-        first = build(cfg, cache_dir=cache, loader="workers")
+        first = build(cfg, cache_dir=cache, batching="workers")
     assert "unpacking" in caplog.text
     (unpacked,) = cache.iterdir()  # no temp folder left behind
     assert unpacked.name.startswith("tiny-")
@@ -233,7 +303,7 @@ def test_image_folder_archive_is_unpacked_once(tmp_path, caplog):
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="icep.data"):
-        second = build(cfg, cache_dir=cache, loader="workers")
+        second = build(cfg, cache_dir=cache, batching="workers")
     assert "unpacking" not in caplog.text
     assert unpacked.stat().st_mtime_ns == stamp and list(cache.iterdir()) == [unpacked]
     assert first.num_classes == second.num_classes == 3
@@ -253,7 +323,7 @@ def test_racing_unpack_keeps_the_first_copy(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(os, "rename", lose_the_race)
     with caplog.at_level(logging.INFO, logger="icep.data"):
         data = build(
-            dataset_cfg("image_folder", root=str(archive)), cache_dir=cache, loader="workers"
+            dataset_cfg("image_folder", root=str(archive)), cache_dir=cache, batching="workers"
         )
     (unpacked,) = cache.iterdir()  # our temp copy is gone, theirs is used
     assert data.train.dataset.base.root == str(unpacked / "pack" / "tiny" / "train")
@@ -263,18 +333,12 @@ def test_racing_unpack_keeps_the_first_copy(tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize("augment", ["cifar", "imagenet", "none"])
 def test_val_is_not_augmented(tmp_path, augment):
     tree = make_tree(tmp_path / "tiny")
-    data = build(dataset_cfg("image_folder", root=str(tree), augment=augment), loader="workers")
+    data = build(dataset_cfg("image_folder", root=str(tree), augment=augment), batching="workers")
     torch.manual_seed(0)
     val = [torch.cat([x for x, _ in data.val]) for _ in range(3)]
     assert torch.equal(val[0], val[1]) and torch.equal(val[0], val[2])
     train = [data.train.dataset[0][0] for _ in range(8)]
     assert any(not torch.equal(train[0], t) for t in train) == (augment != "none")
-
-
-def test_bad_augment_names_the_key(tmp_path):
-    cfg = dataset_cfg("image_folder", root=str(make_tree(tmp_path / "tiny")), augment="mixup")
-    with pytest.raises(ConfigError, match="dataset.augment"):
-        build(cfg)
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "no_train", "no_test", "unset"])
@@ -334,9 +398,9 @@ def test_undecodable_image_is_an_error_naming_it(tmp_path, workers):
     bad, _ = spoil(tree)
     with pytest.raises(IcepError) as err:  # from a worker too: one line, not its traceback
         if workers == "device":  # decoded up front, when the data is built
-            build(dataset_cfg("image_folder", root=str(tree)), loader="device")
+            build(dataset_cfg("image_folder", root=str(tree)), batching="device")
         data = build(
-            dataset_cfg("image_folder", root=str(tree)), num_workers=workers, loader="workers"
+            dataset_cfg("image_folder", root=str(tree)), num_workers=workers, batching="workers"
         )
         for _ in data.train:
             pass
@@ -360,18 +424,12 @@ def test_undecodable_images_are_skipped_with_one_warning(tmp_path, caplog, name)
     assert sum(len(y) for _, y in data.train) == len(data.train.dataset)  # all decode
 
 
-def test_bad_images_setting_is_checked(tmp_path):
-    cfg = dataset_cfg("image_folder", root=str(make_tree(tmp_path / "tiny")), bad_images="ignore")
-    with pytest.raises(ConfigError, match="dataset.bad_images: got 'ignore'; expected error or"):
-        build(cfg)
-
-
 # --- CIFAR --------------------------------------------------------------------------------------
 
 
 def test_cifar10_torchvision_format(tmp_path, fake_cifar_checks):
     root = make_cifar10(tmp_path / "data")
-    data = build(dataset_cfg("cifar10", root=str(root)), loader="workers")
+    data = build(dataset_cfg("cifar10", root=str(root)), batching="workers")
     split = indices(data)
     assert len(split["train"]) + len(split["val"]) == 100 and len(split["val"]) == 10
     assert len(split["test"]) == 20
@@ -417,7 +475,7 @@ def test_cifar10_corrupt_folder(tmp_path):
 
 def test_cifar_rejects_imagenet_augment(tmp_path, fake_cifar_checks):
     root = make_cifar10(tmp_path / "data")
-    with pytest.raises(ConfigError, match="dataset.augment"):
+    with pytest.raises(ConfigError, match="^dataset.augment: got 'imagenet'; CIFAR-10 takes cifar"):
         build(dataset_cfg("cifar10", root=str(root), augment="imagenet"))
 
 
@@ -426,7 +484,7 @@ def test_cifar_rejects_imagenet_augment(tmp_path, fake_cifar_checks):
 def test_real_cifar10_jpeg_archive(cache_dir, capsys):
     cfg = dataset_cfg("cifar10", root=str(SHARED_CIFAR), train_subset=500, test_subset=200)
     start = time.perf_counter()
-    data = build(cfg, cache_dir=cache_dir, num_workers=2, batch_size=64, loader="workers")
+    data = build(cfg, cache_dir=cache_dir, num_workers=2, batch_size=64, batching="workers")
     with capsys.disabled():
         print(f"\nCIFAR-10 JPEG archive ready in {time.perf_counter() - start:.1f} s")
     assert data.num_classes == 10 and data.input_shape == (3, 32, 32)
@@ -438,5 +496,5 @@ def test_real_cifar10_jpeg_archive(cache_dir, capsys):
     x, _ = next(iter(data.test))
     assert x.shape[1:] == (3, 32, 32) and abs(x.mean()) < 0.5
     # The device path decodes the same files the same way: the same test images, bit for bit.
-    held = build(cfg, cache_dir=cache_dir, batch_size=64, loader="device")
+    held = build(cfg, cache_dir=cache_dir, batch_size=64, batching="device")
     torch.testing.assert_close(next(iter(held.test))[0], x, rtol=0, atol=1e-5)

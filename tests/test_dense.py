@@ -144,13 +144,13 @@ def test_dense_batch_size_gives_the_same_samples_in_other_batches(cache_dir):
     from omegaconf import OmegaConf
 
     from icep.data import build_data, with_batch_size
-    from icep.loaders import DeviceLoader
+    from icep.device_batches import DeviceLoader
 
     cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "dataset" / "digits.yaml"))
     for kind in ("device", "workers"):
         data = build_data(
             cfg, seed=0, batch_size=64, eval_batch_size=512, num_workers=0,
-            cache_dir=cache_dir, loader=kind,
+            cache_dir=cache_dir, batching=kind,
         )  # fmt: skip
         loader = with_batch_size(data.train, 100)
         assert isinstance(data.train, DeviceLoader) == (kind == "device")

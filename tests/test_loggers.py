@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import time
 
-from omegaconf import OmegaConf
+from conftest import compose_config
 from wandb_offline import history, run_info, summary
 
-from icep.loggers import RunLogger
+from icep.config import build
+from icep.loggers import RunInfo, RunLogger, WandbLogger
 
 ROWS = [{"step": s, "unit": f"layer1.{s}", "val_acc": 90.0 - s, "lr": None} for s in (1, 2, 3)]
 
 
 def test_local_files(tmp_path):
-    logger = RunLogger(tmp_path, OmegaConf.create({"name": "local"}))
+    make = build(compose_config("logger=local"), "logger")
+    logger = make(tmp_path, RunInfo(group="exp", tags=["l1"]))
+    assert type(logger) is RunLogger
     for row in ROWS:
         logger.log_step(row)
     logger.log_summary({"acc_final_val": 87.0, "status": "completed"})
@@ -27,19 +30,16 @@ def test_local_files(tmp_path):
 
 def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = OmegaConf.create(
-        {
-            "name": "wandb",
-            "mode": "offline",
-            "project": "icep-test",
-            "entity": None,
-            "group": "exp",
-            "job_type": "iterative",
-            "run_name": None,
-            "tags": ["r0.6"],
-        }
+    cfg = compose_config(
+        "logger=wandb",
+        "logger.mode=offline",
+        "logger.project=icep-test",
+        "logger.group=exp",
+        "logger.job_type=iterative",
+        "logger.tags=[r0.6]",
     )
-    logger = RunLogger(tmp_path, cfg, config={"pipeline": {"ratio": 0.6}}, tags=["l1"])
+    info = RunInfo(config={"pipeline": {"ratio": 0.6}}, group="other", job_type="x", tags=["l1"])
+    logger = build(cfg, "logger")(tmp_path, info)
     for row in ROWS:
         logger.log_step(row)
     logger.log_summary(
@@ -55,9 +55,9 @@ def test_wandb_offline_run_holds_history(tmp_path, monkeypatch):
     assert [r["step"] for r in logged] == [1, 2, 3]
     assert [r["val_acc"] for r in logged] == [89.0, 88.0, 87.0]
     assert all("lr" not in r for r in logged)  # None values are not sent
-    info = run_info(files[0])
-    assert info.run_group == "exp" and info.job_type == "iterative"
-    assert set(info.tags) == {"r0.6", "l1"}
+    logged_info = run_info(files[0])  # the logger's settings win over the run's own
+    assert logged_info.run_group == "exp" and logged_info.job_type == "iterative"
+    assert set(logged_info.tags) == {"r0.6", "l1"}
     logged_summary = summary(files[0])
     assert logged_summary["acc_final_val"] == 87.0
     assert logged_summary["frozen_layers"] == ["a", "b"]
@@ -83,10 +83,14 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """A run resumed from its checkpoint (a requeued job) logs into the same W&B run, so the
     dashboards hold one run per setting, not a partial one per attempt."""
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = OmegaConf.create({"name": "wandb", "mode": "offline", "project": "icep-test"})
     ids = []
+
+    def start(folder, resume: bool) -> WandbLogger:
+        info = RunInfo(group="exp", job_type="ice", resume=resume)
+        return WandbLogger(folder, info, mode="offline", project="icep-test")
+
     for attempt, rows in enumerate((ROWS[:2], ROWS[2:])):
-        logger = RunLogger(tmp_path, cfg, group="exp", job_type="ice", resume=attempt > 0)
+        logger = start(tmp_path, resume=attempt > 0)
         for row in rows:
             logger.log_step(row)
         ids.append(logger.wandb_run.id)
@@ -96,6 +100,6 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert {run_info(f).run_id for f in files} == {ids[0]}
     assert 3 in {r["step"] for f in files for r in history(f)}
-    fresh = RunLogger(tmp_path / "other", cfg, group="exp", job_type="ice", resume=True)
+    fresh = start(tmp_path / "other", resume=True)
     assert fresh.wandb_run.id != ids[0]  # nothing to continue: a new run
     fresh.close()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import FAST, ROOT, icep_env
 from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 # Tiny jobs (about a second each once the dense model is cached): 300 digits, no freezing
@@ -28,6 +29,7 @@ JOB = [
     "pipeline.freeze=false",
 ]
 ENV = {"OMP_NUM_THREADS": "1"}
+SWEEPER = ["hydra/sweeper=icep_optuna"]
 
 
 def sweep(args: list[str], sweep_dir: Path, cache: Path, timeout: float = 300):
@@ -141,7 +143,7 @@ def test_failed_trial_does_not_stop_the_sweep(tmp_path, cache_dir):
     result = sweep(
         [
             "pipeline.delta=choice(0.0005,0.002)",  # 0.002 >= pipeline.base (0.001): rejected
-            "hydra.sweeper.sampler=grid",
+            "hydra/sweeper/sampler=grid",
             "hydra.sweeper.n_trials=10",  # the grid has 2 points
             "hydra.sweeper.max_failure_rate=0.5",
         ],
@@ -176,7 +178,8 @@ def test_pruned_trial_is_recorded_pruned_with_its_reason(tmp_path, cache_dir):
     result = sweep(
         [
             "pipeline.thre=interval(0.5,1.5)",
-            "hydra.sweeper.pruner={name: threshold, upper: -100}",
+            "hydra/sweeper/pruner=threshold",
+            "hydra.sweeper.pruner.upper=-100",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.max_failure_rate=0",
         ],
@@ -194,7 +197,12 @@ def test_pruned_trial_is_recorded_pruned_with_its_reason(tmp_path, cache_dir):
     study = optuna.load_study(
         study_name="default", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
     )
-    assert study.user_attrs["icep_pruner"] == {"name": "threshold", "upper": -100}
+    # the pruner's node, which each job builds
+    assert study.user_attrs["icep_pruner"] == {
+        "_target_": "optuna.pruners.ThresholdPruner",
+        "lower": None,
+        "upper": -100,
+    }
 
 
 def test_rerun_resumes_the_study_and_runs_only_missing_trials(tmp_path, cache_dir):
@@ -222,8 +230,19 @@ def test_rerun_resumes_the_study_and_runs_only_missing_trials(tmp_path, cache_di
 
 BAD = {
     "unknown sampler": (
-        ["hydra.sweeper.sampler=annealing", "pipeline.thre=0.5,1.5"],
-        ["hydra.sweeper.sampler", "'annealing'", "tpe"],
+        ["hydra/sweeper/sampler=annealing", "pipeline.thre=0.5,1.5"],
+        ["hydra/sweeper/sampler=annealing is not an option; choose one of: gp, grid", "tpe"],
+    ),
+    "sampler name as a value": (
+        ["hydra.sweeper.sampler=random", "pipeline.thre=0.5,1.5"],
+        [
+            "hydra.sweeper.sampler: got 'random', not a sampler node with _target_; choose one "
+            "with hydra/sweeper/sampler=NAME: gp, grid, nsga2, qmc, random, tpe"
+        ],
+    ),
+    "argument the sampler does not take": (
+        ["+hydra.sweeper.sampler.foo=1", "pipeline.thre=0.5,1.5"],
+        ["hydra.sweeper.sampler: cannot build optuna.samplers.TPESampler", "'foo'"],
     ),
     "empty interval in params": (
         ["hydra.sweeper.params={pipeline.thre: 'interval(1.5,0.5)'}"],
@@ -235,7 +254,7 @@ BAD = {
             "hydra.sweeper.direction=[minimize,minimize]",
             "hydra.sweeper.objectives=[acc_drop_val,time_total_s]",
         ],
-        ["hydra.sweeper.pruner", "hydra.sweeper.pruner=none"],
+        ["hydra.sweeper.pruner: Optuna's pruners work on one", "hydra/sweeper/pruner=none"],
     ),
 }
 
@@ -307,10 +326,42 @@ def test_example_experiment_composes_the_paper_grid():
     assert sweeper._target_.endswith("IcepOptunaSweeper")
     assert list(sweeper.direction) == ["minimize", "minimize"]
     assert list(sweeper.objectives) == ["acc_drop_val", "time_total_s"]
-    assert sweeper.pruner == "none" and sweeper.n_trials == 20 and sweeper.sampler == "tpe"
+    assert sweeper.pruner._target_ == "optuna.pruners.NopPruner" and sweeper.n_trials == 20
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == 0
     space = SearchSpace(dict(sweeper.params))
     assert space.grid_size() == 216
     assert space.grid()["pipeline.delta"] == [0.0006, 0.0007, 0.0008]
+
+
+def test_every_sampler_and_pruner_option_builds():
+    """The options the plugin registers (hydra/sweeper/sampler=..., hydra/sweeper/pruner=...)
+    build, the samplers seeded with hydra.sweeper.seed; the default is TPE and the median pruner."""
+    from omegaconf import OmegaConf
+
+    from icep.tune import SearchSpace
+    from icep.tune.study import build_pruner, build_sampler
+
+    space = SearchSpace({"pipeline.thre": "choice(0.5, 1.5)"})
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        hydra = compose("config", overrides=SWEEPER, return_hydra_config=True).hydra
+        assert hydra.runtime.choices["hydra/sweeper/sampler"] == "tpe"
+        assert hydra.runtime.choices["hydra/sweeper/pruner"] == "median"
+        samplers = ConfigStore.instance().list("hydra/sweeper/sampler")
+        pruners = ConfigStore.instance().list("hydra/sweeper/pruner")
+        assert len(samplers) == 6 and len(pruners) == 6
+        for option in samplers:
+            name = option.removesuffix(".yaml")
+            overrides = [*SWEEPER, f"hydra/sweeper/sampler={name}", "hydra.sweeper.seed=7"]
+            node = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper
+            assert node.sampler.seed == 7, name
+            sampler = build_sampler(OmegaConf.to_container(node.sampler, resolve=True), space)
+            assert isinstance(sampler, optuna.samplers.BaseSampler)
+        for option in pruners:
+            name = option.removesuffix(".yaml")
+            overrides = [*SWEEPER, f"hydra/sweeper/pruner={name}"]
+            node = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper
+            pruner = build_pruner(OmegaConf.to_container(node.pruner, resolve=True))
+            assert isinstance(pruner, optuna.pruners.NopPruner) == (name == "none")
 
 
 def test_drop_and_time_objectives_get_the_pareto_front_and_a_selection(tmp_path):

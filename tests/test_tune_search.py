@@ -27,11 +27,13 @@ from icep.tune.study import (
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SPACE = SearchSpace({"x": "interval(0, 1)"})
+RANDOM = {"_target_": "optuna.samplers.RandomSampler", "seed": 0}
+GRID = {"_target_": "optuna.samplers.GridSampler", "_partial_": True, "seed": 0}
 
 
 def _study(tmp_path, name="s", directions=("minimize",), pruner=None):
     storage = open_storage(storage_url(tmp_path / "study.db", tmp_path / "unused.db"))
-    sampler = build_sampler("random", 0, SPACE)
+    sampler = build_sampler(RANDOM, SPACE)
     return load_or_create_study(storage, name, directions, sampler, pruner)
 
 
@@ -148,7 +150,7 @@ def test_each_finished_trial_is_logged_and_handed_to_on_trial(tmp_path, caplog):
 def test_a_grid_search_covers_its_grid_and_stops(tmp_path):
     space = SearchSpace({"a": "choice(1, 2)", "b": "choice(x, y)"})
     storage = open_storage(storage_url(tmp_path / "grid.db", tmp_path))
-    study = load_or_create_study(storage, "g", ["minimize"], build_sampler("grid", 3, space))
+    study = load_or_create_study(storage, "g", ["minimize"], build_sampler(GRID, space))
     trials = run_search(
         study, lambda t: [space.suggest(t)["a"]], space.grid_size(), max_failure_rate=0.0
     )
@@ -174,7 +176,8 @@ class _Run:
 
 
 def test_the_step_reporter_stops_a_trial_worse_than_the_median(tmp_path):
-    study = _study(tmp_path, pruner=build_pruner({"name": "median", "n_startup_trials": 1}))
+    median = {"_target_": "icep.tune.study.CurrentMedianPruner", "n_startup_trials": 1}
+    study = _study(tmp_path, pruner=build_pruner(median))
     good = study.ask()
     reporter, run = StepReporter(good), _Run()
     for step, acc in enumerate([89.0, 88.0, 87.0], start=1):
@@ -191,24 +194,37 @@ def test_the_step_reporter_stops_a_trial_worse_than_the_median(tmp_path):
     assert bad.study.trials[-1].intermediate_values == {1: 0.5, 2: 20.0}
 
 
-def test_pruners_and_samplers_by_name_and_their_mistakes():
-    assert isinstance(build_pruner(None), optuna.pruners.NopPruner)
-    assert isinstance(
-        build_pruner({"name": "none", "n_startup_trials": 3}), optuna.pruners.NopPruner
-    )
-    assert isinstance(build_pruner("hyperband"), optuna.pruners.HyperbandPruner)
-    with pytest.raises(ConfigError, match="tune.pruner.name: got 'medain'"):
-        build_pruner({"name": "medain"})
-    with pytest.raises(ConfigError, match="tune.pruner: median"):
-        build_pruner({"name": "median", "n_startup": 2})
-    with pytest.raises(ConfigError, match="one objective"):
-        check_pruner(build_pruner("median"), 2, "tune.pruner.name")
-    grid = build_sampler("grid", 0, SearchSpace({"a": "choice(1, 2)", "b": "range(0, 3)"}))
+def test_samplers_and_pruners_from_target_nodes_and_their_mistakes():
+    hyperband = build_pruner({"_target_": "optuna.pruners.HyperbandPruner"})
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    median = {"_target_": "icep.tune.study.CurrentMedianPruner"}
+    with pytest.raises(ConfigError, match="tune.pruner: cannot build icep.tune.study.Current"):
+        build_pruner({**median, "n_startup": 2})
+    with pytest.raises(ConfigError, match="tune.pruner: got 'median', not a pruner node"):
+        build_pruner("median")
+    with pytest.raises(ConfigError, match="tune.pruner: optuna.samplers.RandomSampler is not an"):
+        build_pruner(RANDOM)
+    with pytest.raises(ConfigError, match="tune.pruner: Optuna's pruners work on one objective"):
+        check_pruner(build_pruner(median), 2, "tune.pruner")
+    check_pruner(build_pruner({"_target_": "optuna.pruners.NopPruner"}), 2, "tune.pruner")
+
+    # A _partial_ sampler taking a search_space is finished with the grid of the space.
+    grid = build_sampler(GRID, SearchSpace({"a": "choice(1, 2)", "b": "range(0, 3)"}))
     assert isinstance(grid, optuna.samplers.GridSampler)
     with pytest.raises(ConfigError, match="finite set"):
-        build_sampler("grid", 0, SPACE)
-    with pytest.raises(ConfigError, match="choose one of: tpe, random, grid, nsga2"):
-        build_sampler("cmaes2", 0, SPACE)
+        build_sampler(GRID, SPACE)
+    with pytest.raises(ConfigError, match="hydra.sweeper.sampler: got 'cmaes2', not a sampler"):
+        build_sampler("cmaes2", SPACE, "hydra.sweeper.sampler")
+    with pytest.raises(ConfigError, match="tune.sampler: cannot build optuna.samplers.Random"):
+        build_sampler({**RANDOM, "foo": 1}, SPACE)
+    # seed replaces the node's seed: the same seed draws the same point
+    draws = [
+        build_sampler(RANDOM, SPACE, seed=seed).sample_independent(
+            optuna.create_study(), None, "x", SPACE.distributions["x"]
+        )
+        for seed in (0, 1, 0)
+    ]
+    assert draws[0] == draws[2] != draws[1]
 
 
 def test_storage_strings(tmp_path):

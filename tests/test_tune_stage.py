@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import optuna
 import pytest
 from conftest import FAST, ROOT, run_icep
 from hydra import compose, initialize_config_module
@@ -15,6 +16,7 @@ from test_tune_space import PAPER_GRID as PAPER_GRID_EXPRESSIONS
 from icep.config import validate
 from icep.errors import ConfigError
 from icep.tune import SearchSpace
+from icep.tune.stage import check_tune
 
 # 600 digits train+val samples; each trial uses a quarter of train and half of val.
 SMALL = [*FAST, "dataset.train_subset=600", "tune.train_fraction=0.25", "tune.eval_fraction=0.5"]
@@ -27,6 +29,13 @@ RANGES = {
     "beta": (40, 60),
     "delta": (0.0006, 0.0008),
 }
+
+
+SAMPLER_CLASSES = {"grid": "GridSampler", "tpe": "TPESampler", "nsga2": "NSGAIISampler"}
+
+
+def _options(group):
+    return sorted(p.stem for p in (ROOT / "conf" / "tune" / group).glob("*.yaml"))
 
 
 def _csv(path):
@@ -46,7 +55,8 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
     assert [int(t["number"]) for t in trials] == [0, 1, 2]
     assert all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
     tune = json.loads((out / "tune_result.json").read_text())
-    assert tune["sampler"] == sampler and tune["complete"] + tune["pruned"] == 3
+    assert tune["sampler"] == SAMPLER_CLASSES[sampler]
+    assert tune["complete"] + tune["pruned"] == 3
     assert tune["train_samples"] == 135  # a quarter of the 540 train samples
     for t in trials:
         params = {k[len("params.") :]: float(v) for k, v in t.items() if k.startswith("params.")}
@@ -133,20 +143,42 @@ def test_the_pruner_stops_a_hopeless_trial_and_a_rerun_continues_the_study(tmp_p
 
 
 def _check(*overrides):
+    """Validate the composed config; returns it and the sampler and pruner check_tune built."""
     with initialize_config_module("icep.conf", version_base="1.3"):
-        validate(compose("config", overrides=["tune=tpe", *overrides]))
+        cfg = compose("config", overrides=["tune=tpe", *overrides])
+        validate(cfg)
+        _, _, sampler, pruner = check_tune(cfg)
+    return cfg, sampler, pruner
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["pipeline=iterative"], "tune: auto-tuning searches ICE's hyperparameters"),
-        (["tune.sampler=cmaes2"], "tune.sampler: got 'cmaes2'; choose one of"),
+        (
+            ["tune.sampler=tpe"],  # a name where the node goes: tune/sampler=tpe picks it
+            "tune.sampler: got 'tpe', not a sampler node with _target_; choose one with "
+            "tune/sampler=NAME: gp, grid, nsga2, qmc, random, tpe",
+        ),
+        (
+            ["+tune.sampler.foo=1"],
+            "tune.sampler: cannot build optuna.samplers.TPESampler: TPESampler.__init__() got an "
+            "unexpected keyword argument 'foo'",
+        ),
+        (
+            ["tune=grid", "+tune.sampler.foo=1"],  # a _partial_ node: its keys are checked too
+            "tune.sampler: cannot build optuna.samplers.GridSampler: got an unexpected keyword",
+        ),
         (["tune.objectives=[drop,accuracy]"], "tune.objectives: got ['drop', 'accuracy']"),
         (["+tune.space.lr_max='interval(0,1)'"], "tune.space: lr_max is not a pipeline key"),
         (["tune.space.thre='interval(2,1)'"], "tune.space.thre: interval(2,1): the interval is"),
-        (["tune.objectives=[drop,time]"], "tune.pruner.name: Optuna's pruners work on one"),
-        (["tune.pruner.name=medain"], "tune.pruner.name: got 'medain'"),
+        (
+            ["tune.objectives=[drop,time]"],
+            "tune.pruner: Optuna's pruners work on one objective and this study has 2; set "
+            "tune/pruner=none",
+        ),
+        (["+tune.pruner.name=median"], "tune.pruner: cannot build icep.tune.study.CurrentMedian"),
+        (["tune.pruner.n_startup_trials=-1"], "tune.pruner: cannot build icep.tune.study.Current"),
         (["tune.train_fraction=0"], "tune.train_fraction: got 0; must be a number in (0, 1]"),
         (["tune=grid", "tune.space.fr='interval(0.1,0.5)'"], "tune.space.fr: a grid search needs"),
     ],
@@ -168,10 +200,32 @@ def test_every_sampler_config_checks_out_for_every_ice_pipeline():
             _check(f"tune={tune}", f"pipeline={pipeline}")
 
 
+def test_every_sampler_and_pruner_option_builds():
+    assert _options("sampler") == ["gp", "grid", "nsga2", "qmc", "random", "tpe"]
+    for name in _options("sampler"):
+        # over the paper's grid, which every sampler (GridSampler too) can search
+        cfg, sampler, _ = _check("tune=grid", f"tune/sampler={name}", "tune.seed=7")
+        assert isinstance(sampler, optuna.samplers.BaseSampler)
+        assert cfg.tune.sampler.seed == 7, name  # seeded by tune.seed
+    for name in _options("pruner"):
+        _, _, pruner = _check(f"tune/pruner={name}")
+        assert isinstance(pruner, optuna.pruners.BasePruner)
+        assert isinstance(pruner, optuna.pruners.NopPruner) == (name == "none")
+    _check("tune=nsga2")  # two objectives: no pruner
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["tune=tpe", "tune.sampler=cmaes2"], "icep: error: tune.sampler: got 'cmaes2'"),
+        (
+            ["tune=tpe", "tune/sampler=cmaes2"],
+            "icep: error: tune/sampler=cmaes2 is not an option; choose one of: gp, grid, nsga2, "
+            "qmc, random, tpe",
+        ),
+        (
+            ["tune=tpe", "+tune.sampler.foo=1"],
+            "icep: error: tune.sampler: cannot build optuna.samplers.TPESampler",
+        ),
         (
             ["tune=tpe", "tune.space.thre=interval(0,1)"],
             "quote the search expression so Hydra keeps it as text: "

@@ -135,17 +135,6 @@ class IcepOptunaSweeperImpl:
             raise ConfigError(f"{KEY}.tolerance", f"got {self.tolerance!r}; must be >= 0 points")
         return n_trials, n_jobs, float(rate), float(self.tolerance)
 
-    def _pruner_spec(self) -> dict[str, Any] | None:
-        """The pruner as a plain dict (what the study stores for the jobs), None for none."""
-        spec = self.pruner
-        if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("none", "")):
-            return None
-        if isinstance(spec, str):
-            return {"name": spec}
-        if isinstance(spec, dict):
-            return None if spec.get("name") == "none" and "_target_" not in spec else spec
-        raise ConfigError(f"{KEY}.pruner", f"got {spec!r}; use a name, {{name: NAME, ...}} or none")
-
     def _search_space(self, arguments: Sequence[str]) -> tuple[SearchSpace, list[str], dict]:
         """The searched parameters, the fixed overrides every job gets, and for each searched
         parameter the left-hand side of its override (``pipeline.fr``, ``+extra``). Entries of
@@ -198,14 +187,13 @@ class IcepOptunaSweeperImpl:
         objectives = self._objectives(len(directions))
         n_trials, n_jobs, max_failure_rate, tolerance = self._numbers()
         space, fixed, sides = self._search_space(arguments)
-        pruner_spec = self._pruner_spec()
-        pruner = build_pruner(pruner_spec, key=f"{KEY}.pruner")
+        pruner = build_pruner(self.pruner, key=f"{KEY}.pruner")
         check_pruner(pruner, len(directions), f"{KEY}.pruner")
-        seed = self.seed
+        seed = self.seed  # the samplers' nodes read it (seed: ${..seed})
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ConfigError(f"{KEY}.seed", f"got {seed!r}; must be an integer or null")
-        sampler = build_sampler(self.sampler, seed, space, key=f"{KEY}.sampler")
-        if self.sampler == "grid" and n_trials > space.grid_size():
+        sampler = build_sampler(self.sampler, space, key=f"{KEY}.sampler")
+        if isinstance(sampler, optuna.samplers.GridSampler) and n_trials > space.grid_size():
             log.info(
                 "icep_optuna: the grid has %d points; n_trials %d", space.grid_size(), n_trials
             )
@@ -224,20 +212,23 @@ class IcepOptunaSweeperImpl:
             key=KEY,
         )
         existing = len(study.get_trials(deepcopy=False))
-        if existing and seed is not None:
+        sampler_seed = self.sampler.get("seed")
+        if existing and isinstance(sampler_seed, int) and not isinstance(sampler_seed, bool):
             # A reseeded sampler would repeat the draws of the sweep that made these trials.
-            study.sampler = build_sampler(self.sampler, seed + existing, space, f"{KEY}.sampler")
-        if study.user_attrs.get(PRUNER_ATTR, pruner_spec) != pruner_spec:
+            reseeded = sampler_seed + existing
+            study.sampler = build_sampler(self.sampler, space, f"{KEY}.sampler", seed=reseeded)
+        if study.user_attrs.get(PRUNER_ATTR, self.pruner) != self.pruner:
             log.warning(
                 "icep_optuna: study %r had pruner %s; its jobs now use %s",
                 study_name,
                 study.user_attrs.get(PRUNER_ATTR),
-                pruner_spec,
+                self.pruner,
             )
-        study.set_user_attr(PRUNER_ATTR, pruner_spec)
+        study.set_user_attr(PRUNER_ATTR, self.pruner)  # the node, which the jobs build
 
+        sampler_name = type(sampler).__name__
         results = _Results(
-            sweep_dir, study, url, objectives, directions, self.sampler, n_trials, tolerance
+            sweep_dir, study, url, objectives, directions, sampler_name, n_trials, tolerance
         )
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         log.info(
@@ -249,7 +240,7 @@ class IcepOptunaSweeperImpl:
             f" ({len(running)} still running elsewhere or interrupted, not counted)"
             if running
             else "",
-            self.sampler if isinstance(self.sampler, str) else "custom",
+            sampler_name,
             "/".join(directions),
             ", ".join(objectives),
             type(pruner).__name__,
@@ -456,7 +447,7 @@ class _Results:
         url: str,
         objectives: list[str],
         directions: list[str],
-        sampler: Any,
+        sampler: str,  # the sampler's class name
         n_trials: int,
         tolerance: float,
     ):
@@ -476,7 +467,7 @@ class _Results:
         yaml: dict[str, Any] = {"name": "icep_optuna", "study_name": self.study.study_name}
         result: dict[str, Any] = {
             "sweeper": "icep_optuna",
-            "sampler": self.sampler if isinstance(self.sampler, str) else "custom",
+            "sampler": self.sampler,
             "objectives": self.objectives,
             "directions": self.directions,
             "study_name": self.study.study_name,

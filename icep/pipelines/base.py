@@ -24,6 +24,7 @@ from icep.pruning import (
     count_macs_params,
     prepare_criterion,
     remaining_fraction,
+    select_global,
     spatial_conv_weights,
 )
 from icep.serialization import atomic_open, layer_shapes
@@ -171,6 +172,44 @@ class PruningRun:
                 images_bwd=loader.images if backward else 0,
                 flops=loader.images * cost.forward_flops * (2 if backward else 1),
             )
+
+    def phase(self, name: str):
+        """Time and count a block as phase ``name``, for the steps a pipeline composes itself
+        (ICE's freezing analysis, EPI's ranking after every epoch)."""
+        return self.timer.phase(name)
+
+    def seconds(self, *phases: str) -> float:
+        """Seconds spent so far in ``phases`` (by default the cost phases)."""
+        return self.timer.total(*(phases or COST_PHASES))
+
+    def pruned_copy(self, unit: int, ratio: float) -> nn.Module:
+        """A copy of the model with unit ``unit`` pruned by ``ratio`` (the run's model is left
+        as it is): what an analysis trains."""
+        model = copy.deepcopy(self.model)
+        engine = PruningEngine(model, self.example_inputs)
+        self.prepare_criterion(engine.units[unit].convs, engine)
+        engine.prune_unit(unit, ratio, self.criterion)
+        return self.trainer.prepare(model)
+
+    def global_removal(self, share: float, min_channels_share: float) -> dict[str, list[int]]:
+        """The unit channels a global prune to ``share`` of the original ones would remove now:
+        one ranking of all of them, each layer's scores divided by its largest, each conv keeping
+        at least ``ceil(min_channels_share * C)``."""
+        original = self.engine.original_widths
+        self.prepare_criterion(list(original))
+        scores = {name: self.engine.scores(name, self.criterion) for name in original}
+        return select_global(scores, original, share, min_channels_share)
+
+    def prune_channels(self, removal: dict[str, list[int]]) -> None:
+        """Remove the given channels of each unit conv."""
+        self.engine.prune_channels(removal)
+        self.trainer.prepare(self.model)  # pruned weights come back in the default layout
+
+    def prune_to_widths(self, widths: dict[str, int]) -> None:
+        """Cut each unit conv to its width, the criterion's lowest channels first."""
+        self.prepare_criterion(list(widths))
+        self.engine.prune_to_widths(widths, self.criterion)
+        self.trainer.prepare(self.model)
 
     def prune(self, unit: Unit, ratio: float) -> None:
         """Remove ``ceil(ratio * C)`` channels of ``unit``, timed and counted as ``prune``."""

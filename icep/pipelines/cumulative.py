@@ -20,7 +20,7 @@ from typing import Any
 
 from icep.pipelines.base import PruningRun
 from icep.pipelines.finetune import FineTune
-from icep.pruning import MagnitudePruner, select_global, uniform_widths
+from icep.pruning import MagnitudePruner, uniform_widths
 
 
 @dataclass(kw_only=True)
@@ -47,25 +47,16 @@ class SchedulePruner:
     def prune_to(self, share: float) -> None:
         """Prune up to ``share`` of the original channels (weights), timed as ``prune``."""
         run = self.run
-        with run.timer.phase("prune"):
+        with run.phase("prune"):
             if self.masks is not None:
                 self.masks.prune_to(share)
+            elif self.scope == "uniform":
+                now = run.engine.unit_widths()
+                original = run.engine.original_widths
+                widths = uniform_widths(original, share)
+                run.prune_to_widths({n: min(w, now[n]) for n, w in widths.items()})
             else:
-                self._prune_channels(share)
-                run.trainer.prepare(run.model)  # pruned weights come back in the default layout
-
-    def _prune_channels(self, share: float) -> None:
-        run, engine = self.run, self.run.engine
-        original = engine.original_widths
-        # What a criterion looks at first (gradients, activations) is pruning cost too.
-        run.prepare_criterion(list(original), engine)
-        if self.scope == "uniform":
-            now = engine.unit_widths()
-            widths = {n: min(w, now[n]) for n, w in uniform_widths(original, share).items()}
-            engine.prune_to_widths(widths, run.criterion)
-        else:
-            scores = {name: engine.scores(name, run.criterion) for name in original}
-            engine.prune_channels(select_global(scores, original, share, self.min_channels_share))
+                run.prune_channels(run.global_removal(share, self.min_channels_share))
 
     def measure(self) -> dict[str, float]:
         """The share pruned so far, for a step row."""

@@ -21,7 +21,6 @@ from typing import Any
 
 from icep.pipelines.base import PruningRun
 from icep.pipelines.finetune import Training
-from icep.pruning import select_global
 
 
 def similarity(a: Sequence[int], b: Sequence[int]) -> float:
@@ -71,7 +70,7 @@ class EPI(Training):
             run.train_epoch(optimizer, distill, f"epi epoch {epoch}/{self.epochs}")
             epi = None
             if history["fired"] is None:
-                with run.timer.phase("prune"):  # ranking every epoch is the method's cost
+                with run.phase("prune"):  # ranking every epoch is the method's cost
                     epi = self.rank_and_maybe_prune(run, history, epoch)
                 if history["fired"] == epoch:  # new Parameters: a new optimizer
                     optimizer = run.new_optimizer(self.optimizer, self.lr, phase="prune")
@@ -90,11 +89,7 @@ class EPI(Training):
     def rank_channels(self, run: PruningRun) -> dict[str, list[int]]:
         """The channels a prune to ``alpha`` would remove now, per unit conv (one global
         ranking)."""
-        engine = run.engine
-        original = engine.original_widths
-        run.prepare_criterion(list(original), engine)
-        scores = {name: engine.scores(name, run.criterion) for name in original}
-        return select_global(scores, original, self.alpha, self.min_channels_share)
+        return run.global_removal(self.alpha, self.min_channels_share)
 
     def rank_and_maybe_prune(
         self, run: PruningRun, history: dict[str, Any], epoch: int
@@ -106,7 +101,6 @@ class EPI(Training):
         history["counts"].append([widths[n] - len(removal[n]) for n in widths])
         history["values"].append(epi_values(history["counts"], self.window)[-1])
         if fires(history["values"], self.tau, self.window):
-            run.engine.prune_channels(removal)
-            run.trainer.prepare(run.model)
+            run.prune_channels(removal)
             history["fired"] = epoch
         return history["values"][-1]

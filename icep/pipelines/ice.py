@@ -6,7 +6,6 @@ learning rate (:func:`pruning_aware_lr`). Switching all three off gives the base
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from icep.pipelines.base import COST_PHASES, PruningRun
+from icep.pipelines.base import PruningRun
 from icep.pipelines.finetune import FineTune, FixedEpochs
 from icep.pruning import PruningEngine
 from icep.train import Distillation
@@ -80,19 +79,15 @@ def analyse_freezing(run: PruningRun, ice: ICE, distill: Distillation | None) ->
     """The one-off analysis: on a copy, prune only the first unit, fine-tune one epoch at
     ``base`` and score every conv the units touch (:func:`freeze_scores`)."""
     names = run.engine.touched_convs()
-    with run.timer.phase("freeze_analysis"):
+    with run.phase("freeze_analysis"):
         original_norm = {n: run.model.get_submodule(n).weight.detach().norm().item() for n in names}
-        trial = copy.deepcopy(run.model)
-        engine = PruningEngine(trial, run.example_inputs)
-        run.prepare_criterion(engine.units[0].convs, engine)
-        engine.prune_unit(0, ice.ratio, run.criterion)
-        run.trainer.prepare(trial)
+        trial = run.pruned_copy(0, ice.ratio)
         before = _l1(trial, names)
     optimizer = run.new_optimizer(
         ice.finetune.optimizer, ice.base, model=trial, phase="freeze_analysis"
     )
     run.fit(optimizer, 1, distill, "freeze analysis", model=trial, phase="freeze_analysis")
-    with run.timer.phase("freeze_analysis"):
+    with run.phase("freeze_analysis"):
         return freeze_scores(before, _l1(trial, names), original_norm)
 
 
@@ -150,7 +145,7 @@ class ICE:
             frozen_layers=frozen,
             frozen_params=run.frozen_params(),
             finetunes_skipped=len(run.units) - sum(r["finetuned"] for r in run.rows),
-            t_freeze_analysis=run.timer.totals.get("freeze_analysis", 0.0),
+            t_freeze_analysis=run.seconds("freeze_analysis"),
             final_finetune=final,
             hyperparameters=self.hyperparameters(),
         )
@@ -178,7 +173,7 @@ class ICE:
         if self.final_finetune_epochs <= 0:
             return {}
         lr = self.learning_rate(run)
-        before = run.timer.total(*COST_PHASES)
+        before = run.seconds()
         tune = self.finetune
         recovery = FixedEpochs(
             name="fixed",
@@ -190,7 +185,7 @@ class ICE:
             distill_weight=tune.distill_weight,
         )
         run.recover(recovery, lr, distill, desc="recovery fine-tune")
-        seconds = run.timer.total(*COST_PHASES) - before
+        seconds = run.seconds() - before
         return {"epochs": self.final_finetune_epochs, "lr": lr, "seconds": seconds}
 
     def hyperparameters(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import ConfigError, IcepError
-from icep.loggers import RunLogger, write_json
+from icep.loggers import RunInfo, write_json
 from icep.tune.search import run_search
 from icep.tune.select import TrialResult, pareto_front, select_trial
 from icep.tune.space import SearchSpace
@@ -99,9 +99,9 @@ def check_tune(cfg: DictConfig) -> tuple[SearchSpace, list[str], Any, Any]:
         or len(set(objectives)) < len(objectives)
     ):
         raise ConfigError("tune.objectives", f"got {objectives}; use [drop], [time] or [drop,time]")
-    sampler = build_sampler(tcfg.sampler, tcfg.seed, space)
-    pruner = build_pruner(tcfg.pruner)
-    check_pruner(pruner, len(objectives), "tune.pruner.name")
+    sampler = build_sampler(tcfg.sampler, space, "tune.sampler")
+    pruner = build_pruner(tcfg.pruner, "tune.pruner")
+    check_pruner(pruner, len(objectives), "tune.pruner")
     return space, objectives, sampler, pruner
 
 
@@ -127,7 +127,7 @@ def tune_pipeline(
         open_storage(url), tcfg.study_name, ["minimize"] * len(objectives), sampler, pruner
     )
     n_trials = int(tcfg.n_trials)
-    if tcfg.sampler == "grid" and n_trials > space.grid_size():
+    if isinstance(sampler, optuna.samplers.GridSampler) and n_trials > space.grid_size():
         log.info("tune: the grid has %d points; running %d trials", space.grid_size(), n_trials)
         n_trials = space.grid_size()
     if not study.trials:
@@ -138,7 +138,7 @@ def tune_pipeline(
     log.info(
         "tune: %s search, %d trials, objectives %s, pruner %s, on %d train / %d %s samples; "
         "study %r in %s",
-        tcfg.sampler,
+        type(sampler).__name__,
         n_trials,
         objectives,
         type(pruner).__name__,
@@ -149,24 +149,29 @@ def tune_pipeline(
         url,
     )
 
+    # Every trial is a "trial" in W&B, whatever job type the final run has.
+    trial_logger = OmegaConf.merge(
+        cfg.logger, {"job_type": "trial"} if "job_type" in cfg.logger else {}
+    )
+    make_trial_logger = instantiate(trial_logger)
+
     def objective(trial: optuna.Trial) -> list[float]:
         params = space.suggest(trial)
         pipeline_cfg = OmegaConf.merge(cfg.pipeline, params)
         validate(OmegaConf.create({"pipeline": pipeline_cfg}))  # a bad point fails the trial
-        logger = RunLogger(
+        logger = make_trial_logger(
             out / "trials" / f"{trial.number:04d}",
-            OmegaConf.create(
-                {**OmegaConf.to_container(cfg.logger, resolve=True), "job_type": "trial"}
+            RunInfo(
+                config={
+                    **OmegaConf.to_container(cfg, resolve=True),
+                    "trial": trial.number,
+                    "params": params,
+                },
+                group=cfg.name,
+                job_type="trial",
+                tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, "trial"],
+                name=f"{cfg.pipeline.name}-trial{trial.number}",
             ),
-            config={
-                **OmegaConf.to_container(cfg, resolve=True),
-                "trial": trial.number,
-                "params": params,
-            },
-            group=cfg.name,
-            job_type="trial",
-            tags=[cfg.pipeline.name, cfg.model.name, cfg.dataset.name, "trial"],
-            name=f"{cfg.pipeline.name}-trial{trial.number}",
         )
         head = {"trial": trial.number, "params": params}
         failed = True
@@ -206,7 +211,7 @@ def tune_pipeline(
         write_trials_csv(out / "tune_trials.csv", rows)
         completed = _results(trials)
         result = {
-            "sampler": tcfg.sampler if isinstance(tcfg.sampler, str) else "custom",
+            "sampler": type(sampler).__name__,
             "objectives": objectives,
             "study_name": tcfg.study_name,
             "storage": url,

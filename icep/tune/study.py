@@ -1,5 +1,6 @@
-"""Optuna studies for icep: storages, samplers and pruners by name, trials that report after each
-pruning step, and the trial table both the in-run tuning stage and the Hydra sweeper write.
+"""Optuna studies for icep: storages, samplers and pruners built from config nodes, trials that
+report after each pruning step, and the trial table both the in-run tuning stage and the Hydra
+sweeper write.
 
 Storage strings (``tune.storage``, ``hydra.sweeper.storage``):
 
@@ -12,13 +13,16 @@ Storage strings (``tune.storage``, ``hydra.sweeper.storage``):
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import ConfigError
@@ -27,8 +31,6 @@ from icep.tune.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "random", "grid", "nsga2", "qmc", "gp")
-PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "threshold", "none")
 REASON = "reason"  # user attribute holding why a trial failed or was pruned
 
 
@@ -69,67 +71,72 @@ def open_storage(url: str, key: str = "tune.storage") -> optuna.storages.BaseSto
 
 
 def build_sampler(
-    spec: str | Mapping[str, Any], seed: int | None, space: SearchSpace, key: str = "tune.sampler"
+    spec: Any, space: SearchSpace, key: str = "tune.sampler", seed: int | None = None
 ) -> optuna.samplers.BaseSampler:
-    """A sampler by name (``tpe``, ``random``, ``grid``, ``nsga2``, ``qmc``, ``gp``), or from a
-    mapping with ``_target_`` (any Optuna sampler and its arguments)."""
-    samplers = optuna.samplers
-    if isinstance(spec, Mapping):
-        from hydra.utils import instantiate
-
+    """The sampler a ``_target_`` node builds: any Optuna sampler and its arguments (the options
+    of ``tune/sampler=...`` and ``hydra/sweeper/sampler=...``). A ``_partial_`` node is finished
+    with what only the search knows: the grid of ``space`` when the sampler takes a
+    ``search_space`` (GridSampler). ``seed`` replaces the node's own seed, when it has one."""
+    node = _node(spec, key, "sampler")
+    if seed is not None and "seed" in node:
+        node["seed"] = seed
+    built = _build(node, key)
+    if isinstance(built, functools.partial):
+        missing = inspect.signature(built.func).parameters.keys() - built.keywords.keys()
+        finish = {"search_space": space.grid()} if "search_space" in missing else {}
         try:
-            return instantiate(dict(spec))
-        except Exception as exc:
-            raise ConfigError(key, f"cannot build {dict(spec)}: {exc}") from None
-    name = str(spec)
-    if name == "grid":
-        return samplers.GridSampler(space.grid(), seed=seed)
-    factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
-        "tpe": lambda: samplers.TPESampler(seed=seed),
-        "random": lambda: samplers.RandomSampler(seed=seed),
-        "nsga2": lambda: samplers.NSGAIISampler(seed=seed),
-        "qmc": lambda: samplers.QMCSampler(seed=seed),
-        "gp": lambda: samplers.GPSampler(seed=seed),
-    }
-    if name not in factories:
-        raise ConfigError(key, f"got {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    return factories[name]()
+            built = built(**finish)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(key, f"cannot build {node['_target_']}: {exc}") from None
+    if not isinstance(built, optuna.samplers.BaseSampler):
+        raise ConfigError(key, f"{node['_target_']} is not an Optuna sampler")
+    return built
 
 
-def build_pruner(
-    spec: str | Mapping[str, Any] | None, key: str = "tune.pruner"
-) -> optuna.pruners.BasePruner:
-    """A pruner from ``{name: median, n_startup_trials: ..., ...}`` (the rest are its arguments),
-    a bare name, ``none``/null, or a mapping with ``_target_``."""
-    if spec is None:
-        return optuna.pruners.NopPruner()
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    spec = dict(spec)
-    if "_target_" in spec:
-        from hydra.utils import instantiate
+def build_pruner(spec: Any, key: str = "tune.pruner") -> optuna.pruners.BasePruner:
+    """The pruner a ``_target_`` node builds: any Optuna pruner and its arguments (the options of
+    ``tune/pruner=...`` and ``hydra/sweeper/pruner=...``; ``none`` is Optuna's NopPruner)."""
+    node = _node(spec, key, "pruner")
+    built = _build(node, key)
+    if not isinstance(built, optuna.pruners.BasePruner):
+        raise ConfigError(key, f"{node['_target_']} is not an Optuna pruner")
+    return built
 
-        try:
-            return instantiate(spec)
-        except Exception as exc:
-            raise ConfigError(key, f"cannot build {spec}: {exc}") from None
-    name = str(spec.pop("name", "none"))
-    classes = {
-        "median": CurrentMedianPruner,
-        "percentile": CurrentPercentilePruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-        "none": optuna.pruners.NopPruner,
-    }
-    if name not in classes:
-        raise ConfigError(f"{key}.name", f"got {name!r}; choose one of: {', '.join(PRUNERS)}")
-    if name == "none":
-        return optuna.pruners.NopPruner()  # settings left over from another pruner do not matter
-    try:
-        return classes[name](**spec)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(key, f"{name}: {exc}") from None
+
+def _node(spec: Any, key: str, what: str) -> dict[str, Any]:
+    """``spec`` as a plain dict with ``_target_``; anything else (a name given as
+    ``tune.sampler=tpe`` instead of ``tune/sampler=tpe``) is a ConfigError naming the config
+    group's options."""
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, Mapping) and "_target_" in spec:
+        return dict(spec)
+    group = key.replace(".", "/")
+    options = group_options(group)
+    raise ConfigError(
+        key,
+        f"got {spec!r}, not a {what} node with _target_; choose one with {group}=NAME"
+        + (f": {', '.join(options)}" if options else ""),
+    )
+
+
+def _build(node: dict[str, Any], key: str) -> Any:
+    """:func:`icep.config.build` of ``node``, its errors naming ``key``."""
+    from icep.config import build
+
+    holder = OmegaConf.create()
+    OmegaConf.update(holder, key, node, force_add=True)
+    return build(holder, key)
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``tune/sampler``), as Hydra lists them; none outside a Hydra
+    app or ``hydra.initialize``."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return []
+    return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
 def _current_only(trial: FrozenTrial) -> FrozenTrial:
@@ -180,7 +187,7 @@ def check_pruner(pruner: optuna.pruners.BasePruner, n_objectives: int, key: str)
         raise ConfigError(
             key,
             f"Optuna's pruners work on one objective and this study has {n_objectives}; "
-            f"set {key}=none or use a single objective",
+            f"set {key.replace('.', '/')}=none or use a single objective",
         )
 
 
@@ -250,14 +257,15 @@ def tell(
 
 def attach_trial(storage_url: str, study_name: str, number: int) -> optuna.Trial:
     """The running trial ``number`` of a study, rebuilt from its storage inside a sweep job so the
-    job can ``report()`` and ask ``should_prune()``. The sweeper stores its pruner's spec on the
+    job can ``report()`` and ask ``should_prune()``. The sweeper stores its pruner's node on the
     study (``icep_pruner``), since storages do not keep pruners."""
     storage = open_storage(storage_url, key="optuna.storage")
     study_id = storage.get_study_id_from_name(study_name)
     spec = storage.get_study_user_attrs(study_id).get("icep_pruner")
-    study = optuna.load_study(
-        study_name=study_name, storage=storage, pruner=build_pruner(spec, "hydra.sweeper.pruner")
+    pruner = (
+        optuna.pruners.NopPruner() if spec is None else build_pruner(spec, "hydra.sweeper.pruner")
     )
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     return optuna.trial.Trial(study, trial_id)
 

@@ -1,8 +1,9 @@
-"""The fast data path (icep.loaders): splits held whole as tensors, batches augmented in place.
+"""The fast data path (icep.device_batches): splits held whole as tensors, batches augmented
+in place.
 
 It must give the same images as the file-backed DataLoaders, augment as torchvision's RandomCrop
 with padding + RandomHorizontalFlip do, repeat from a restored generator (resume), and be chosen
-by ``trainer.loader=auto`` only where it can do the dataset's augmentation.
+by ``trainer.batching=auto`` only where it can do the dataset's augmentation.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from test_data import (  # noqa: F401 (fixtures)
     fake_cifar_checks,
     make_cifar10,
     make_tree,
+    run_cfg,
     run_in_tmp,
 )
 from torch import nn
 from torch.utils.data import DataLoader
 
+from icep.config import validate
 from icep.data import subsample
+from icep.device_batches import DeviceLoader, TensorSplit, _crop_flip
 from icep.errors import ConfigError
-from icep.loaders import DeviceLoader, TensorSplit, _crop_flip
 from icep.train import Trainer, sgd
 
 
@@ -132,8 +135,8 @@ def test_the_device_path_gives_the_file_backed_images(tmp_path, name, fake_cifar
     elif name == "cifar10":
         values = {"root": str(make_cifar10(tmp_path / "data")), "augment": "none"}
     cfg = dataset_cfg(name, **values)
-    files = build(cfg, loader="workers", cache_dir=tmp_path / "cache")
-    held = build(cfg, loader="device", cache_dir=tmp_path / "cache")
+    files = build(cfg, batching="workers", cache_dir=tmp_path / "cache")
+    held = build(cfg, batching="device", cache_dir=tmp_path / "cache")
     assert isinstance(held.train, DeviceLoader) and isinstance(files.train, DataLoader)
     assert held.input_shape == files.input_shape and held.num_classes == files.num_classes
     for split in ("train", "val", "test"):
@@ -155,10 +158,10 @@ def test_auto_holds_small_data_on_the_device_and_leaves_the_rest_to_workers(tmp_
     assert isinstance(imagenet.train, DataLoader) and isinstance(too_big.train, DataLoader)
     assert "is not one the device path does" in caplog.text
     assert "over trainer.device_data_gb=0" in caplog.text
-    with pytest.raises(ConfigError, match="^trainer.loader: device: its train augmentation"):
-        build(dataset_cfg("image_folder", root=tree, augment="imagenet"), loader="device")
-    with pytest.raises(ConfigError, match="^trainer.loader: got 'gpu'; expected one of"):
-        build(dataset_cfg("digits"), loader="gpu")
+    with pytest.raises(ConfigError, match="^trainer.batching: device: its train augmentation"):
+        build(dataset_cfg("image_folder", root=tree, augment="imagenet"), batching="device")
+    with pytest.raises(ConfigError, match="^trainer.batching: got 'gpu'; must be auto, device or"):
+        validate(run_cfg("trainer.batching=gpu"))
 
 
 def test_a_whole_folder_is_decoded_once_and_a_changed_file_decodes_again(tmp_path, caplog):
@@ -166,20 +169,20 @@ def test_a_whole_folder_is_decoded_once_and_a_changed_file_decodes_again(tmp_pat
     cfg = dataset_cfg("image_folder", root=str(tree))
     cache = tmp_path / "cache"
     with caplog.at_level(logging.INFO, logger="icep.data"):
-        first = build(cfg, cache_dir=cache, loader="device")
+        first = build(cfg, cache_dir=cache, batching="device")
         assert caplog.text.count("decoding 12 images") == 2  # train pool and test
         caplog.clear()
-        again = build(cfg, cache_dir=cache, loader="device")
+        again = build(cfg, cache_dir=cache, batching="device")
         assert "decoding" not in caplog.text
         (tree / "test" / "ant" / "0.jpg").touch()  # a replaced file: the test cache is stale
         caplog.clear()
-        build(cfg, cache_dir=cache, loader="device")
+        build(cfg, cache_dir=cache, batching="device")
         assert caplog.text.count("decoding 12 images") == 1
     assert torch.equal(first.test.dataset.images, again.test.dataset.images)
 
 
 def test_subsample_keeps_the_device_path(tmp_path):
-    data = build(dataset_cfg("digits"), loader="device")
+    data = build(dataset_cfg("digits"), batching="device")
     small = subsample(data, 0.25, 0.5, seed=0)
     assert isinstance(small.train, DeviceLoader) and small.train.augments == data.train.augments
     assert len(small.train.dataset) == round(len(data.train.dataset) * 0.25)
