@@ -4,6 +4,7 @@ keeps its traceback."""
 from __future__ import annotations
 
 import errno
+import importlib.resources
 import re
 import subprocess
 import sys
@@ -108,7 +109,10 @@ def describe_error(exc: BaseException) -> str | None:
         )
     if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
-        return f"{group}={name} is not an option; choose one of: {', '.join(exc.options)} (conf/{group}/)"
+        options = f"{group}={name} is not an option; choose one of: {', '.join(exc.options)}"
+        folder = importlib.resources.files("icep.conf").joinpath(group)
+        # Options registered in code (the sweeper's) have no folder to point to.
+        return f"{options} (conf/{group}/)" if folder.is_dir() else options
     cause = exc.__cause__
     if isinstance(exc, ConfigCompositionException) and isinstance(
         cause, (ConfigKeyError, ConfigAttributeError)

@@ -68,12 +68,21 @@ def icep_env(cache: Path | None = None, **extra: str) -> dict:
 
 
 def _icep_command(
-    args: list[str], run_dir: Path, cache: Path, env: dict | None, kill_in_checkpoint: int | None
+    args: list[str],
+    run_dir: Path,
+    cache: Path,
+    env: dict | None,
+    kill_in_checkpoint: int | None = None,
+    scripted_accuracy: bool = False,
 ):
     full_env = icep_env(cache, **(env or {}))
     entry = ["-m", "icep"]
-    if kill_in_checkpoint is not None:
-        entry = [str(ROOT / "tests" / "faults.py"), f"--kill-in-checkpoint={kill_in_checkpoint}"]
+    if kill_in_checkpoint is not None or scripted_accuracy:
+        entry = [str(ROOT / "tests" / "harness.py")]
+        if kill_in_checkpoint is not None:
+            entry.append(f"--kill-in-checkpoint={kill_in_checkpoint}")
+        if scripted_accuracy:
+            entry.append("--scripted-accuracy")
     return [sys.executable, *entry, f"hydra.run.dir={run_dir}", *args], full_env
 
 
@@ -84,11 +93,14 @@ def run_icep(
     timeout: float = 300,
     env: dict | None = None,
     kill_in_checkpoint: int | None = None,
+    scripted_accuracy: bool = False,
 ):
     """``python -m icep ARGS`` in a subprocess with its run folder at ``run_dir``. With
-    ``kill_in_checkpoint=STEP`` the run SIGKILLs itself while it writes step STEP's checkpoint
-    (tests/faults.py)."""
-    command, full_env = _icep_command(args, run_dir, cache, env, kill_in_checkpoint)
+    ``kill_in_checkpoint=STEP`` the run SIGKILLs itself while it writes step STEP's checkpoint;
+    with ``scripted_accuracy`` its evaluations read scripted numbers (tests/harness.py)."""
+    command, full_env = _icep_command(
+        args, run_dir, cache, env, kill_in_checkpoint, scripted_accuracy
+    )
     return subprocess.run(
         command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )
@@ -96,7 +108,7 @@ def run_icep(
 
 def start_icep(args: list[str], run_dir: Path, cache: Path, env: dict | None = None):
     """``python -m icep ARGS`` started in the background (a Popen), output discarded."""
-    command, full_env = _icep_command(args, run_dir, cache, env, None)
+    command, full_env = _icep_command(args, run_dir, cache, env)
     return subprocess.Popen(
         command, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -320,7 +320,7 @@ def test_fused_sgd_leaves_frozen_layers_bit_identical():
 
 @pytest.mark.cuda
 def test_a_run_killed_on_cuda_resumes_and_completes(tmp_path, cache_dir):
-    """Killed while writing step 3's checkpoint (a fault tests/faults.py injects, since steps on
+    """Killed while writing step 3's checkpoint (a fault tests/harness.py injects, since steps on
     a GPU are too fast to kill by watching metrics.jsonl), it resumes after step 2. Rows after the
     kill are not compared with an uninterrupted run's: cuDNN's benchmark mode may pick other
     kernels in another process, so bf16 sums may differ."""

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import build_pipeline, digits_data, trained_on_digits
+from harness import ScriptedAccuracy
 
 from icep.loggers import RunLogger
 from icep.models import cifar_resnet
@@ -77,29 +78,6 @@ def dense_state(digits):
 def ice(**keys):
     """pipeline=ice as Hydra composes and builds it, with ``pipeline.KEY=VALUE`` for ``keys``."""
     return build_pipeline("ice", **keys)
-
-
-class ScriptedAccuracy(Trainer):
-    """Evaluations the test controls, so decisions never hinge on the floats of training (which
-    differ across CPUs and thread counts): every evaluation reads 90% less 2 points per prune
-    since the last fine-tune. With thre = 3, ICE's trigger fires at every second step (2, 4, 6,
-    8 of ResNet-20's 9). Training is real."""
-
-    def __init__(self):
-        super().__init__(torch.device("cpu"))
-        self._params: int | None = None
-        self._prunes = 0
-
-    def fit(self, *args, **kwargs):
-        self._prunes = 0
-        return super().fit(*args, **kwargs)
-
-    def evaluate(self, model, loader, desc="eval"):
-        params = sum(p.numel() for p in model.parameters())
-        if self._params is not None and params < self._params:  # pruned since the last one
-            self._prunes += 1
-        self._params = params
-        return 90.0 - 2.0 * self._prunes
 
 
 def run_pipeline(pipeline, digits, dense_state, tmp_path, trainer=None):
