@@ -189,7 +189,7 @@ def dataset_cfg(args: argparse.Namespace):
     return cfg
 
 
-def icep_data(args: argparse.Namespace, device, batches: str):
+def icep_data(args: argparse.Namespace, device, batching: str):
     from icep.data import build_data
 
     return build_data(
@@ -200,7 +200,7 @@ def icep_data(args: argparse.Namespace, device, batches: str):
         num_workers=args.workers,
         cache_dir=args.cache,
         device=device,
-        batches=batches,
+        batching=batching,
     )
 
 
