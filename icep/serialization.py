@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -76,11 +77,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def cpu_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """``model.state_dict()`` on the CPU, contiguous, keeping the per-module metadata (the
+    version numbers some modules, such as torchvision's MNASNet, need to load it again)."""
+    state = model.state_dict()
+    plain = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        plain._metadata = metadata
+    return plain
+
+
 def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, **meta: Any) -> None:
     """Save ``model`` (pruned or not) with the builder call ``arch`` that made its unpruned form."""
     if arch.get("_target_") not in BUILDERS:
         raise ValueError(f"cannot save a model built by {arch.get('_target_')!r}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = cpu_state_dict(model)
     atomic_save(
         {
             "format": FORMAT,

@@ -27,7 +27,7 @@ from icep.pruning import (
     select_global,
     spatial_conv_weights,
 )
-from icep.serialization import atomic_open, layer_shapes
+from icep.serialization import atomic_open, cpu_state_dict, layer_shapes
 from icep.train import Distillation, Trainer, trainable
 
 log = logging.getLogger(__name__)
@@ -356,9 +356,7 @@ class PruningRun:
                     "format": CHECKPOINT_FORMAT,
                     "config": self.checkpoint_config,
                     "layers": layer_shapes(self.model),
-                    "state_dict": {
-                        k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
-                    },
+                    "state_dict": cpu_state_dict(self.model),
                     "steps": len(self.rows),
                     "rows": self.rows,
                     "decision_split": self.decision_split,
