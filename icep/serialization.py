@@ -118,15 +118,8 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     return blob
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a model saved by :func:`save_model`, in eval mode on the CPU."""
-    import hydra.utils
-
-    blob = read_model_file(path)
-    arch = dict(blob["arch"])
-    if arch.get("_target_") not in BUILDERS:
-        raise IcepError(f"{path} names builder {arch.get('_target_')!r}, which icep does not load")
-    model = hydra.utils.instantiate(arch)
+def _load_pruned(model: nn.Module, blob: dict[str, Any]) -> None:
+    """Give ``model`` the saved layer shapes, then load the saved weights into it."""
     for name, attrs in blob["layers"].items():
         module = model.get_submodule(name)
         for attr, value in attrs.items():
@@ -140,4 +133,23 @@ def load_model(path: str | Path) -> nn.Module:
         elif module._buffers.get(leaf) is not None:
             module._buffers[leaf] = torch.empty_like(tensor)
     model.load_state_dict(blob["state_dict"])
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model`, in eval mode on the CPU."""
+    import hydra.utils
+
+    blob = read_model_file(path)
+    arch = dict(blob["arch"])
+    if arch.get("_target_") not in BUILDERS:
+        raise IcepError(f"{path} names builder {arch.get('_target_')!r}, which icep does not load")
+    model = hydra.utils.instantiate(arch)
+    try:
+        _load_pruned(model, blob)
+    except (RuntimeError, ValueError, KeyError, AttributeError) as exc:
+        said = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise IcepError(
+            f"{path} does not load into {arch.get('name', arch['_target_'])} "
+            f"({said[:300] or type(exc).__name__})"
+        ) from None
     return model.eval()
