@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import nn
 
 from icep.pipelines.base import PruningRun
-from icep.pipelines.finetune import FineTune, FixedEpochs
+from icep.pipelines.finetune import FineTune, FixedEpochs, Training
 from icep.pruning import PruningEngine
 from icep.train import Distillation
 
@@ -174,16 +174,9 @@ class ICE:
             return {}
         lr = self.learning_rate(run)
         before = run.seconds()
-        tune = self.finetune
-        recovery = FixedEpochs(
-            name="fixed",
-            epochs=self.final_finetune_epochs,
-            lr=lr,
-            optimizer=tune.optimizer,
-            distill=tune.distill,
-            distill_temperature=tune.distill_temperature,
-            distill_weight=tune.distill_weight,
-        )
+        # The policy's training settings (optimizer, distillation), for a fixed number of epochs.
+        training = {f.name: getattr(self.finetune, f.name) for f in fields(Training)}
+        recovery = FixedEpochs(**training, name="fixed", epochs=self.final_finetune_epochs)
         run.recover(recovery, lr, distill, desc="recovery fine-tune")
         seconds = run.seconds() - before
         return {"epochs": self.final_finetune_epochs, "lr": lr, "seconds": seconds}
