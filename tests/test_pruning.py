@@ -7,6 +7,7 @@ import math
 import pytest
 import timm
 import torch
+import torch_pruning as tp
 import torchvision
 from torch import nn
 
@@ -16,8 +17,6 @@ from icep.pruning import (
     L2,
     PruningEngine,
     count_macs_params,
-    remaining_fraction,
-    spatial_conv_weights,
 )
 
 
@@ -95,11 +94,10 @@ def test_resnet20_prune_every_unit_in_turn():
     x = torch.randn(2, 3, 32, 32)
     engine = PruningEngine(model, x[:1])
     assert len(engine.units) == 9
-    original = spatial_conv_weights(model)
-    fractions = [remaining_fraction(model, original)]
+    fractions = [engine.remaining()]
     for unit in engine.units:
         engine.prune_unit(unit.index, 0.6, L1())
-        fractions.append(remaining_fraction(model, original))
+        fractions.append(engine.remaining())
     assert fractions[0] == 1.0
     assert all(b < a for a, b in zip(fractions, fractions[1:], strict=False))
     # Every block keeps 40% of its inside (rounded down), so x ends a little below 0.4.
@@ -159,18 +157,22 @@ def test_frozen_layers_are_traced_and_stay_frozen():
     assert model.layer1[1].conv1.weight.requires_grad
 
 
-def test_spatial_conv_weights_skip_the_stem_and_count_nonzeros():
-    model = cifar_resnet(20)
+@pytest.mark.parametrize("depth", [20, 56])
+def test_remaining_counts_the_reference_spatial_convs_on_cifar_resnets(depth):
+    """On the paper's models x counts what the reference code counts (METHOD.md section 1): the
+    non-zero weights of every 3x3 conv after the stem (1x1 shortcuts and the stem left out)."""
+    model = cifar_resnet(depth)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert convs[0] is model.conv1
+    engine = PruningEngine(model, torch.zeros(1, 3, 32, 32))
     total = sum(m.weight.numel() for m in convs[1:])
-    assert spatial_conv_weights(model) == total
+    assert engine.original_weights == total
     with torch.no_grad():
         model.layer1[0].conv1.weight[0].zero_()
         model.conv1.weight.zero_()  # the stem does not count
         model.layer2[0].shortcut[0].weight.zero_()  # nor do 1x1 convs
-    assert spatial_conv_weights(model) == total - 16 * 9
-    assert remaining_fraction(model, total) == pytest.approx(1 - 144 / total)
+    assert engine.touched_weights() == total - 16 * 9
+    assert engine.remaining() == pytest.approx(1 - 144 / total)
 
 
 # --- Other architectures -------------------------------------------------------------------
@@ -237,6 +239,100 @@ def test_units_and_pruning_on_other_architectures(arch):
         if unit.index != widest:
             engine.prune_unit(unit.index, 0.6, L1())
     assert forward_backward(model, x).shape == original_out == (2, 10)
+
+
+def _lively(model: nn.Module) -> nn.Module:
+    """Random norm statistics and scales, so that every channel carries a signal of order one
+    (fresh inits give some models logits of 1e-11, which no comparison can read)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
+                n = module.num_features
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
+    return model.eval()
+
+
+def _silence(engine: PruningEngine, name: str, ratio: float) -> None:
+    """Make the channels that ``ratio`` will cut from unit layer ``name`` output exactly zero, at
+    positions 1.. of every group: zero filters and biases, and the scale and shift of every norm
+    those channels pass (the one after a depthwise conv too)."""
+    layer = engine.model.get_submodule(name)
+    groups = engine.channel_groups.get(name, 1)
+    size = (layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features) // groups
+    positions = range(1, 1 + engine.cut(name, ratio) // groups)
+    idxs = [p + g * size for g in range(groups) for p in positions]
+    conv = isinstance(layer, nn.Conv2d)
+    prune = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
+    group = engine.graph.get_pruning_group(layer, prune, idxs)
+    with torch.no_grad():
+        layer.weight[idxs] = 0
+        if layer.bias is not None:
+            layer.bias[idxs] = 0
+        for dep, mapped in group:
+            module = dep.target.module
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                module.weight[list(mapped)] = 0
+                module.bias[list(mapped)] = 0
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda: torchvision.models.resnext50_32x4d(num_classes=10), id="resnext50"),
+        pytest.param(lambda: torchvision.models.regnet_y_400mf(num_classes=10), id="regnet_y"),
+        pytest.param(lambda: timm.create_model("regnetx_002", num_classes=10), id="timm_regnetx"),
+        pytest.param(lambda: torchvision.models.convnext_tiny(num_classes=10), id="convnext"),
+        pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=10), id="mobilenet_v2"),
+    ],
+)
+def test_pruning_channels_that_output_zero_leaves_the_logits_unchanged(build):
+    """Grouped convs (ResNeXt, RegNet), ConvNeXt's linear MLP and depthwise convs: every unit
+    loses channels whose output is exactly zero, so nothing the model computes may change. A
+    grouped conv pruned at different positions in different groups keeps the wrong weights."""
+    model = _lively(build())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    engine = PruningEngine(model, x[:1])
+    assert engine.units
+    for unit in engine.units:
+        for name in unit.convs:
+            _silence(engine, name, 0.5)
+    with torch.no_grad():
+        before = model(x)
+    widths = engine.unit_widths()
+    for unit in engine.units:
+        engine.prune_unit(unit.index, 0.5, L1())
+    assert all(engine.unit_widths()[n] < w for n, w in widths.items())
+    with torch.no_grad():
+        after = model(x)
+    assert before.abs().max() > 1e-3
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5 * before.abs().max().item())
+
+
+def test_grouped_layers_keep_their_groups_even():
+    """ResNeXt's 3x3 conv has 32 groups: a cut takes the same positions from every group, by the
+    mean score over the groups, and a width that is no multiple of 32 is refused."""
+    model = torchvision.models.resnext50_32x4d(num_classes=10)
+    engine = PruningEngine(model, torch.zeros(1, 3, 32, 32))
+    conv = model.layer1[0].conv2
+    assert (conv.groups, conv.out_channels) == (32, 128)
+    assert engine.channel_groups["layer1.0.conv2"] == 32
+    assert engine.channel_groups["layer1.0.conv1"] == 32  # feeds the grouped conv
+    assert engine.cut("layer1.0.conv2", 0.3) == 32 * 2  # ceil(0.3 * 4) of each group of 4
+    assert engine.cut("layer1.0.conv2", 0.9) == 32 * 2  # every group keeps two
+    scores = torch.arange(128.0)
+    scores[torch.arange(32) * 4 + 3] = -1.0  # position 3 lowest in every group
+    assert engine.lowest("layer1.0.conv2", 32, scores) == [g * 4 + 3 for g in range(32)]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        engine.prune_to_widths({"layer1.0.conv2": 100})
+    with pytest.raises(ValueError, match="same positions"):
+        engine.prune_channels({"layer1.0.conv2": [0, 5]})
+    engine.prune_unit(0, 0.5, L1())
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (32, 64, 64)
+    assert forward_backward(model, torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_unit_shapes_per_architecture():

@@ -23,9 +23,7 @@ from icep.pruning import (
     Unit,
     count_macs_params,
     prepare_criterion,
-    remaining_fraction,
     select_global,
-    spatial_conv_weights,
 )
 from icep.serialization import atomic_open, cpu_state_dict, layer_shapes
 from icep.train import Distillation, Trainer, trainable
@@ -65,7 +63,6 @@ class PruningRun:
         self.logger = logger
         self.example_inputs = torch.zeros(1, *data.input_shape, device=trainer.device)
         self.engine = PruningEngine(model, self.example_inputs)
-        self.original_weights = spatial_conv_weights(model)
         self.macs_before, self.params_before = count_macs_params(model, self.example_inputs)
         self.rows: list[dict[str, Any]] = []
         # Every decision uses this split; the other one is only reported.
@@ -151,7 +148,7 @@ class PruningRun:
 
     def remaining(self) -> float:
         """The remaining fraction x of METHOD.md section 1."""
-        return remaining_fraction(self.model, self.original_weights)
+        return self.engine.remaining()
 
     def frozen_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
@@ -198,7 +195,9 @@ class PruningRun:
         original = self.engine.original_widths
         self.prepare_criterion(list(original))
         scores = {name: self.engine.scores(name, self.criterion) for name in original}
-        return select_global(scores, original, share, min_channels_share)
+        return select_global(
+            scores, original, share, min_channels_share, self.engine.channel_groups
+        )
 
     def prune_channels(self, removal: dict[str, list[int]]) -> None:
         """Remove the given channels of each unit conv."""
@@ -378,7 +377,7 @@ class PruningRun:
         (last, so the next step draws what it would have drawn without the interruption)."""
         self._dense = copy.deepcopy(self.model).eval().requires_grad_(False)
         widths = {
-            name: attrs["out_channels"]
+            name: attrs.get("out_channels", attrs.get("out_features"))
             for name, attrs in blob["layers"].items()
             if name in self.engine.original_widths
         }

@@ -53,7 +53,7 @@ class SchedulePruner:
             elif self.scope == "uniform":
                 now = run.engine.unit_widths()
                 original = run.engine.original_widths
-                widths = uniform_widths(original, share)
+                widths = uniform_widths(original, share, run.engine.channel_groups)
                 run.prune_to_widths({n: min(w, now[n]) for n, w in widths.items()})
             else:
                 run.prune_channels(run.global_removal(share, self.min_channels_share))

@@ -19,9 +19,7 @@ from icep.pruning.engine import (
     Unit,
     ceil_share,
     count_macs_params,
-    remaining_fraction,
     select_global,
-    spatial_conv_weights,
     uniform_widths,
 )
 from icep.pruning.unstructured import MagnitudePruner
@@ -43,8 +41,6 @@ __all__ = [
     "prepare_criterion",
     "ceil_share",
     "count_macs_params",
-    "remaining_fraction",
     "select_global",
-    "spatial_conv_weights",
     "uniform_widths",
 ]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from icep.errors import IcepError
+from icep.pruning.engine import out_width
 
 if TYPE_CHECKING:
     from icep.pruning.engine import PruningEngine
@@ -193,7 +194,7 @@ class _DataCriterion(Criterion):
         scores = self.scores.get(conv)
         if scores is None:
             raise ValueError(f"{self.name}: call prepare() with this conv's name before scoring it")
-        if scores.shape != (conv.out_channels,):
+        if scores.shape != (out_width(conv),):
             raise ValueError(f"{self.name}: scores were collected for another width of this conv")
         return scores
 
@@ -213,7 +214,7 @@ class Taylor(_DataCriterion):
     def collect(self, engine, names, convs, loader, device):
         weights = [conv.weight for conv in convs]
         flags = [w.requires_grad for w in weights]
-        scores = [torch.zeros(conv.out_channels, device=device) for conv in convs]
+        scores = [torch.zeros(out_width(conv), device=device) for conv in convs]
         try:
             for w in weights:  # a frozen conv is scored too; it needs a gradient meanwhile
                 w.requires_grad_(True)
@@ -242,7 +243,7 @@ class _ActivationCriterion(_DataCriterion):
             watched = engine.model.get_submodule(norm) if norm is not None else conv
 
             def record(_module, _inputs, output, conv=conv):
-                means[conv].append(output.detach().float().relu().mean(dim=(2, 3)).cpu())
+                means[conv].append(_per_image_channel_means(output, conv))
 
             hooks.append(watched.register_forward_hook(record))
         try:
@@ -257,6 +258,15 @@ class _ActivationCriterion(_DataCriterion):
     def reduce(self, per_image: torch.Tensor) -> torch.Tensor:
         """``[images, channels]`` per-image means -> one score per channel."""
         raise NotImplementedError
+
+
+def _per_image_channel_means(output: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``[images, channels]``: the mean over positions of each ReLU'd channel. A conv's channels
+    are dimension 1; a linear layer's the last one (ConvNeXt's MLP runs channels-last)."""
+    values = output.detach().float().relu()
+    if isinstance(layer, nn.Linear):
+        values = values.movedim(-1, 1)
+    return values.flatten(2).mean(dim=2).cpu() if values.dim() > 2 else values.cpu()
 
 
 class MeanActivation(_ActivationCriterion):
@@ -318,9 +328,9 @@ class Random(Criterion):
         if name is None:  # no prepare: one stream of draws from the seed
             generator = self._fallback
         else:
-            key = zlib.crc32(f"{self.seed}/{name}/{conv.out_channels}".encode())
+            key = zlib.crc32(f"{self.seed}/{name}/{out_width(conv)}".encode())
             generator = torch.Generator().manual_seed(key)
-        return torch.randperm(conv.out_channels, generator=generator).float()
+        return torch.randperm(out_width(conv), generator=generator).float()
 
     def __repr__(self) -> str:
         return f"Random(seed={self.seed})"

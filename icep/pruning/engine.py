@@ -8,23 +8,35 @@ Unit discovery
 Torch-Pruning groups every set of coupled channels (a conv's output filters, the BatchNorm that
 follows, the input channels of the next conv, ...). A group is a candidate unit when
 
-1. it cuts the output channels of exactly one *feature* conv. Convs that merely follow their
-   feature conv do not count: a depthwise conv (its input and output channels are coupled) and a
-   *gate* conv (its output only scales another tensor by an elementwise product, as the expand
-   conv of a squeeze-and-excitation module does). Groups tied to a residual add cut several
-   feature convs and are left out;
+1. it cuts the output channels of exactly one *feature* layer, an ``nn.Conv2d`` or an
+   ``nn.Linear`` inside a block that holds a conv (the 1x1-conv MLP of a ConvNeXt block). Layers
+   that merely follow their feature layer do not count: a depthwise conv (its input and output
+   channels are coupled) and a *gate* (its output only scales another tensor by an elementwise
+   product, as the expand conv of a squeeze-and-excitation module does). Groups tied to a
+   residual add cut several feature layers and are left out;
 2. none of its channels reach a concatenation (DenseNet's concatenated widths, and with them its
    stem and transitions) or the model output;
 3. it touches no ignored layer, the classifier included (the last ``nn.Linear``, ignored
    automatically), not even its input channels; so the width feeding the classifier stays;
 4. its feature conv is not the stem (the first conv in forward order).
 
-Candidates are grouped by block: the deepest module above the conv that is not a plain container
-(``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict`` or subclasses, so the conv-norm-act
-wrappers of torchvision and timm are skipped). A squeeze-and-excitation module (a block that
+Candidates are grouped by block: the deepest module above the layer that is not a plain container
+(``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict`` or subclasses) and holds more than one
+conv or linear layer, so the conv-norm-act wrappers of torchvision and timm are skipped. A squeeze-and-excitation module (a block that
 holds a gate conv) joins the unit of the block around it, so its squeeze width is pruned with the
 block's expansion. Units are ordered by the first forward call of their convs, recorded while the
 graph is traced.
+
+Grouped convolutions
+--------------------
+A grouped conv (``groups = G``, not depthwise) splits its channels into G equal groups, so a
+group of coupled channels that holds one (as input or output) is cut the same way in every group,
+as Torch-Pruning's own pruners do: a layer of C channels loses ``k`` positions of each group of
+``s = C / G``, ``G * k`` channels in all, the positions whose scores averaged over the G groups
+are lowest. A ratio removes ``ceil(ratio * s)`` positions per group, and every group keeps at least
+two channels (a grouped conv with one output channel per group would turn depthwise). A layer
+whose groups hold two channels or fewer cannot be cut: its unit leaves it out, and
+``PruningEngine.excluded`` says why. GroupNorm's groups count the same way.
 
 What that gives (``tests/test_pruning.py`` checks all but the last two items):
 
@@ -65,6 +77,7 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _CEIL_TOLERANCE = 1e-9
 # How many elementwise activations may sit between a gate conv and its product.
 _MAX_GATE_HOPS = 8
+_FEATURE_TYPES = (OPTYPE.CONV, OPTYPE.LINEAR)
 
 
 @dataclass
@@ -73,8 +86,8 @@ class Unit:
 
     index: int  # position in forward order
     name: str  # block path, e.g. "layer1.0"
-    convs: list[str]  # qualified names of the convs whose output channels this unit cuts
-    channels: list[int] = field(default_factory=list)  # current out channels of those convs
+    convs: list[str]  # qualified names of the layers (convs, or linears) whose outputs it cuts
+    channels: list[int] = field(default_factory=list)  # current out channels of those layers
 
 
 class PruningEngine:
@@ -98,33 +111,52 @@ class PruningEngine:
         classifier = _last_linear(model)
         if classifier is not None and classifier not in self.ignored_layers:
             self.ignored_layers.append(classifier)
-        self.graph, conv_order = _trace(model, example_inputs)
-        self.units = self._find_units(conv_order)
+        self.graph, order = _trace(model, example_inputs)
+        # Layers a candidate unit leaves out, with the reason (a grouped conv too narrow to cut).
+        self.excluded: dict[str, str] = {}
+        # How many equal groups each unit layer's coupled channels form (1: no grouped conv).
+        self.channel_groups: dict[str, int] = {}
+        self.units = self._find_units(order)
         # Schedules are shares of these counts, so rounding never drifts from step to step.
         self.original_widths = self.unit_widths()
+        # Every conv and linear layer whose channels some unit cuts: what "remaining" counts.
+        self.touched = self.touched_convs()
+        self.original_weights = self.touched_weights()
 
-    def _find_units(self, conv_order: list[nn.Conv2d]) -> list[Unit]:
+    def _find_units(self, order: list[nn.Module]) -> list[Unit]:
         names = {module: name for name, module in self.model.named_modules()}
-        rank = {conv: i for i, conv in enumerate(conv_order)}
-        stem = conv_order[0] if conv_order else None
+        rank = {layer: i for i, layer in enumerate(order)}
+        convs = [layer for layer in order if isinstance(layer, nn.Conv2d)]
+        stem = convs[0] if convs else None
         ignored = set(self.ignored_layers)
 
-        blocks: dict[str, list[nn.Conv2d]] = {}
+        blocks: dict[str, list[nn.Module]] = {}
         groups = self.graph.get_all_groups(
-            ignored_layers=self.ignored_layers, root_module_types=[nn.Conv2d]
+            ignored_layers=self.ignored_layers, root_module_types=[nn.Conv2d, nn.Linear]
         )
         for group in groups:
-            conv = self._feature_conv(group, ignored)
-            if conv is None or conv is stem or conv not in rank:
+            layer = self._feature_layer(group, ignored)
+            if layer is None or layer is stem or layer not in rank:
                 continue
-            blocks.setdefault(_block_name(self.model, names[conv]), []).append(conv)
+            block = _block_name(self.model, names[layer])
+            if isinstance(layer, nn.Linear) and not _holds_conv(self.model, block):
+                continue  # an MLP head or a transformer block: not a CNN block's inside
+            count = _channel_groups(group)
+            if out_width(layer) // count <= (2 if count > 1 else 1):
+                self.excluded[names[layer]] = (
+                    f"its {out_width(layer)} channels form {count} groups of a grouped layer, "
+                    "too few per group to remove any"
+                )
+                continue
+            self.channel_groups[names[layer]] = count
+            blocks.setdefault(block, []).append(layer)
 
-        # A squeeze-and-excitation module (a block holding a gate conv) joins the unit of the
-        # block around it: its squeeze width is part of that block's inside.
+        # A squeeze-and-excitation module (a block holding a gate) joins the unit of the block
+        # around it: its squeeze width is part of that block's inside.
         gates = {
             node.module
             for node in self.graph.module2node.values()
-            if node.type == OPTYPE.CONV and _is_gate(node)
+            if node.type in _FEATURE_TYPES and _is_gate(node)
         }
         for block in sorted(blocks, key=len, reverse=True):
             outer = _block_name(self.model, block)
@@ -134,15 +166,15 @@ class PruningEngine:
 
         ordered = sorted(blocks.items(), key=lambda kv: min(rank[c] for c in kv[1]))
         units = []
-        for index, (block, convs) in enumerate(ordered):
-            convs = sorted(convs, key=rank.__getitem__)
+        for index, (block, layers) in enumerate(ordered):
+            layers = sorted(layers, key=rank.__getitem__)
             units.append(
-                Unit(index, block, [names[c] for c in convs], [c.out_channels for c in convs])
+                Unit(index, block, [names[c] for c in layers], [out_width(c) for c in layers])
             )
         return units
 
-    def _feature_conv(self, group: tp.Group, ignored: set[nn.Module]) -> nn.Conv2d | None:
-        """The single feature conv whose outputs ``group`` cuts, or None if it is no unit."""
+    def _feature_layer(self, group: tp.Group, ignored: set[nn.Module]) -> nn.Module | None:
+        """The single feature layer whose outputs ``group`` cuts, or None if it is no unit."""
         graph = self.graph
         features = []
         for dep, _ in group:
@@ -150,24 +182,34 @@ class PruningEngine:
             if node.module in ignored or node.type in (OPTYPE.CONCAT, OPTYPE.OUTPUT):
                 return None
             if (
-                node.type == OPTYPE.CONV
+                node.type in _FEATURE_TYPES
                 and graph.is_out_channel_pruning_fn(dep.handler)
                 and not _is_gate(node)
                 and node.module not in features
             ):
                 features.append(node.module)
-        if len(features) != 1 or not isinstance(features[0], nn.Conv2d):
+        if len(features) != 1 or not isinstance(features[0], (nn.Conv2d, nn.Linear)):
             return None
         return features[0]
+
+    def cut(self, name: str, ratio: float) -> int:
+        """How many output channels ``ratio`` removes from unit layer ``name`` now:
+        ``ceil(ratio * C)`` (``ceil(ratio * C / G)`` per group of a grouped layer), leaving at least
+        one channel (two per group)."""
+        groups = self.channel_groups.get(name, 1)
+        per_group = out_width(self.model.get_submodule(name)) // groups
+        floor = 2 if groups > 1 else 1
+        return groups * max(0, min(ceil_share(ratio, per_group), per_group - floor))
 
     def prune_unit(
         self, index: int, ratio: float, criterion: Callable[[nn.Conv2d], torch.Tensor]
     ) -> int:
-        """Remove ``ceil(ratio * C)`` output channels (at most ``C - 1``) of each conv of unit
-        ``index``, the ones ``criterion`` scores lowest, with everything coupled to them.
+        """Remove ``ceil(ratio * C)`` output channels (at most ``C - 1``) of each layer of unit
+        ``index``, the ones ``criterion`` scores lowest, with everything coupled to them
+        (grouped layers: :meth:`cut`).
 
-        Returns the number of conv output channels removed. Parameters that did not require
-        grad before still do not.
+        Returns the number of output channels removed. Parameters that did not require grad
+        before still do not.
         """
         if not 0 <= index < len(self.units):
             raise IndexError(f"unit {index} does not exist; the model has {len(self.units)} units")
@@ -175,8 +217,7 @@ class PruningEngine:
             raise ValueError(f"pruning ratio must lie in [0, 1], got {ratio}")
         widths = {}
         for name in self.units[index].convs:
-            channels = self.model.get_submodule(name).out_channels
-            widths[name] = channels - min(ceil_share(ratio, channels), channels - 1)
+            widths[name] = out_width(self.model.get_submodule(name)) - self.cut(name, ratio)
         return self.prune_to_widths(widths, criterion)
 
     def prune_to_widths(
@@ -184,54 +225,74 @@ class PruningEngine:
         widths: dict[str, int],
         criterion: Callable[[nn.Conv2d], torch.Tensor] | None = None,
     ) -> int:
-        """Cut each unit conv named in ``widths`` down to that many output channels: the ones
+        """Cut each unit layer named in ``widths`` down to that many output channels: the ones
         ``criterion`` scores lowest go. Without a criterion the first ones go, which rebuilds a
         pruned model's structure on its unpruned form before the caller loads its weights
         (resuming a run from its checkpoint). Returns the number of channels removed."""
         with self._keep_frozen():
             removed = 0
             for name, width in widths.items():
-                conv = self.model.get_submodule(name)
-                n = conv.out_channels - width
-                if n < 0 or n >= conv.out_channels:
+                channels = out_width(self.model.get_submodule(name))
+                groups = self.channel_groups.get(name, 1)
+                n = channels - width
+                if n < 0 or n >= channels or n % groups:
+                    multiple = f" (a multiple of {groups})" if groups > 1 else ""
                     raise ValueError(
-                        f"{name} has {conv.out_channels} channels; cannot make it {width} wide"
+                        f"{name} has {channels} channels; cannot make it {width} wide{multiple}"
                     )
                 if n:
-                    # Scored just before its own cut: cutting an earlier conv of the same unit
+                    # Scored just before its own cut: cutting an earlier layer of the same unit
                     # changes this one's filters (their input channels).
-                    if criterion is None:
-                        idxs = list(range(n))
-                    else:
-                        order = torch.argsort(self.scores(name, criterion), stable=True)
-                        idxs = order[:n].tolist()
-                    self._prune_conv(name, idxs)
+                    scores = None if criterion is None else self.scores(name, criterion)
+                    self._prune_layer(name, self.lowest(name, n, scores))
                     removed += n
         return removed
 
+    def lowest(self, name: str, n: int, scores: torch.Tensor | None) -> list[int]:
+        """The ``n`` channels of unit layer ``name`` with the lowest ``scores`` (None: the first
+        ones); for a grouped layer, the same positions in every group, ranked by their mean."""
+        groups = self.channel_groups.get(name, 1)
+        width = out_width(self.model.get_submodule(name))
+        size = width // groups
+        if scores is None:
+            positions = list(range(n // groups))
+        else:
+            means = scores.view(groups, size).mean(dim=0)
+            positions = torch.argsort(means, stable=True)[: n // groups].tolist()
+        return sorted(p + g * size for g in range(groups) for p in positions)
+
     def prune_channels(self, channels: dict[str, Sequence[int]]) -> int:
         """Remove the given output channels (indices into the current width) of each named unit
-        conv, with everything coupled to them. Returns the number of channels removed."""
+        layer, with everything coupled to them; a grouped layer's must be the same positions in
+        every group. Returns the number of channels removed."""
+        for name, idxs in channels.items():
+            groups = self.channel_groups.get(name, 1)
+            size = out_width(self.model.get_submodule(name)) // groups
+            positions = {i % size for i in idxs}
+            if groups > 1 and set(idxs) != {p + g * size for g in range(groups) for p in positions}:
+                raise ValueError(
+                    f"{name} is cut in {groups} equal groups: remove the same positions in each"
+                )
         with self._keep_frozen():
             for name, idxs in channels.items():
                 if len(idxs):
-                    self._prune_conv(name, list(idxs))
+                    self._prune_layer(name, sorted(idxs))
         return sum(len(idxs) for idxs in channels.values())
 
     def scores(self, name: str, criterion: Callable[[nn.Conv2d], torch.Tensor]) -> torch.Tensor:
-        """``criterion``'s score for each output channel of conv ``name``, on the CPU."""
-        conv = self.model.get_submodule(name)
-        scores = criterion(conv)
-        if scores.shape != (conv.out_channels,):
+        """``criterion``'s score for each output channel of layer ``name``, on the CPU."""
+        layer = self.model.get_submodule(name)
+        scores = criterion(layer)
+        if scores.shape != (out_width(layer),):
             raise ValueError(
                 f"{criterion!r} gave scores of shape {tuple(scores.shape)} for {name}, "
-                f"expected ({conv.out_channels},)"
+                f"expected ({out_width(layer)},)"
             )
         return scores.detach().float().cpu()
 
-    def _prune_conv(self, name: str, idxs: list[int]) -> None:
-        conv = self.model.get_submodule(name)
-        group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs)
+    def _prune_layer(self, name: str, idxs: list[int]) -> None:
+        layer = self.model.get_submodule(name)
+        group = self.graph.get_pruning_group(layer, _out_channel_fn(layer), idxs)
         if not self.graph.check_pruning_group(group):
             raise RuntimeError(
                 f"pruning {len(idxs)} channels of {name} would empty a coupled layer"
@@ -253,7 +314,7 @@ class PruningEngine:
             self.refresh()
 
     def unit_widths(self) -> dict[str, int]:
-        """The current output channels of every unit conv, in unit order."""
+        """The current output channels of every unit layer, in unit order."""
         return {
             name: c
             for unit in self.units
@@ -261,12 +322,13 @@ class PruningEngine:
         }
 
     def pruned_share(self) -> float:
-        """The share of the unit convs' original output channels removed so far."""
+        """The share of the unit layers' original output channels removed so far."""
         original = sum(self.original_widths.values())
         return 1.0 - sum(self.unit_widths().values()) / original if original else 0.0
 
     def touched_convs(self) -> list[str]:
-        """Every conv whose channels some unit cuts (output or input side), in forward order.
+        """Every conv (or linear layer) whose channels some unit cuts, output or input side, in
+        the order the units come.
 
         For a CIFAR ResNet these are each block's ``conv1`` and ``conv2``: the layers ICE's
         freezing analysis scores (METHOD.md section 3.2).
@@ -274,28 +336,52 @@ class PruningEngine:
         names = {module: name for name, module in self.model.named_modules()}
         found: dict[str, None] = {}
         for unit in self.units:
-            for conv_name in unit.convs:
-                conv = self.model.get_submodule(conv_name)
-                group = self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0])
+            for layer_name in unit.convs:
+                layer = self.model.get_submodule(layer_name)
+                group = self.graph.get_pruning_group(layer, _out_channel_fn(layer), [0])
                 for dep, _ in group:
                     module = dep.target.module
-                    if isinstance(module, nn.Conv2d) and module not in self.ignored_layers:
+                    if isinstance(module, (nn.Conv2d, nn.Linear)) and module not in set(
+                        self.ignored_layers
+                    ):
                         found.setdefault(names[module])
         return list(found)
+
+    def touched_weights(self) -> int:
+        """Non-zero weights of the layers the units cut (:attr:`touched`).
+
+        On a CIFAR ResNet these are the 3x3 convs after the stem, the count of the reference code
+        (METHOD.md section 1); on any model, what the units prune and nothing they cannot."""
+        return sum(
+            int(torch.count_nonzero(self.model.get_submodule(n).weight.detach()))
+            for n in self.touched
+        )
+
+    def remaining(self) -> float:
+        """The remaining fraction x (METHOD.md section 1): :meth:`touched_weights` now over
+        before pruning."""
+        if not self.original_weights:
+            raise ValueError("the model has no pruning unit; there is no remaining fraction")
+        return self.touched_weights() / self.original_weights
 
     def norm_after(self, conv_name: str) -> str | None:
         """The normalization layer fed directly by ``conv_name`` (its BatchNorm), if any."""
         node = self.graph.module2node.get(self.model.get_submodule(conv_name))
         names = {module: name for name, module in self.model.named_modules()}
-        for out in node.outputs if node is not None else []:
+        outputs = list(node.outputs) if node is not None else []
+        for out in outputs:
             if isinstance(out.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
                 return names[out.module]
+            # A norm that calls its functional form itself (timm's BatchNormAct2d) sits behind
+            # the norm op's own node.
+            if out.type == OPTYPE.ELEMENTWISE and "Norm" in type(out.grad_fn).__name__:
+                outputs += out.outputs
         return None
 
     def refresh(self) -> None:
-        """Re-read the current out channels of every unit's convs."""
+        """Re-read the current out channels of every unit's layers."""
         for unit in self.units:
-            unit.channels = [self.model.get_submodule(n).out_channels for n in unit.convs]
+            unit.channels = [out_width(self.model.get_submodule(n)) for n in unit.convs]
 
 
 def ceil_share(share: float, count: int) -> int:
@@ -303,10 +389,19 @@ def ceil_share(share: float, count: int) -> int:
     return math.ceil(share * count - _CEIL_TOLERANCE)
 
 
-def uniform_widths(original: dict[str, int], share: float) -> dict[str, int]:
-    """Scope ``uniform``: every conv keeps ``C - ceil(share * C)`` of its ORIGINAL C channels
-    (at least one), so a cumulative schedule gives the same widths whatever the steps before."""
-    return {name: max(1, c - ceil_share(share, c)) for name, c in original.items()}
+def uniform_widths(
+    original: dict[str, int], share: float, groups: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Scope ``uniform``: every layer keeps ``C - ceil(share * C)`` of its ORIGINAL C channels
+    (at least one), so a cumulative schedule gives the same widths whatever the steps before.
+    A layer cut in G equal ``groups`` keeps that share of each group (at least two per group)."""
+    widths = {}
+    for name, channels in original.items():
+        count = (groups or {}).get(name, 1)
+        size = channels // count
+        floor = 2 if count > 1 else 1
+        widths[name] = count * max(floor, size - ceil_share(share, size))
+    return widths
 
 
 def select_global(
@@ -314,30 +409,43 @@ def select_global(
     original: dict[str, int],
     share: float,
     min_channels_share: float,
+    groups: dict[str, int] | None = None,
 ) -> dict[str, list[int]]:
     """Scope ``global``: the channels to remove so that ``ceil(share * N)`` of the N original
-    channels of all convs are gone, chosen by one ranking across layers.
+    channels of all layers are gone, chosen by one ranking across layers.
 
-    ``scores`` holds each conv's current per-channel scores. They are divided by the layer's
+    ``scores`` holds each layer's current per-channel scores. They are divided by the layer's
     largest absolute score, so every layer's best channel scores 1 whatever the scale of its
     weights; the lowest normalised scores go first. A floor keeps at least
-    ``max(1, ceil(min_channels_share * C_orig))`` channels in every conv: when the floors stop
-    the ranking short of the target, the share ends below it.
+    ``max(1, ceil(min_channels_share * C_orig))`` channels in every layer: when the floors stop
+    the ranking short of the target, the share ends below it. A layer cut in G equal ``groups``
+    is ranked by position (the mean over its groups), each position counting G channels, and
+    keeps at least two channels per group; the last position taken may pass the target by
+    fewer than G channels.
     """
+    groups = groups or {}
     total = sum(original.values())
     already = total - sum(len(s) for s in scores.values())
     wanted = ceil_share(share, total) - already
     candidates = []
     for layer, (name, layer_scores) in enumerate(scores.items()):
-        floor = max(1, ceil_share(min_channels_share, original[name]))
+        count = groups.get(name, 1)
+        size = len(layer_scores) // count
+        floor = max(2 if count > 1 else 1, ceil_share(min_channels_share, original[name] // count))
         normalised = layer_scores / layer_scores.abs().max().clamp_min(torch.finfo().tiny)
-        order = torch.argsort(normalised, stable=True)
-        removable = order[: max(0, len(layer_scores) - floor)].tolist()
-        candidates += [(float(normalised[i]), layer, i, name) for i in removable]
+        means = normalised.view(count, size).mean(dim=0)
+        order = torch.argsort(means, stable=True)
+        removable = order[: max(0, size - floor)].tolist()
+        candidates += [(float(means[p]), layer, p, name) for p in removable]
     chosen: dict[str, list[int]] = {name: [] for name in scores}
-    for _, _, index, name in sorted(candidates)[: max(0, wanted)]:
-        chosen[name].append(index)
-    return chosen
+    for _, _, position, name in sorted(candidates):
+        if wanted <= 0:
+            break
+        count = groups.get(name, 1)
+        size = len(scores[name]) // count
+        chosen[name] += [position + g * size for g in range(count)]
+        wanted -= count
+    return {name: sorted(idxs) for name, idxs in chosen.items()}
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
@@ -348,9 +456,9 @@ def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
 
 def _trace(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
-) -> tuple[tp.DependencyGraph, list[nn.Conv2d]]:
+) -> tuple[tp.DependencyGraph, list[nn.Module]]:
     """Build the dependency graph in eval mode (BatchNorm statistics stay untouched) and record
-    the order in which convs first run. Every module's training flag is restored afterwards;
+    the order in which convs and linear layers first run. Every module's training flag is restored afterwards;
     frozen parameters (``requires_grad=False``) do not hide layers from the trace."""
     # Inputs that require grad give every op a grad_fn even where parameters are frozen.
     inputs = tuple(
@@ -358,7 +466,7 @@ def _trace(
         for t in _as_tuple(example_inputs)
     )
     flags = {m: m.training for m in model.modules()}
-    order: list[nn.Conv2d] = []
+    order: list[nn.Module] = []
     seen: set[nn.Module] = set()
 
     def record(module: nn.Module, *_) -> None:
@@ -366,7 +474,11 @@ def _trace(
             seen.add(module)
             order.append(module)
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     try:
         model.eval()
         with torch.enable_grad():
@@ -382,50 +494,68 @@ def _trace(
 
 
 def _is_gate(node: Node) -> bool:
-    """Whether a conv's output, through unary elementwise ops only, multiplies another tensor."""
+    """Whether a layer's output, through unary elementwise ops and reshapes only, multiplies another
+    computed tensor (a product with a parameter, such as ConvNeXt's layer scale, is no gate)."""
     for _ in range(_MAX_GATE_HOPS):
         if len(node.outputs) != 1:
             return False
-        node = node.outputs[0]
-        if node.type != OPTYPE.ELEMENTWISE:
+        node, before = node.outputs[0], node
+        if node.type not in (OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE, OPTYPE.EXPAND):
             return False
-        if type(node.grad_fn).__name__.startswith("MulBackward") and len(node.inputs) > 1:
-            return True
-        if len(node.inputs) != 1:
+        others = [n for n in node.inputs if n is not before]
+        if type(node.grad_fn).__name__.startswith("MulBackward") and others:
+            return any(n.type != OPTYPE.PARAMETER for n in others)
+        if others:
             return False
     return False
 
 
-def _block_name(model: nn.Module, conv_name: str) -> str:
-    """The deepest module above the conv that is not a plain container; the conv itself if none."""
-    parts = conv_name.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        path = ".".join(parts[:depth])
-        if not isinstance(model.get_submodule(path), _CONTAINERS):
+def _block_name(model: nn.Module, layer_name: str) -> str:
+    """The deepest module above the layer that is not a plain container and holds more than one
+    conv or linear layer; else the deepest that is not a plain container (a conv-norm-act
+    wrapper on its own in a stage); else the layer itself."""
+    parts = layer_name.split(".")
+    paths = [".".join(parts[:depth]) for depth in range(len(parts) - 1, 0, -1)]
+    blocks = [p for p in paths if not isinstance(model.get_submodule(p), _CONTAINERS)]
+    for path in blocks:
+        modules = model.get_submodule(path).modules()
+        if sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in modules) > 1:
             return path
-    return conv_name
+    return blocks[0] if blocks else layer_name
+
+
+def _holds_conv(model: nn.Module, path: str) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.get_submodule(path).modules())
+
+
+def out_width(layer: nn.Module) -> int:
+    """Output channels of a conv, output features of a linear layer."""
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def _out_channel_fn(layer: nn.Module) -> Callable:
+    if isinstance(layer, nn.Conv2d):
+        return tp.prune_conv_out_channels
+    return tp.prune_linear_out_channels
+
+
+def _channel_groups(group: tp.Group) -> int:
+    """Into how many equal groups ``group``'s channels are cut: the least common multiple of the
+    groups of its grouped convs (depthwise ones aside, their channels map one to one) and of its
+    GroupNorms; 1 when it has none."""
+    count = 1
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.out_channels:
+            count = math.lcm(count, module.groups)
+        elif isinstance(module, nn.GroupNorm):
+            count = math.lcm(count, module.num_groups)
+    return count
 
 
 def _last_linear(model: nn.Module) -> nn.Linear | None:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
-
-
-def spatial_conv_weights(model: nn.Module) -> int:
-    """Non-zero weights of all ``nn.Conv2d`` with a kernel larger than 1x1, except the first such
-    conv in registration order (the stem; every torchvision, timm and icep model registers its
-    stem first, and pruning never reorders modules, so no example input is needed)."""
-    convs = [
-        m for m in model.modules() if isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1
-    ]
-    return sum(int(torch.count_nonzero(m.weight.detach())) for m in convs[1:])
-
-
-def remaining_fraction(model: nn.Module, original_count: int) -> float:
-    """The remaining fraction x (METHOD.md section 1): ``spatial_conv_weights`` now over before."""
-    if original_count <= 0:
-        raise ValueError(f"original_count must be positive, got {original_count}")
-    return spatial_conv_weights(model) / original_count
 
 
 def count_macs_params(
