@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,8 @@ from icep.errors import IcepError
 from icep.resume import CHECKPOINT, fingerprint, mark_job, put_back_earlier_hydra_files, resume_from
 from icep.seeding import seed_everything
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run in the Hydra output folder; returns the summary."""
@@ -33,6 +39,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from icep.train import Trainer
 
     dense_only = "_target_" not in cfg.pipeline  # pipeline=dense: train the unpruned model only
+    if cfg.get("dry_run"):
+        return dry_run(cfg)
     pipeline = None if dense_only else build(cfg, "pipeline")
     criterion = build(cfg, "criterion")
     make_logger = build(cfg, "logger")
@@ -49,6 +57,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
     data = data_from_config(cfg, trainer.device)
+    if not dense_only:
+        # Before any training: a model icep cannot prune is refused in one line.
+        log.info(check_model(cfg, data).table().splitlines()[0])
     logger = make_logger(
         out,
         RunInfo(
@@ -96,6 +107,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 logger,
                 checkpoint=out / CHECKPOINT,
                 config=fingerprint(config),
+                ignored_layers=cfg.model.get("ignored_layers", ()),
             )
             if cfg.optuna.trial is not None:
                 pruning.on_step.append(_sweep_reporter(cfg))
@@ -128,6 +140,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.close(failed=failed)
     print(format_table(summary), flush=True)
     return summary
+
+
+def check_model(cfg: DictConfig, data: Any) -> Any:
+    """The pre-flight check of the configured model on the dataset's inputs (icep.preflight):
+    its :class:`~icep.preflight.Preflight` report, or a one-line refusal."""
+    from icep.dense import arch_spec
+    from icep.preflight import preflight
+
+    spec = arch_spec(cfg, data)
+    for key, without in (("weights", None), ("pretrained", False)):  # no download for a check
+        if key in spec:
+            spec[key] = without
+    ratio = cfg.pipeline.ratio if uses_ratio(cfg.pipeline) else 0.5
+    report = preflight(
+        instantiate(spec),
+        data.input_shape,
+        data.num_classes,
+        name=cfg.model.name,
+        ignored=cfg.model.get("ignored_layers", ()),
+        ratio=ratio,
+        seconds=cfg.model.get("preflight_seconds", 60),
+    )
+    return report
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    """``--dry-run``: the pre-flight check and the unit table; no training, no run folder."""
+    from icep.data import data_from_config
+
+    seed_everything(cfg.seed)
+    report = check_model(cfg, data_from_config(cfg, "cpu"))
+    print(report.table(), flush=True)
+    return {"status": "dry_run", "units": len(report.units)}
 
 
 def _sweep_reporter(cfg: DictConfig):
@@ -168,6 +213,11 @@ def _app(cfg: DictConfig) -> dict[str, Any] | None:
 def main() -> None:
     """Run the Hydra app; errors the user can fix end as one line and exit code 2."""
     global _describe_errors
+    scratch = None
+    if "--dry-run" in sys.argv:  # the pre-flight only, in a scratch folder that goes afterwards
+        sys.argv.remove("--dry-run")
+        scratch = tempfile.mkdtemp(prefix="icep-dry-run-")
+        sys.argv += ["dry_run=true", "hydra.output_subdir=null", f"hydra.run.dir={scratch}"]
     own_errors = "HYDRA_FULL_ERROR" not in os.environ
     if own_errors:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
@@ -179,3 +229,6 @@ def main() -> None:
         if message is None:
             raise
         exit_with(message)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

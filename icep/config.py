@@ -156,6 +156,13 @@ def _auto_or_boolean() -> Rule:
 # follow in validate().
 RULES: dict[str, Rule] = {
     "seed": (_int, "an integer"),
+    "dry_run": _boolean(),
+    # models (conf/model/)
+    "model.ignored_layers": (
+        (lambda v: OmegaConf.is_list(v) and all(isinstance(x, str) and x for x in v)),
+        "a list of layer names or shell patterns, e.g. [blocks.*.attn]",
+    ),
+    "model.preflight_seconds": _positive(),
     # pipelines (conf/pipeline/)
     "pipeline.ratio": _open_share(),
     "pipeline.target": _open_share(),

@@ -7,6 +7,7 @@ config only names the architecture.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,18 +45,25 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 
 
 def torchvision_model(
-    name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None
+    name: str,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    weights: str | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
-    """Any torchvision classification model by name (``torchvision.models.list_models``)."""
+    """Any torchvision classification model by name (``torchvision.models.list_models``);
+    further keys go to its builder (``+model.arch.aux_logits=false`` for googlenet)."""
     import torchvision
 
     _check_torchvision_name(name)
     if weights is not None:
         # Pretrained heads have 1000 classes: build with them, then swap the classifier.
-        model = torchvision.models.get_model(name, weights=weights)
+        model = _build(torchvision.models.get_model, name, weights=weights, **kwargs)
         _reset_classifier(model, num_classes)
     else:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        model = _build(
+            torchvision.models.get_model, name, weights=None, num_classes=num_classes, **kwargs
+        )
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
@@ -73,15 +81,37 @@ def _reset_classifier(model: nn.Module, num_classes: int) -> None:
 
 
 def timm_model(
-    name: str, num_classes: int = 1000, in_channels: int = 3, pretrained: bool = False
+    name: str,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    pretrained: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
-    """Any timm model by name (``timm.list_models``)."""
+    """Any timm model by name (``timm.list_models``); further keys go to ``timm.create_model``
+    (``+model.arch.drop_path_rate=0.1``)."""
     import timm
 
     _check_timm_name(name)
-    return timm.create_model(
-        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels
+    return _build(
+        timm.create_model,
+        name,
+        pretrained=pretrained,
+        num_classes=num_classes,
+        in_chans=in_channels,
+        **kwargs,
     )
+
+
+def _build(builder: Any, name: str, **kwargs: Any) -> nn.Module:
+    """``builder(name, **kwargs)``; a key the model does not take is one line naming it."""
+    try:
+        return builder(name, **kwargs)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigError(
+            "model.arch", f"{name} does not take that key ({exc}); remove it from model.arch"
+        ) from None
 
 
 def _check_torchvision_name(name: str) -> None:

@@ -50,9 +50,12 @@ class PruningRun:
         logger: RunLogger,
         checkpoint: str | Path | None = None,
         config: dict[str, Any] | None = None,
+        ignored_layers: Sequence[str] = (),
     ):
         """``checkpoint``: where to write the run's state after every step (None: nowhere), with
-        ``config``, the run's resolved config, so a resume with another config is refused."""
+        ``config``, the run's resolved config, so a resume with another config is refused.
+        ``ignored_layers``: layers no unit may cut (``model.ignored_layers``: qualified names or
+        shell patterns)."""
         self.model = model
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_config = config
@@ -62,7 +65,8 @@ class PruningRun:
         self.criterion = criterion
         self.logger = logger
         self.example_inputs = torch.zeros(1, *data.input_shape, device=trainer.device)
-        self.engine = PruningEngine(model, self.example_inputs)
+        self.ignored_layers = list(ignored_layers)
+        self.engine = self.new_engine(model)
         self.macs_before, self.params_before = count_macs_params(model, self.example_inputs)
         self.rows: list[dict[str, Any]] = []
         # Every decision uses this split; the other one is only reported.
@@ -81,6 +85,15 @@ class PruningRun:
         self._dense: nn.Module | None = None  # the unpruned model, kept when resuming
         self._work_recorded = dict.fromkeys(WORK_KEYS, 0)  # the work up to the last row
         self._seconds_recorded: dict[str, float] = {}  # STEP_PHASES' seconds up to the last row
+
+    def new_engine(self, model: nn.Module) -> PruningEngine:
+        """A pruning engine on ``model`` (the run's, or a copy), with the run's ignored layers."""
+        from icep.preflight import ignored_modules
+
+        name = type(model).__name__
+        return PruningEngine(
+            model, self.example_inputs, ignored_modules(model, self.ignored_layers, name)
+        )
 
     @property
     def units(self) -> list[Unit]:
@@ -183,7 +196,7 @@ class PruningRun:
         """A copy of the model with unit ``unit`` pruned by ``ratio`` (the run's model is left
         as it is): what an analysis trains."""
         model = copy.deepcopy(self.model)
-        engine = PruningEngine(model, self.example_inputs)
+        engine = self.new_engine(model)
         self.prepare_criterion(engine.units[unit].convs, engine)
         engine.prune_unit(unit, ratio, self.criterion)
         return self.trainer.prepare(model)

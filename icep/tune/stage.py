@@ -177,7 +177,14 @@ def tune_pipeline(
         failed = True
         trial_trainer = dataclasses.replace(trainer)  # its own timer: this trial's time and work
         try:
-            run = PruningRun(copy.deepcopy(model), small, trial_trainer, criterion, logger)
+            run = PruningRun(
+                copy.deepcopy(model),
+                small,
+                trial_trainer,
+                criterion,
+                logger,
+                ignored_layers=cfg.model.get("ignored_layers", ()),
+            )
             if pruner_enabled(pruner):
                 run.on_step.append(StepReporter(trial))
             seed_everything(cfg.seed, small)
