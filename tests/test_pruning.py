@@ -287,10 +287,12 @@ def _silence(engine: PruningEngine, name: str, ratio: float) -> None:
         pytest.param(lambda: timm.create_model("regnetx_002", num_classes=10), id="timm_regnetx"),
         pytest.param(lambda: torchvision.models.convnext_tiny(num_classes=10), id="convnext"),
         pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=10), id="mobilenet_v2"),
+        pytest.param(lambda: timm.create_model("ghostnet_100", num_classes=10), id="ghostnet"),
     ],
 )
 def test_pruning_channels_that_output_zero_leaves_the_logits_unchanged(build):
-    """Grouped convs (ResNeXt, RegNet), ConvNeXt's linear MLP and depthwise convs: every unit
+    """Grouped convs (ResNeXt, RegNet), ConvNeXt's linear MLP, depthwise convs and Ghost modules
+    (a primary conv concatenated with its cheap depthwise copy): every unit
     loses channels whose output is exactly zero, so nothing the model computes may change. A
     grouped conv pruned at different positions in different groups keeps the wrong weights."""
     model = _lively(build())

@@ -177,10 +177,13 @@ class PruningEngine:
         """The single feature layer whose outputs ``group`` cuts, or None if it is no unit."""
         graph = self.graph
         features = []
+        nodes = {dep.target for dep, _ in group} | {dep.source for dep, _ in group}
         for dep, _ in group:
             node = dep.target
-            if node.module in ignored or node.type in (OPTYPE.CONCAT, OPTYPE.OUTPUT):
+            if node.module in ignored or node.type == OPTYPE.OUTPUT:
                 return None
+            if node.type == OPTYPE.CONCAT and not all(n in nodes for n in node.inputs):
+                return None  # joined with other features (DenseNet), not only its own
             if (
                 node.type in _FEATURE_TYPES
                 and graph.is_out_channel_pruning_fn(dep.handler)
@@ -519,9 +522,13 @@ def _block_name(model: nn.Module, layer_name: str) -> str:
     blocks = [p for p in paths if not isinstance(model.get_submodule(p), _CONTAINERS)]
     for path in blocks:
         modules = model.get_submodule(path).modules()
-        if sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in modules) > 1:
+        if sum(isinstance(m, (nn.Conv2d, nn.Linear)) and not _depthwise(m) for m in modules) > 1:
             return path
     return blocks[0] if blocks else layer_name
+
+
+def _depthwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups == layer.out_channels > 1
 
 
 def _holds_conv(model: nn.Module, path: str) -> bool:
@@ -546,7 +553,7 @@ def _channel_groups(group: tp.Group) -> int:
     count = 1
     for dep, _ in group:
         module = dep.target.module
-        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.out_channels:
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not _depthwise(module):
             count = math.lcm(count, module.groups)
         elif isinstance(module, nn.GroupNorm):
             count = math.lcm(count, module.num_groups)
