@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from icep.errors import ConfigError, IcepError
-from icep.pruning import L1, PruningEngine, count_macs_params
+from icep.pruning import L1, PruningEngine, Unit, count_macs_params
 
 
 @dataclass
@@ -114,7 +114,8 @@ def preflight(
 ) -> Preflight:
     """Check that ``model`` (left untouched) can be pruned; raise an :class:`IcepError` that says
     what fails and how to get past it otherwise."""
-    model = copy.deepcopy(model).cpu().float()
+    original = copy.deepcopy(model).cpu().float()
+    model = copy.deepcopy(original)
     shape = tuple(input_shape)
     _check_forward(model, shape, num_classes, name)
     ignored_layers = ignored_modules(model, ignored, name)
@@ -159,22 +160,55 @@ def preflight(
                 sum(layer_macs.get(n, 0) for n in cut) / max(macs, 1),
             )
         )
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    for unit in engine.units:
-        try:
-            engine.prune_unit(unit.index, ratio, L1())
-            model.eval()
-            with torch.no_grad():
-                out = model(x)
-            if not isinstance(out, torch.Tensor) or out.shape != (2, num_classes):
-                raise RuntimeError(f"the output became {_describe(out)}")
-        except Exception as exc:
-            raise IcepError(
-                f"model {name}: pruning unit {unit.index} ({unit.name}: {', '.join(unit.convs)}) "
-                f"by {ratio:g} breaks it ({_first_line(exc)}); leave it out with "
-                f"model.ignored_layers=[{unit.convs[0]}]"
-            ) from None
+    broken = _units_that_break(engine, original, ignored, ratio, num_classes, name)
+    if broken:
+        one = len(broken) == 1
+        listed = ", ".join(
+            f"{unit.index} ({unit.name}: {', '.join(unit.convs)})"
+            if one
+            else f"{unit.index} ({unit.name})"
+            for unit, _ in broken
+        )
+        first_layers = ",".join(unit.convs[0] for unit, _ in broken)
+        raise IcepError(
+            f"model {name}: pruning unit{'' if one else 's'} {listed} by {ratio:g} breaks it "
+            f"({broken[0][1]}); leave {'it' if one else 'them'} out with "
+            f"'model.ignored_layers=[{first_layers}]'"
+        )
     return report
+
+
+def _units_that_break(
+    engine: PruningEngine,
+    original: nn.Module,
+    ignored: Sequence[str],
+    ratio: float,
+    num_classes: int,
+    name: str,
+) -> list[tuple[Unit, str]]:
+    """Every unit whose pruning (after the units before it that prune cleanly) raises or changes
+    the output's shape, with the first line of its error. After a failure the check starts again
+    on a fresh copy of ``original`` without the units found so far."""
+    example = engine.example_inputs
+    x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    broken: list[tuple[Unit, str]] = []
+    while True:
+        for unit in engine.units:
+            if any(unit.index == b.index for b, _ in broken):
+                continue
+            try:
+                engine.prune_unit(unit.index, ratio, L1())
+                with torch.no_grad():
+                    out = engine.model.eval()(x)
+                if not isinstance(out, torch.Tensor) or out.shape != (2, num_classes):
+                    raise RuntimeError(f"the output became {_describe(out)}")
+            except Exception as exc:
+                broken.append((unit, _first_line(exc)))
+                break
+        else:
+            return broken
+        trial = copy.deepcopy(original)
+        engine = PruningEngine(trial, example, ignored_modules(trial, ignored, name))
 
 
 def _check_forward(model: nn.Module, shape: tuple[int, ...], num_classes: int, name: str) -> None:

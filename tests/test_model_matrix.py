@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from icep.errors import IcepError
-from icep.preflight import preflight
+from icep.preflight import ignored_modules, preflight
 from icep.pruning import L1, PruningEngine
 from icep.serialization import load_model, save_model
 from tests.conftest import ROOT, read_jsonl, run_icep
@@ -28,6 +28,7 @@ class Family:
     unit: str  # what a unit is, or why the family is refused, in the README's words
     size: int = 32  # input height and width
     arch: dict[str, Any] = field(default_factory=dict)  # extra builder keys (+model.arch.KEY)
+    ignored: list[str] = field(default_factory=list)  # model.ignored_layers
 
     @property
     def id(self) -> str:
@@ -35,6 +36,8 @@ class Family:
 
     def readme_row(self) -> list[str]:
         keys = "".join(f" `+model.arch.{k}={str(v).lower()}`" for k, v in self.arch.items())
+        if self.ignored:
+            keys += f" `model.ignored_layers=[{','.join(self.ignored)}]`"
         result = str(self.result) if isinstance(self.result, int) else f"refused: {self.result}"
         return [self.library, f"`{self.name}`{keys}", result, self.unit]
 
@@ -92,8 +95,17 @@ MATRIX = [
     Family(TIMM, "convnext_atto", 14, "ConvNeXt block: the MLP's hidden width (linear)"),
     Family(TIMM, "repvgg_a0", NO_UNIT, "every conv's output is on a residual sum"),
     Family(TIMM, "res2net50_14w_8s", NO_UNIT, "split-and-concatenate ties every width"),
-    Family(TIMM, "mixnet_s", "pruning unit 0 (blocks.2.0", "mixed kernels split by fixed sizes"),
+    Family(
+        TIMM, "mixnet_s", "pruning units 0 (blocks.2.0), 4", "mixed kernels split by fixed sizes"
+    ),
     Family(TIMM, "mobilevitv2_050", "has attention layers", "attention blocks"),
+    Family(
+        TIMM,
+        "mobilevitv2_050",
+        17,
+        "the convs and 1x1-conv MLPs around the attention",
+        ignored=["stages.*.1.transformer.*.attn"],
+    ),
     Family(TIMM, "rexnet_100", "did not finish within", "Torch-Pruning's grouping loops"),
 ]
 PREFLIGHT_SECONDS = 5  # rexnet_100's graph never finishes; the others take well under a second
@@ -106,16 +118,19 @@ def test_a_family_prunes_and_reloads_or_is_refused_in_one_line(family, tmp_path)
     shape = (3, family.size, family.size)
     if isinstance(family.result, str):
         with pytest.raises(IcepError) as refusal:
-            preflight(model, shape, 10, name=family.name, seconds=PREFLIGHT_SECONDS)
+            preflight(model, shape, 10, name=family.name, seconds=PREFLIGHT_SECONDS, ignored=[])
         message = str(refusal.value)
         assert family.result in message and "\n" not in message
         assert message.startswith(f"model {family.name}")
         return
-    report = preflight(model, shape, 10, name=family.name, seconds=PREFLIGHT_SECONDS)
+    report = preflight(
+        model, shape, 10, name=family.name, seconds=PREFLIGHT_SECONDS, ignored=family.ignored
+    )
     assert len(report.units) == family.result
     assert sum(u.params_share for u in report.units) > 0
 
-    engine = PruningEngine(model, torch.zeros(1, *shape))
+    ignored = ignored_modules(model, family.ignored, family.name)
+    engine = PruningEngine(model, torch.zeros(1, *shape), ignored)
     widths = engine.unit_widths()
     for unit in engine.units[:3]:
         engine.prune_unit(unit.index, 0.5, L1())

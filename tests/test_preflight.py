@@ -159,6 +159,29 @@ def test_a_unit_that_breaks_the_forward_when_pruned_is_named_with_the_way_out():
         check(Net(Reshaped()))
 
 
+class TwoStages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.first, self.middle, self.last = Reshaped(), Block(), Reshaped()
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.last(self.middle(self.first(self.stem(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_every_unit_that_breaks_is_named_at_once_and_ignoring_them_passes():
+    with pytest.raises(IcepError) as refusal:
+        check(TwoStages())
+    assert str(refusal.value).startswith("model net: pruning units 0 (first), 2 (last) by 0.5")
+    assert str(refusal.value).endswith(
+        "; leave them out with 'model.ignored_layers=[first.conv1,last.conv1]'"
+    )
+    report = check(TwoStages(), ignored=["first.conv1", "last.conv1"])
+    assert [u.name for u in report.units] == ["middle"]
+
+
 def test_a_graph_that_does_not_finish_is_refused_within_the_time_limit(monkeypatch):
     def loop_for_ever(self, *args, **kwargs):
         while True:
