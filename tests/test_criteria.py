@@ -214,6 +214,52 @@ def test_data_criterion_prunes_through_the_engine(tiny):
     assert all(abs(s - marker) > 1e-6 for s in sums)
 
 
+class MLPBlock(nn.Module):
+    """ConvNeXt-style: a depthwise conv, then an MLP of linear layers run channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc1 = nn.Linear(4, WIDTH)
+        self.fc2 = nn.Linear(WIDTH, 4)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        return x + self.fc2(torch.relu(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+class ChannelsLast(nn.Module):
+    """Its one unit is the hidden width of the block's MLP (``block.fc1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.block = MLPBlock()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name", ALL[:3] + ALL[4:])
+def test_every_criterion_but_bn_scale_scores_a_linear_unit(name):
+    """A linear unit gets one score per output feature; a hidden feature that is always zero
+    scores lowest with the activation criteria (its channels are the last dimension)."""
+    torch.manual_seed(0)
+    model = ChannelsLast()
+    with torch.no_grad():
+        model.block.fc1.bias[TARGET] = -100.0
+    engine = PruningEngine(model, torch.zeros(1, 1, 8, 8))
+    assert [u.convs for u in engine.units] == [["block.fc1"]]
+    criterion = build_criterion(name)
+    prepare_criterion(criterion, engine, ["block.fc1"], loader(), "cpu")
+    result = criterion(model.block.fc1)
+    assert result.shape == (WIDTH,)
+    if name in ("mean_activation", "entropy"):
+        assert result[TARGET] == 0 and (result.abs().sum() > 0)
+    assert engine.prune_unit(0, 0.5, criterion) == WIDTH // 2
+
+
 # --- Registry and configs ----------------------------------------------------------------------
 
 

@@ -202,3 +202,40 @@ def test_the_readme_model_table_is_the_tested_matrix():
             break
         rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
     assert rows == [family.readme_row() for family in MATRIX]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("library,name", [(TIMM, "regnetx_002"), (TIMM, "convnext_atto")])
+def test_grouped_and_linear_units_resume_after_a_kill_to_the_same_metrics(library, name, tmp_path):
+    """A checkpoint rebuilds grouped widths (RegNetX) and linear widths (ConvNeXt's MLP) on the
+    unpruned model before it loads the weights."""
+    args = [
+        f"model={library}",
+        f"model.name={name}",
+        "dataset=synthetic",
+        "dataset.num_samples=64",
+        "dataset.num_test=32",
+        "dense.epochs=1",
+        "trainer.batch_size=32",
+        "pipeline=iterative",
+        "pipeline.finetune.epochs=1",
+    ]
+    cache = tmp_path / "cache"
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_icep(args, full, cache, timeout=600).returncode == 0
+    assert run_icep(args, killed, cache, timeout=600, kill_in_checkpoint=3).returncode < 0
+    resumed = run_icep([*args, "resume=true"], killed, cache, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after step 2" in resumed.stdout
+
+    def rows(out):
+        return [
+            {k: v for k, v in row.items() if not k.startswith("t_")}
+            for row in read_jsonl(out / "metrics.jsonl")
+        ]
+
+    assert rows(killed) == rows(full)
+    resumed_state = load_model(killed / "model.pt").state_dict()
+    full_state = load_model(full / "model.pt").state_dict()
+    assert resumed_state.keys() == full_state.keys()
+    assert all(torch.equal(resumed_state[k], full_state[k]) for k in full_state)

@@ -144,6 +144,23 @@ def test_global_ranking_normalises_per_layer_and_stops_at_the_floor():
     assert sum(map(len, select_global(narrower, original, 0.5, 0.0).values())) == 2
 
 
+def test_global_ranking_takes_a_grouped_layer_by_position_across_its_groups():
+    """A layer cut in 2 equal groups of 4 is ranked by position (the mean of its two groups'
+    normalised scores); each position taken removes one channel in each group."""
+    scores = {
+        "grouped": torch.tensor([4.0, 1, 3, 2, 4, 1, 2, 3]),  # position 1 lowest in both
+        "plain": torch.tensor([2.0, 4, 4, 4]),
+    }
+    original = {"grouped": 8, "plain": 4}
+    chosen = select_global(scores, original, 0.25, 0.0, groups={"grouped": 2})
+    # ceil(0.25 * 12) = 3 wanted: position 1 of the grouped layer (mean 0.25, two channels), then
+    # the plain layer's channel 0 (0.5).
+    assert chosen == {"grouped": [1, 5], "plain": [0]}
+    # Every group keeps two: at most two positions of four go, whatever the target.
+    chosen = select_global(scores, original, 0.99, 0.0, groups={"grouped": 2})
+    assert len(chosen["grouped"]) == 4 and len(chosen["plain"]) == 3
+
+
 # --- unstructured -----------------------------------------------------------------------------
 
 

@@ -92,3 +92,9 @@ def test_uniform_widths_come_from_the_original_counts():
     for cumulative in (geometric(0.7, 4), constant(0.7, 3), one_shot(0.7)):
         assert uniform_widths(original, cumulative[-1]) == uniform_widths(original, 0.7)
     assert uniform_widths(original, 0.99) == {"a": 1, "b": 1, "c": 1}  # never empty
+
+
+def test_uniform_widths_of_a_grouped_layer_keep_every_group_alike():
+    # 32 groups of 4: ceil(0.3 * 4) = 2 positions go from each group, and every group keeps two.
+    assert uniform_widths({"g": 128, "a": 10}, 0.3, groups={"g": 32}) == {"g": 64, "a": 7}
+    assert uniform_widths({"g": 128}, 0.9, groups={"g": 32}) == {"g": 64}
