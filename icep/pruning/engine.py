@@ -14,18 +14,21 @@ follows, the input channels of the next conv, ...). A group is a candidate unit 
    channels are coupled) and a *gate* (its output only scales another tensor by an elementwise
    product, as the expand conv of a squeeze-and-excitation module does). Groups tied to a
    residual add cut several feature layers and are left out;
-2. none of its channels reach a concatenation (DenseNet's concatenated widths, and with them its
-   stem and transitions) or the model output;
+2. none of its channels reach the model output, or a concatenation with other features
+   (DenseNet's concatenated widths, and with them its stem and transitions). A concatenation of
+   the group's own channels is fine: a Ghost module joins its primary conv's output with a cheap
+   depthwise copy of it;
 3. it touches no ignored layer, the classifier included (the last ``nn.Linear``, ignored
    automatically), not even its input channels; so the width feeding the classifier stays;
 4. its feature conv is not the stem (the first conv in forward order).
 
 Candidates are grouped by block: the deepest module above the layer that is not a plain container
 (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict`` or subclasses) and holds more than one
-conv or linear layer, so the conv-norm-act wrappers of torchvision and timm are skipped. A squeeze-and-excitation module (a block that
-holds a gate conv) joins the unit of the block around it, so its squeeze width is pruned with the
-block's expansion. Units are ordered by the first forward call of their convs, recorded while the
-graph is traced.
+conv or linear layer that is not depthwise, so the conv-norm-act wrappers of torchvision and timm
+and a Ghost module (one primary conv, one depthwise) are skipped. A squeeze-and-excitation module
+(a block that holds a gate) joins the unit of the block around it, so its squeeze width is pruned
+with the block's expansion. Units are ordered by the first forward call of their layers, recorded
+while the graph is traced.
 
 Grouped convolutions
 --------------------
@@ -38,7 +41,8 @@ two channels (a grouped conv with one output channel per group would turn depthw
 whose groups hold two channels or fewer cannot be cut: its unit leaves it out, and
 ``PruningEngine.excluded`` says why. GroupNorm's groups count the same way.
 
-What that gives (``tests/test_pruning.py`` checks all but the last two items):
+What that gives (``tests/test_pruning.py`` and ``tests/test_model_matrix.py`` check it, vgg11_bn
+aside):
 
 - CIFAR ResNet-(6n+2): one unit per BasicBlock (``conv1``), 3n units: 9 for ResNet-20, 27 for
   ResNet-56, ``layer1.0`` ... ``layer3.{n-1}``.
@@ -57,6 +61,10 @@ What that gives (``tests/test_pruning.py`` checks all but the last two items):
 - timm resnet18: as torchvision's, 8 units; torchvision mobilenet_v3_small: like timm's, 12.
 - timm efficientnet_b0: 16 units (expansion + SE width per block); torchvision vgg11_bn: 7, one
   per conv but the first.
+- torchvision resnext50_32x4d, regnet_x/y and timm regnetx: ``conv1`` (or ``a``) with the grouped
+  ``conv2`` (``b``), cut alike in every group; torchvision convnext_tiny: 18 units, the hidden
+  width of each block's MLP (``block.3``, a linear layer); timm ghostnet_100: 17 units, the
+  primary conv of each bottleneck's ``ghost1``.
 """
 
 from __future__ import annotations
