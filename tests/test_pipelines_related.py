@@ -266,9 +266,11 @@ def test_epi_fires_on_a_settling_sequence_and_not_before_its_window():
     assert firing_epoch(counts, tau=0.983, window=5) == 11
     assert firing_epoch(counts[:10], tau=0.983, window=5) is None
     assert firing_epoch(counts, tau=0.9995, window=5) == 14  # the first value above tau
-    # Stable from the first epoch, EPI is 1 throughout and never beats the values before it;
-    # a sequence that never settles never fires either.
-    assert firing_epoch([final] * 20, tau=0.5, window=5) is None
+    # Stable from the first epoch, EPI is 1 throughout: a plateau at or above tau fires as soon
+    # as 5 earlier EPI values exist (METHOD.md section 4); a sequence that never settles never
+    # fires.
+    assert firing_epoch([final] * 20, tau=0.983, window=5) == 11
+    assert firing_epoch([final] * 20, tau=1.0, window=5) == 11
     assert firing_epoch([[5, 5] if t % 2 else [1, 9] for t in range(20)], 0.9, 5) is None
     # A window of 1 can fire at epoch 3 at the earliest.
     assert firing_epoch([[1, 9], [3, 7], [4, 6], [4, 6]], tau=0.5, window=1) == 3
@@ -297,11 +299,32 @@ def test_epi_pipeline_prunes_once_when_it_fires(digits, dense_state, tmp_path, m
     assert summary["steps"] == 4 and summary["finetunes"] == 4
 
 
-def test_epi_that_never_fires_prunes_nothing(digits, dense_state, tmp_path):
-    cfg = pipeline_cfg("epi", epochs=2)  # window 5: cannot fire in 2 epochs
+def test_epi_that_never_fires_prunes_at_the_last_epoch_and_says_so(digits, dense_state, tmp_path):
+    cfg = pipeline_cfg("epi", epochs=2, alpha=0.4)  # window 5: cannot fire in 2 epochs
     run, summary = run_pipeline(cfg, digits, dense_state, tmp_path)
-    assert summary["epi_fired_epoch"] is None and summary["channels_pruned_share"] == 0
+    assert summary["epi_fired"] is False and summary["epi_fired_epoch"] is None
+    assert summary["pruned_epoch"] == 2
+    assert [r["pruned"] for r in run.rows] == [False, True]
     assert [r["epi"] for r in run.rows] == [None, None]
+    total = sum(run.engine.original_widths.values())
+    assert summary["channels_pruned_share"] == pytest.approx(math.ceil(0.4 * total) / total)
+
+
+def test_epi_fires_on_a_settled_ranking(digits, dense_state, tmp_path, monkeypatch):
+    """The same ranking every epoch: EPI = 1.000 from the second epoch (window 1), a plateau that
+    fires as soon as one earlier EPI value exists."""
+
+    def settled(self, run):
+        widths = run.engine.unit_widths()
+        return {n: list(range(w - k)) for (n, w), k in zip(widths.items(), KEPT[2], strict=True)}
+
+    monkeypatch.setattr(EPI, "rank_channels", settled)
+    cfg = pipeline_cfg("epi", epochs=4, window=1, tau=0.983, alpha=0.4)
+    run, summary = run_pipeline(cfg, digits, dense_state, tmp_path)
+    assert [r["epi"] for r in run.rows] == [None, 1.0, 1.0, None]
+    assert (
+        summary["epi_fired"] is True and summary["epi_fired_epoch"] == summary["pruned_epoch"] == 3
+    )
 
 
 # --- resume -----------------------------------------------------------------------------------
