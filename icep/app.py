@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             summary = {
                 **head,
                 "status": "completed",
-                "acc_val": trainer.evaluate(model, data.val),
+                "acc_val": trainer.evaluate(model, data.val) if data.val is not None else None,
                 "acc_test": trainer.evaluate(model, data.test),
                 **origin,
             }

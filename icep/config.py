@@ -163,6 +163,7 @@ RULES: dict[str, Rule] = {
         "a list of layer names or shell patterns, e.g. [blocks.*.attn]",
     ),
     "model.preflight_seconds": _positive(),
+    "model.shortcut": _one_of("A", "B"),
     # pipelines (conf/pipeline/)
     "pipeline.ratio": _open_share(),
     "pipeline.target": _open_share(),
@@ -183,6 +184,7 @@ RULES: dict[str, Rule] = {
     "pipeline.thre": _number_at_least(0, " (accuracy points)"),
     "pipeline.fr": ((lambda v: _number(v) and 0 <= v <= 1), "a number in [0, 1]"),
     "pipeline.base": _positive(),
+    "pipeline.freeze_lr": ((lambda v: v is None or (_number(v) and v > 0)), "null or a number > 0"),
     "pipeline.p": _open_share(),
     "pipeline.beta": _positive(),
     "pipeline.delta": _number_at_least(0),
@@ -234,7 +236,7 @@ RULES: dict[str, Rule] = {
     "trainer.cudnn_benchmark": _auto_or_boolean(),
     "trainer.compile": _boolean(),
     # datasets (conf/dataset/)
-    "dataset.val_fraction": _open_share(),
+    "dataset.val_fraction": _share_below_one(),
     "dataset.train_subset": (
         (lambda v: v is None or (_int(v) and v >= 2)),
         "null or an integer >= 2 (train and val take one sample each at least)",
@@ -288,6 +290,13 @@ def validate(cfg: DictConfig) -> None:
     pipeline = cfg.get("pipeline")
     if pipeline is not None:
         _check_pipeline(pipeline)
+        no_val = OmegaConf.select(cfg, "dataset.val_fraction") == 0
+        if no_val and pipeline.get("decision_split") == "val":
+            raise ConfigError(
+                "pipeline.decision_split",
+                "got val, but dataset.val_fraction=0 holds no val split out; set "
+                "pipeline.decision_split=test (the reference's) or dataset.val_fraction > 0",
+            )
     if OmegaConf.select(cfg, "dense.nesterov") and OmegaConf.select(cfg, "dense.momentum") == 0:
         raise ConfigError("dense.nesterov", "got true; needs dense.momentum > 0 (it is 0)")
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")

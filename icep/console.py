@@ -17,6 +17,11 @@ def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _pct(v: float | None) -> str:
+    """An accuracy, or "n/a" for a split the run does not have (dataset.val_fraction=0)."""
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def _count(n: float) -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
         if n >= div:
@@ -45,13 +50,13 @@ def format_table(s: dict[str, Any]) -> str:
     """The closing report: accuracy, size, fine-tunes, time per phase, where the outputs are."""
     if s["pipeline"] == "dense":
         return (
-            f"\nicep: dense {s['model']} on {s['dataset']} ({s['device']}): val {s['acc_val']:.2f}%, "
-            f"test {s['acc_test']:.2f}%\nmodel: {s['model_path']}\n"
+            f"\nicep: dense {s['model']} on {s['dataset']} ({s['device']}): val {_pct(s['acc_val'])}%, "
+            f"test {_pct(s['acc_test'])}%\nmodel: {s['model_path']}\n"
         )
     rows = [
         ("", "before", "after"),
-        ("val accuracy (%)", f"{s['acc_original_val']:.2f}", f"{s['acc_final_val']:.2f}"),
-        ("test accuracy (%)", f"{s['acc_original_test']:.2f}", f"{s['acc_final_test']:.2f}"),
+        ("val accuracy (%)", _pct(s["acc_original_val"]), _pct(s["acc_final_val"])),
+        ("test accuracy (%)", _pct(s["acc_original_test"]), _pct(s["acc_final_test"])),
         ("params", _count(s["params_before"]), _count(s["params_after"])),
         ("MACs", _count(s["macs_before"]), _count(s["macs_after"])),
     ]

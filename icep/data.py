@@ -60,7 +60,9 @@ class Data:
 
     name: str
     train: DataLoader | DeviceLoader  # augmented, shuffled with a seeded generator
-    val: DataLoader | DeviceLoader  # held out from train, not augmented; every decision uses it
+    # Held out from train, not augmented; every decision uses it. None with dataset.val_fraction=0
+    # (train on all of it, decide on test: the ICE reference's setup).
+    val: DataLoader | DeviceLoader | None
     test: DataLoader | DeviceLoader  # only reported
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W)
@@ -177,7 +179,7 @@ def build_data(
                 crop_padding=padding,
                 flip=flip,
             ),
-            "val": DeviceLoader(val, eval_batch_size),
+            "val": DeviceLoader(val, eval_batch_size) if val is not None else None,
             "test": DeviceLoader(test, eval_batch_size),
         }
     else:
@@ -195,13 +197,15 @@ def build_data(
             )
         }
 
+    if not val_idx:  # dataset.val_fraction=0: no val split
+        splits["val"] = None
     input_shape = tuple(test[0][0].shape)
     log.info(
         "dataset %s%s: %d train / %d val / %d test samples, %d classes, input %s; %s",
         spec.name,
         f" ({source.description})" if source.description else "",
         len(train),
-        len(val),
+        len(val_idx),
         len(test),
         source.num_classes,
         "x".join(map(str, input_shape)),
@@ -319,9 +323,10 @@ def _tensor_splits(
     indices: tuple[list[int], list[int], list[int]],
     device: torch.device,
     cache_dir: str | Path,
-) -> tuple[TensorSplit, TensorSplit, TensorSplit]:
+) -> tuple[TensorSplit, TensorSplit | None, TensorSplit]:
     """train, val and test as :class:`TensorSplit` on ``device``: each pool's needed samples are
-    read once (ImageFolder trees: decoded, and cached when the whole pool is read)."""
+    read once (ImageFolder trees: decoded, and cached when the whole pool is read). No val
+    indices, no val split."""
     train_idx, val_idx, test_idx = indices
     norm = {"scale": source.scale, "mean": source.mean, "std": source.std}
 
@@ -338,7 +343,7 @@ def _tensor_splits(
         val = split(images[at_val], labels[at_val], val_idx)
     else:
         train = split(*source.pixels(source.train_pool, train_idx), train_idx)
-        val = split(*source.pixels(val_base, val_idx), val_idx)
+        val = split(*source.pixels(val_base, val_idx), val_idx) if val_idx else None
     test = split(*source.pixels(source.test, test_idx), test_idx)
     return train, val, test
 
@@ -392,7 +397,7 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
     return Data(
         name=data.name,
         train=shrink(data.train, train_fraction, shuffle=True),
-        val=shrink(data.val, eval_fraction, shuffle=False),
+        val=None if data.val is None else shrink(data.val, eval_fraction, shuffle=False),
         test=shrink(data.test, eval_fraction, shuffle=False),
         num_classes=data.num_classes,
         input_shape=data.input_shape,
@@ -412,15 +417,17 @@ def _split_train_val(
         pool = torch.randperm(len(source.train_pool), generator=generator).tolist()
         if train_subset is not None:
             pool = pool[:train_subset]
-        n_val = max(1, round(len(pool) * val_fraction))
+        n_val = max(1, round(len(pool) * val_fraction)) if val_fraction > 0 else 0
         val, train = pool[:n_val], pool[n_val:]
     else:
         train = torch.randperm(len(source.train_pool), generator=generator).tolist()
         val = torch.randperm(len(source.val_pool), generator=generator).tolist()
+        if val_fraction == 0:
+            val = []
         if train_subset is not None:
-            n_val = max(1, round(train_subset * val_fraction))
+            n_val = max(1, round(train_subset * val_fraction)) if val_fraction > 0 else 0
             train, val = train[: train_subset - n_val], val[:n_val]
-    if not train or not val:
+    if not train or (not val and val_fraction > 0):
         raise ConfigError(
             "dataset.val_fraction",
             f"leaves {len(train)} train and {len(val)} val samples; both need at least one",

@@ -61,6 +61,10 @@ def cache_path(cfg: DictConfig, data: Data, amp: bool = False) -> Path:
         keyed["amp"] = "bf16"
     for key in ("download", "_target_"):  # where the data comes from, not what it is
         keyed["dataset"].pop(key, None)
+    if (
+        keyed["arch"].get("shortcut") == "B"
+    ):  # as before the key existed: models cached then keep theirs
+        keyed["arch"].pop("shortcut")
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{digest}.pt"
 
@@ -188,7 +192,7 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
     progress = path.with_name(f"{path.stem}.partial.pt") if cfg.dense.cache else None
     with trainer.timer.phase("dense") as t:
         train_dense(model, data, trainer, cfg.dense, progress)
-    acc = trainer.evaluate(model, data.val)
+    acc = trainer.evaluate(model, data.val) if data.val is not None else None
     if cfg.dense.cache:
         save_model(model, arch_spec(cfg, data), path, val_acc=acc, seconds=t["seconds"])
         progress.unlink(missing_ok=True)

@@ -111,6 +111,32 @@ def test_paper_experiments_select_ratio_and_either_pipeline(experiment, model, u
 
 
 @pytest.mark.parametrize(
+    ("experiment", "freeze_lr"),
+    [("resnet152_cifar10", 0.001), ("densenet121_tinyimagenet", 0.01), ("wrn101_imagenet", 0.001)],
+)
+@pytest.mark.parametrize("pipeline", ["ice", "iterative"])
+def test_paper_experiments_compose_to_the_reference_settings(experiment, freeze_lr, pipeline):
+    """METHOD.md section 7: every train image trains and the test set decides, for ICE and the
+    baseline alike; the freeze analysis runs at the reference's fixed lr."""
+    from icep.config import build, validate
+
+    overrides = [f"+experiment={experiment}"] + (["pipeline=iterative"] * (pipeline != "ice"))
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)
+    built = build(cfg, "pipeline")
+    assert cfg.dataset.val_fraction == 0 and built.decision_split == "test"
+    if pipeline == "ice":
+        assert built.freeze_lr == freeze_lr
+    if experiment == "resnet152_cifar10":
+        assert cfg.model.shortcut == "A"
+        assert list(cfg.dataset.mean) == [0.485, 0.456, 0.406]
+        assert list(cfg.dataset.std) == [0.229, 0.224, 0.225]
+        model = hydra.utils.instantiate({**cfg.model.arch, "num_classes": 10})
+        assert sum(p.numel() for p in model.parameters()) == 2_408_474
+
+
+@pytest.mark.parametrize(
     ("experiment", "model", "dataset"),
     [("paper_comparison", "resnet152", "cifar10"), ("paper_comparison_toy", "resnet20", "digits")],
 )

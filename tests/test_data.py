@@ -151,8 +151,8 @@ def test_a_node_without_a_dataset_class_names_target():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["dataset.val_fraction=0.0"], "got 0.0; must be a number strictly between 0 and 1"),
-        (["dataset.val_fraction=1.0"], "got 1.0; must be a number strictly between 0 and 1"),
+        (["dataset.val_fraction=-0.1"], "got -0.1; must be a number in [0, 1)"),
+        (["dataset.val_fraction=1.0"], "got 1.0; must be a number in [0, 1)"),
         (["dataset.train_subset=1"], "got 1; must be null or an integer >= 2"),
         (["dataset.train_subset=0.5"], "got 0.5; must be null or an integer >= 2"),
         (["dataset.test_subset=0"], "got 0; must be null or an integer >= 1"),
@@ -205,6 +205,23 @@ def test_val_fraction_is_configurable():
     split = indices(build(dataset_cfg("digits", val_fraction=0.25)))
     n_pool = len(split["train"]) + len(split["val"])
     assert len(split["val"]) == round(n_pool * 0.25)
+
+
+@pytest.mark.parametrize("batching", ["workers", "device"])
+def test_val_fraction_zero_trains_on_the_whole_train_pool(batching, tmp_path):
+    """The ICE reference's data: every train image trains, decisions are on test, no val."""
+    data = build(dataset_cfg("digits", val_fraction=0), batching=batching)
+    assert data.val is None
+    assert len(data.train.dataset) + len(data.test.dataset) == 1797
+    tree = make_tree(tmp_path / "tiny", splits=("train", "val", "test"), per_class=2)
+    data = build(dataset_cfg("image_folder", root=str(tree), val_fraction=0), batching=batching)
+    assert data.val is None and len(data.train.dataset) == 6  # its val/ folder is not read
+
+
+def test_deciding_on_val_without_a_val_split_is_refused():
+    with pytest.raises(ConfigError, match="^pipeline.decision_split: got val, but dataset.val_fr"):
+        validate(run_cfg("dataset.val_fraction=0"))
+    validate(run_cfg("dataset.val_fraction=0", "pipeline.decision_split=test"))
 
 
 def test_subsets_are_seeded():

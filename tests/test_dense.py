@@ -286,6 +286,9 @@ def test_new_dense_keys_at_their_defaults_keep_the_cache_key_of_earlier_models()
     ):
         assert cache_path(compose(*other), data) != key, other
     assert cache_path(cfg, data, amp=True) != key  # bf16 training gives another model
+    # model.shortcut=B is the model cached before the key existed; A is another model.
+    assert cache_path(compose("model.shortcut=B"), data) == key
+    assert cache_path(compose("model.shortcut=A"), data) != key
     onecycle = cache_path(compose("dense.schedule=onecycle"), data)
     assert cache_path(compose("dense.schedule=onecycle", "dense.div_factor=5"), data) != onecycle
     # The dense model trains with dense.batch_size: the fine-tunes' batch size is not in its key.

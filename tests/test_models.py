@@ -88,3 +88,31 @@ def test_checkpoint_without_a_state_dict_is_refused(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ConfigError, match="holds no state dict"):
         load_checkpoint(cifar_resnet(20), path)
+
+
+def test_option_a_resnet152_is_the_reference_model_and_loads_its_checkpoints(tmp_path):
+    """The ICE reference's CIFAR ResNet-152 (METHOD.md section 7): option-A shortcuts, 2,408,474
+    parameters, and checkpoints saved from DataParallel under "state_dict" with a classifier named
+    "linear"; option B has 2,411,226."""
+    model = cifar_resnet(152, shortcut="A").eval()
+    assert sum(p.numel() for p in model.parameters()) == 2_408_474
+    assert sum(p.numel() for p in cifar_resnet(152, shortcut="B").parameters()) == 2_411_226
+    reference = {f"module.{k.replace('fc.', 'linear.')}": v for k, v in model.state_dict().items()}
+    path = tmp_path / "ResNet_152_10.th"
+    torch.save({"state_dict": reference, "best_prec1": 93.1}, path)
+    loaded = load_checkpoint(cifar_resnet(152, shortcut="A").eval(), path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        load_checkpoint(cifar_resnet(152, shortcut="B"), path)  # its 1x1 shortcuts are missing
+
+
+def test_option_a_shortcut_subsamples_and_pads_with_zero_channels():
+    block = cifar_resnet(20, shortcut="A").layer2[0]
+    x = torch.randn(1, 16, 8, 8)
+    out = block.shortcut(x)
+    assert out.shape == (1, 32, 4, 4)
+    assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2])
+    assert not out[:, :8].any() and not out[:, 24:].any()
+    assert list(block.shortcut.parameters()) == []

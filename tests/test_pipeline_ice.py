@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -210,3 +211,45 @@ def test_main_job_without_arguments_runs_ice(tmp_path, cache_dir):
     assert summary["acc_original_test"] > 90  # the embedded dense model is properly trained
     for text in ("fine-tunes skipped", "frozen", "freeze analysis", "test accuracy"):
         assert text in result.stdout
+
+
+@pytest.mark.parametrize(("freeze_lr", "expected"), [(0.001, 0.001), ("null", 0.005)])
+def test_the_freeze_analysis_trains_at_freeze_lr_or_base(
+    freeze_lr, expected, digits, dense_state, tmp_path, monkeypatch
+):
+    """The reference's analysis epoch runs at a fixed lr (0.001 for ResNet: METHOD.md section 7),
+    whatever base is; freeze_lr=null trains it at base."""
+    seen = []
+    new_optimizer = PruningRun.new_optimizer
+
+    def record(self, make, lr, model=None, phase="finetune"):
+        seen.append((phase, lr))
+        return new_optimizer(self, make, lr, model=model, phase=phase)
+
+    monkeypatch.setattr(PruningRun, "new_optimizer", record)
+    pipeline = ice(base=0.005, freeze_lr=freeze_lr, thre=1000.0)
+    run_pipeline(pipeline, digits, dense_state, tmp_path)
+    assert [lr for phase, lr in seen if phase == "freeze_analysis"] == [expected]
+
+
+@pytest.mark.parametrize("pipeline", ["ice", pytest.param("iterative", marks=pytest.mark.slow)])
+def test_without_a_val_split_every_image_trains_and_decisions_are_on_test(
+    pipeline, tmp_path, cache_dir
+):
+    """dataset.val_fraction=0 with decision_split=test: the reference's data (METHOD.md 7)."""
+    import json
+
+    from conftest import FAST, read_jsonl, run_icep
+
+    split = ["pipeline.decision_split=test"] if pipeline == "ice" else []
+    out = tmp_path / "run"
+    args = [*FAST, f"pipeline={pipeline}", "dataset.val_fraction=0", *split]
+    result = run_icep(args, out, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "700 train / 0 val / 360 test samples" in result.stderr + result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["decision_split"] == "test"
+    assert summary["acc_original_val"] is None and summary["acc_drop_val"] is None
+    assert summary["acc_final_test"] is not None
+    assert all("test_acc" in row for row in read_jsonl(out / "metrics.jsonl"))
+    assert re.search(r"val accuracy \(%\) +n/a +n/a", result.stdout)

@@ -13,16 +13,24 @@ import torch
 from torch import nn
 
 from icep.errors import ConfigError
-from icep.models.cifar_resnet import DEPTHS, CifarResNet
+from icep.models.cifar_resnet import DEPTHS, SHORTCUTS, CifarResNet
 
 
-def cifar_resnet(depth: int = 56, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """ResNet-{20,32,44,56,110,152} for 32x32 inputs (any 6n+2 depth works)."""
+def cifar_resnet(
+    depth: int = 56, num_classes: int = 10, in_channels: int = 3, shortcut: str = "B"
+) -> nn.Module:
+    """ResNet-{20,32,44,56,110,152} for 32x32 inputs (any 6n+2 depth works), with option-A
+    (parameter-free, the reference's) or option-B (1x1 conv) shortcuts."""
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ConfigError(
             "model.arch.depth", f"got {depth}; a CIFAR ResNet has depth 6n+2, e.g. {DEPTHS}"
         )
-    return CifarResNet(depth, num_classes, in_channels)
+    if shortcut not in SHORTCUTS:
+        raise ConfigError(
+            "model.arch.shortcut",
+            f"got {shortcut!r}; must be A (zero-padded identity, the paper's) or B (1x1 conv)",
+        )
+    return CifarResNet(depth, num_classes, in_channels, shortcut)
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -146,7 +154,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load trained weights into ``model`` without unpickling anything.
 
     Accepts a ``.safetensors`` file, a plain state dict saved with ``torch.save``, or a dict that
-    holds one under ``state_dict`` / ``model`` (the usual training-script layouts).
+    holds one under ``state_dict`` / ``model`` (the usual training-script layouts), with the
+    ``module.`` prefix of a DataParallel model or not. A model may rename foreign keys with a
+    ``state_dict_aliases`` mapping of prefixes (the CIFAR ResNet reads the ICE reference code's
+    ``linear.`` classifier as its ``fc.``).
     """
     path = Path(path)
     if not path.is_file():
@@ -175,7 +186,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path} holds no state dict (a mapping of parameter names to tensors, at the top "
             "or under 'state_dict'); save one with torch.save(model.state_dict(), path)",
         )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    for theirs, ours in getattr(model, "state_dict_aliases", {}).items():
+        state = {
+            ours + k[len(theirs) :] if k.startswith(theirs) else k: v for k, v in state.items()
+        }
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]

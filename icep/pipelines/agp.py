@@ -40,7 +40,7 @@ class AGP(PruneTo, Training):
     def __call__(self, run: PruningRun) -> dict[str, Any]:
         run.planned_steps = self.epochs
         schedule = self.prune_epochs()
-        run.start()
+        run.start(self.decision_split)
         distill = run.teacher(self)
         pruner = SchedulePruner(run, self)
         optimizer = run.resume_optimizer(run.new_optimizer(self.optimizer, self.lr))

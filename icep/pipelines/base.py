@@ -106,13 +106,24 @@ class PruningRun:
     def _loader(self, split: str):
         return self.data.val if split == "val" else self.data.test
 
+    def _report_accuracy(self) -> float | None:
+        """The accuracy on the report split, timed as ``report``; None when it is val and there
+        is none."""
+        if self._loader(self.report_split) is None:
+            return None
+        with self.timer.phase("report"):
+            return self.trainer.evaluate(
+                self.model, self._loader(self.report_split), self.report_split
+            )
+
     def pending(self, steps: Sequence[Any]) -> Sequence[Any]:
         """The ``steps`` not done yet: all of them, or those after a resumed run's checkpoint."""
         return steps[len(self.rows) :]
 
     def start(self, decision_split: str = "val") -> float:
         """Measure the unpruned accuracy once: on ``decision_split`` for every decision, on the
-        other split for the report only. A resumed run has it from its checkpoint."""
+        other split for the report only. Without a val split (``dataset.val_fraction=0``) both
+        are test. A resumed run has it from its checkpoint."""
         if self.resumed_from is not None:
             log.info(
                 "resumed after step %d of %d: %s %.2f%% before pruning, %.2f%% now",
@@ -123,18 +134,16 @@ class PruningRun:
                 self.acc_now,
             )
             return self.acc_original
-        self.decision_split = decision_split
+        self.decision_split = "test" if self.data.val is None else decision_split
         self.acc_original = self.evaluate()
-        with self.timer.phase("report"):
-            self.acc_original_report = self.trainer.evaluate(
-                self.model, self._loader(self.report_split), self.report_split
-            )
+        self.acc_original_report = self._report_accuracy()
+        report = self.acc_original_report
         log.info(
-            "unpruned: %s %.2f%% (decisions), %s %.2f%%, %d units, %.3fM params, %.2fM MACs",
+            "unpruned: %s %.2f%% (decisions), %s %s, %d units, %.3fM params, %.2fM MACs",
             self.decision_split,
             self.acc_original,
             self.report_split,
-            self.acc_original_report,
+            "none held out" if report is None else f"{report:.2f}%",
             len(self.units),
             self.params_before / 1e6,
             self.macs_before / 1e6,
@@ -417,10 +426,7 @@ class PruningRun:
         """Final accuracy (val and test), sizes and time per phase."""
         if self.acc_now is None or not self.rows:
             self.evaluate()
-        with self.timer.phase("report"):
-            acc_report = self.trainer.evaluate(
-                self.model, self._loader(self.report_split), self.report_split
-            )
+        acc_report = self._report_accuracy()
         acc = {
             f"acc_original_{self.decision_split}": self.acc_original,
             f"acc_final_{self.decision_split}": self.acc_now,
@@ -434,7 +440,9 @@ class PruningRun:
             "decision_split": self.decision_split,
             **{k: acc[k] for k in sorted(acc, key=lambda k: (k.endswith("test"), "final" in k))},
             **{
-                f"acc_drop_{split}": acc[f"acc_original_{split}"] - acc[f"acc_final_{split}"]
+                f"acc_drop_{split}": None
+                if acc[f"acc_original_{split}"] is None
+                else acc[f"acc_original_{split}"] - acc[f"acc_final_{split}"]
                 for split in ("val", "test")
             },
             "params_before": self.params_before,

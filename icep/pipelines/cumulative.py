@@ -26,8 +26,9 @@ from icep.pruning import MagnitudePruner, uniform_widths
 @dataclass(kw_only=True)
 class PruneTo:
     """How a schedule pipeline prunes to a share: the ``scope``, ``min_channels_share`` and
-    ``structure`` keys of its config."""
+    ``structure`` keys of its config, and the split its evaluations use (``decision_split``)."""
 
+    decision_split: str  # val | test
     scope: str  # uniform | global
     min_channels_share: float  # global scope: each conv keeps >= ceil(share * C_orig) channels
     structure: str  # structured | unstructured
@@ -88,7 +89,7 @@ class SchedulePipeline(PruneTo):
     def __call__(self, run: PruningRun) -> dict[str, Any]:
         cumulative = self.cumulative()
         run.planned_steps = len(cumulative)
-        run.start()
+        run.start(self.decision_split)
         distill = run.teacher(self.finetune)
         pruner = SchedulePruner(run, self)
         for share in run.pending(cumulative):

@@ -65,11 +65,12 @@ class EPI(Training):
     window: int  # r: counts averaged over, and earlier EPI values to match
     epochs: int  # all training epochs
     min_channels_share: float  # each conv keeps >= ceil(share * C_orig) channels (>= 1)
+    decision_split: str  # val | test: the split each epoch's accuracy is measured on
     name: str  # the label of reports, W&B tags and run names
 
     def __call__(self, run: PruningRun) -> dict[str, Any]:
         run.planned_steps = self.epochs
-        run.start()
+        run.start(self.decision_split)
         distill = run.teacher(self)
         # Counts N_t, EPI values and the firing epoch so far: all a resumed run needs to go on.
         history = run.state.setdefault("epi", {"counts": [], "values": [], "fired": None})

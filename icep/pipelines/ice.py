@@ -77,15 +77,15 @@ def freeze_layers(model: nn.Module, engine: PruningEngine, names: list[str]) -> 
 
 def analyse_freezing(run: PruningRun, ice: ICE, distill: Distillation | None) -> dict[str, float]:
     """The one-off analysis: on a copy, prune only the first unit, fine-tune one epoch at
-    ``base`` and score every conv the units touch (:func:`freeze_scores`)."""
+    ``freeze_lr`` (``base`` when null) and score every conv the units touch
+    (:func:`freeze_scores`)."""
     names = run.engine.touched_convs()
     with run.phase("freeze_analysis"):
         original_norm = {n: run.model.get_submodule(n).weight.detach().norm().item() for n in names}
         trial = run.pruned_copy(0, ice.ratio)
         before = _l1(trial, names)
-    optimizer = run.new_optimizer(
-        ice.finetune.optimizer, ice.base, model=trial, phase="freeze_analysis"
-    )
+    lr = ice.base if ice.freeze_lr is None else ice.freeze_lr
+    optimizer = run.new_optimizer(ice.finetune.optimizer, lr, model=trial, phase="freeze_analysis")
     run.fit(optimizer, 1, distill, "freeze analysis", model=trial, phase="freeze_analysis")
     with run.phase("freeze_analysis"):
         return freeze_scores(before, _l1(trial, names), original_norm)
@@ -105,6 +105,7 @@ class ICE:
     thre: float
     freeze: bool  # 3.2
     fr: float
+    freeze_lr: float | None  # the analysis epoch's lr; None: base
     adaptive_lr: bool  # 3.3
     base: float
     p: float

@@ -27,7 +27,7 @@ class Iterative(SchedulePipeline):
     def __call__(self, run: PruningRun) -> dict[str, Any]:
         if self.schedule != "blockwise":
             return super().__call__(run)
-        run.start()
+        run.start(self.decision_split)
         distill = run.teacher(self.finetune)
         for unit in run.pending(run.units):
             run.prune(unit, self.ratio)

@@ -228,7 +228,7 @@ def tune_pipeline(
             "search_flops": sum(t.user_attrs.get("flops", 0) for t in trials),
             "tolerance": tcfg.tolerance,
             "train_samples": len(small.train.dataset),
-            "eval_samples": len(small.val.dataset),
+            "eval_samples": len((small.val or small.test).dataset),
             "chosen": dataclasses.asdict(chosen) if chosen else None,
             "params": dict(chosen.params) if chosen else None,
             "pareto_front": [dataclasses.asdict(t) for t in pareto_front(completed)],
