@@ -235,6 +235,7 @@ RULES: dict[str, Rule] = {
     "trainer.channels_last": _auto_or_boolean(),
     "trainer.cudnn_benchmark": _auto_or_boolean(),
     "trainer.compile": _boolean(),
+    "trainer.deterministic": _boolean(),
     # datasets (conf/dataset/)
     "dataset.val_fraction": _share_below_one(),
     "dataset.train_subset": (

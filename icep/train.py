@@ -124,6 +124,7 @@ class Trainer:
     channels_last: bool = False
     progress: bool = False
     cudnn_benchmark: bool = False
+    deterministic: bool = False  # cuDNN's deterministic kernels (the reference's FP32 runs)
     compile: bool = False
     compile_backend: str = "inductor"
     # Batches between checks for a NaN loss on an accelerator, where each check waits for the
@@ -138,6 +139,9 @@ class Trainer:
         self.timer = PhaseTimer(self.device)
         if self.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
+        if self.deterministic:
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
 
     @classmethod
     def from_config(cls, cfg) -> Trainer:
@@ -148,7 +152,9 @@ class Trainer:
             amp=_auto(cfg.amp, cuda),
             channels_last=_auto(cfg.channels_last, cuda),
             progress=_auto(cfg.progress, sys.stderr.isatty()),
-            cudnn_benchmark=_auto(cfg.get("cudnn_benchmark", "auto"), cuda),
+            cudnn_benchmark=_auto(cfg.get("cudnn_benchmark", "auto"), cuda)
+            and not cfg.get("deterministic", False),
+            deterministic=bool(cfg.get("deterministic", False)),
             compile=bool(cfg.get("compile", False)),
         )
 

@@ -139,3 +139,27 @@ def test_device_resolution():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="trainer.device"):
         resolve_device("tpu")
+
+
+def test_deterministic_turns_cudnn_benchmark_off_and_deterministic_on(monkeypatch):
+    """trainer.deterministic=true: the reference's deterministic cuDNN, whatever cudnn_benchmark
+    says (auto or true)."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    cfg = OmegaConf.create(
+        {
+            "device": "cpu",
+            "amp": False,
+            "channels_last": False,
+            "progress": False,
+            "cudnn_benchmark": True,
+            "deterministic": True,
+        }
+    )
+    trainer = Trainer.from_config(cfg)
+    assert trainer.deterministic and not trainer.cudnn_benchmark
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    cfg.deterministic = False
+    assert Trainer.from_config(cfg).cudnn_benchmark
