@@ -185,6 +185,12 @@ RULES: dict[str, Rule] = {
     "pipeline.fr": ((lambda v: _number(v) and 0 <= v <= 1), "a number in [0, 1]"),
     "pipeline.base": _positive(),
     "pipeline.freeze_lr": ((lambda v: v is None or (_number(v) and v > 0)), "null or a number > 0"),
+    "pipeline.freeze_norm": _one_of("auto", "after", "before"),
+    "pipeline.final_lr_factor": _positive(),
+    "pipeline.unit_epochs": (
+        (lambda v: OmegaConf.is_dict(v) and all(_int(e) and e >= 1 for e in v.values())),
+        "a mapping of unit name patterns to epochs >= 1, e.g. {features.denseblock3.*: 2}",
+    ),
     "pipeline.p": _open_share(),
     "pipeline.beta": _positive(),
     "pipeline.delta": _number_at_least(0),

@@ -253,3 +253,47 @@ def test_without_a_val_split_every_image_trains_and_decisions_are_on_test(
     assert summary["acc_final_test"] is not None
     assert all("test_acc" in row for row in read_jsonl(out / "metrics.jsonl"))
     assert re.search(r"val accuracy \(%\) +n/a +n/a", result.stdout)
+
+
+def test_frozen_norms_follow_the_block_layout():
+    """Post-activation blocks (conv-BN-ReLU) freeze the norm after a conv; pre-activation ones
+    (DenseNet's BN-ReLU-conv) the norm before it, as the reference pairs norm1 with conv1 and
+    norm2 with conv2 (METHOD.md section 7)."""
+    import torchvision
+
+    from icep.pipelines.ice import paired_norms
+    from icep.pruning import PruningEngine
+
+    x = torch.zeros(1, 3, 32, 32)
+    resnet = PruningEngine(cifar_resnet(20), x)
+    convs = resnet.touched_convs()
+    assert paired_norms(resnet, convs)["layer1.0.conv2"] == "layer1.0.bn2"
+    assert paired_norms(resnet, convs) == paired_norms(resnet, convs, "after")
+    densenet = PruningEngine(torchvision.models.densenet121(num_classes=10), x)
+    layer = "features.denseblock2.denselayer3"
+    convs = densenet.touched_convs()
+    auto = paired_norms(densenet, convs)
+    assert auto[f"{layer}.conv1"] == f"{layer}.norm1"
+    assert auto[f"{layer}.conv2"] == f"{layer}.norm2"
+    assert paired_norms(densenet, convs, "after")[f"{layer}.conv1"] == f"{layer}.norm2"
+    assert f"{layer}.conv2" not in paired_norms(densenet, convs, "after")  # a concat follows
+
+
+def test_densenet_units_in_blocks_3_and_4_fine_tune_two_epochs():
+    densenet = build_pipeline("ice_densenet")
+    assert densenet.policy_for("features.denseblock3.denselayer5").epochs == 2
+    assert densenet.policy_for("features.denseblock4.denselayer1").epochs == 2
+    assert densenet.policy_for("features.denseblock2.denselayer1").epochs == 1
+    assert (densenet.final_finetune_epochs, densenet.final_lr_factor) == (4, 2.0)
+    assert ice().policy_for("features.denseblock3.denselayer5").epochs == 1
+
+
+def test_the_recovery_fine_tune_runs_at_its_lr_factor_and_reports_each_epoch(
+    digits, dense_state, tmp_path
+):
+    pipeline = ice(freeze=False, thre=1000.0, final_finetune_epochs=2, final_lr_factor=2.0)
+    run, summary = run_pipeline(pipeline, digits, dense_state, tmp_path)
+    final = summary["final_finetune"]
+    assert final["lr"] == pytest.approx(2 * pipeline.learning_rate(run))
+    assert len(final["val_accs"]) == 2 and final["best_acc"] == max(final["val_accs"])
+    assert final["val_accs"][-1] == summary["acc_final_val"]

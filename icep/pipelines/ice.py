@@ -6,15 +6,17 @@ learning rate (:func:`pruning_aware_lr`). Switching all three off gives the base
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from icep.pipelines.base import PruningRun
-from icep.pipelines.finetune import FineTune, FixedEpochs, Training
+from icep.pipelines.finetune import FineTune, FixedEpochs
 from icep.pruning import PruningEngine
 from icep.train import Distillation
 
@@ -65,14 +67,31 @@ def select_frozen(scores: dict[str, float], fr: float) -> list[str]:
     return sorted(scores, key=scores.__getitem__)[:count]
 
 
-def freeze_layers(model: nn.Module, engine: PruningEngine, names: list[str]) -> None:
-    """No gradient for each named conv and the affine parameters of the norm that follows it.
-    BatchNorm running statistics still update; the engine keeps the flags across prunes."""
+def paired_norms(engine: PruningEngine, names: list[str], how: str = "auto") -> dict[str, str]:
+    """The norm frozen with each named conv: the one after it (``after``: post-activation
+    blocks, ResNet's conv-BN-ReLU), or the one before it (``before``: pre-activation blocks,
+    DenseNet's BN-ReLU-conv, as the reference freezes them). ``auto`` takes ``before`` when some
+    conv has a norm before it and none after (the pre-activation sign), else ``after``."""
+    after = {name: engine.norm_after(name) for name in names}
+    before = {name: engine.norm_before(name) for name in names}
+    if how == "auto":
+        pre_activation = any(before[n] is not None and after[n] is None for n in names)
+        how = "before" if pre_activation else "after"
+    chosen = before if how == "before" else after
+    return {name: norm for name, norm in chosen.items() if norm is not None}
+
+
+def freeze_layers(
+    model: nn.Module, engine: PruningEngine, names: list[str], norms: str = "auto"
+) -> None:
+    """No gradient for each named conv and the affine parameters of its norm
+    (:func:`paired_norms`). BatchNorm running statistics still update; the engine keeps the flags
+    across prunes."""
+    paired = paired_norms(engine, names, norms)
     for name in names:
         model.get_submodule(name).requires_grad_(False)
-        norm = engine.norm_after(name)
-        if norm is not None:
-            model.get_submodule(norm).requires_grad_(False)
+        if name in paired:
+            model.get_submodule(paired[name]).requires_grad_(False)
 
 
 def analyse_freezing(run: PruningRun, ice: ICE, distill: Distillation | None) -> dict[str, float]:
@@ -106,6 +125,7 @@ class ICE:
     freeze: bool  # 3.2
     fr: float
     freeze_lr: float | None  # the analysis epoch's lr; None: base
+    freeze_norm: str  # auto | after | before: the norm frozen with a conv
     adaptive_lr: bool  # 3.3
     base: float
     p: float
@@ -113,6 +133,8 @@ class ICE:
     delta: float
     decision_split: str
     final_finetune_epochs: int
+    final_lr_factor: float  # the recovery fine-tune's lr: this times lr(x)
+    unit_epochs: Any = None  # {unit name pattern: fine-tune epochs}, e.g. DenseNet's blocks 3-4
     name: str  # the label of reports, W&B tags and run names
     grid: Any = None  # the tuning stage's search spaces (conf/tune/), not used by the loop
     ranges: Any = None
@@ -121,7 +143,7 @@ class ICE:
         run.start(self.decision_split)
         distill = run.teacher(self.finetune)
         frozen = self.frozen_layers(run, distill) if self.freeze else []
-        freeze_layers(run.model, run.engine, frozen)
+        freeze_layers(run.model, run.engine, frozen, self.freeze_norm)
         for unit in run.pending(run.units):
             run.prune(unit, self.ratio)
             acc_pruned = run.evaluate() if self.trigger else None
@@ -130,7 +152,7 @@ class ICE:
             if triggered:
                 lr = self.learning_rate(run)
                 desc = f"fine-tune {unit.index + 1}/{len(run.units)}"
-                epochs = run.recover(self.finetune, lr, distill, desc)
+                epochs = run.recover(self.policy_for(unit.name), lr, distill, desc)
             run.record(
                 unit,
                 ratio=self.ratio,
@@ -169,18 +191,38 @@ class ICE:
             )
         return run.state["frozen"]
 
+    def policy_for(self, unit: str) -> FineTune:
+        """The fine-tune policy of unit ``unit``: ``finetune``, with the epochs of the first
+        ``unit_epochs`` pattern that matches the unit's name (fixed-epoch policies only)."""
+        for pattern, epochs in (self.unit_epochs or {}).items():
+            if fnmatch.fnmatchcase(unit, pattern) and isinstance(self.finetune, FixedEpochs):
+                return dataclasses.replace(self.finetune, epochs=int(epochs))
+        return self.finetune
+
     def final_finetune(self, run: PruningRun, distill: Distillation | None) -> dict[str, Any]:
-        """``final_finetune_epochs`` recovery epochs after the last step (the reference: none)."""
+        """``final_finetune_epochs`` recovery epochs after the last step at
+        ``final_lr_factor * lr(x)`` (the reference: none for ResNet; DenseNet: 4 at 2 x lr(x)),
+        with the decision split's accuracy after each epoch."""
         if self.final_finetune_epochs <= 0:
             return {}
-        lr = self.learning_rate(run)
+        lr = self.final_lr_factor * self.learning_rate(run)
         before = run.seconds()
-        # The policy's training settings (optimizer, distillation), for a fixed number of epochs.
-        training = {f.name: getattr(self.finetune, f.name) for f in fields(Training)}
-        recovery = FixedEpochs(**training, name="fixed", epochs=self.final_finetune_epochs)
-        run.recover(recovery, lr, distill, desc="recovery fine-tune")
+        accs = []
+        for epoch in range(self.final_finetune_epochs):  # one optimizer, as the reference
+            desc = f"recovery fine-tune {epoch + 1}/{self.final_finetune_epochs}"
+            if epoch == 0:
+                optimizer = run.new_optimizer(self.finetune.optimizer, lr)
+            run.fit(optimizer, 1, distill, desc)
+            accs.append(run.evaluate())
+        run.finetunes += 1
         seconds = run.seconds() - before
-        return {"epochs": self.final_finetune_epochs, "lr": lr, "seconds": seconds}
+        return {
+            "epochs": self.final_finetune_epochs,
+            "lr": lr,
+            "seconds": seconds,
+            f"{run.decision_split}_accs": accs,
+            "best_acc": max(accs),
+        }
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings a summary reports, the fine-tune policy's included."""

@@ -389,6 +389,21 @@ class PruningEngine:
                 outputs += out.outputs
         return None
 
+    def norm_before(self, conv_name: str) -> str | None:
+        """The normalization layer that feeds ``conv_name`` through activations only (the
+        ``norm1`` of a pre-activation DenseNet layer's BN-ReLU-conv), if any."""
+        node = self.graph.module2node.get(self.model.get_submodule(conv_name))
+        names = {module: name for name, module in self.model.named_modules()}
+        for _ in range(_MAX_GATE_HOPS):
+            if node is None or len(node.inputs) != 1:
+                return None
+            node = node.inputs[0]
+            if isinstance(node.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                return names[node.module]
+            if node.type != OPTYPE.ELEMENTWISE or len(node.outputs) != 1:
+                return None
+        return None
+
     def refresh(self) -> None:
         """Re-read the current out channels of every unit's layers."""
         for unit in self.units:
