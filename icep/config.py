@@ -281,6 +281,7 @@ RULES: dict[str, Rule] = {
     "tune.train_fraction": ((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1]"),
     "tune.eval_fraction": ((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1]"),
     "tune.tolerance": _number_at_least(0, " (accuracy points)"),
+    "tune.select": _one_of("tolerance", "reference"),
 }
 
 

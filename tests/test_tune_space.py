@@ -8,6 +8,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from icep.errors import ConfigError
 from icep.tune import SearchSpace, TrialResult, pareto_front, parse_distribution, select_trial
+from icep.tune.select import reference_score
 
 # The paper's ResNet grid (METHOD.md 3.4): 2 * 2 * 2 * 3 * 3 * 3 = 216 points.
 PAPER_GRID = {
@@ -99,9 +100,9 @@ def test_selection_does_not_reward_slower_runs():
     """The reference objective t/max(da,t) + da/max(da,t) = 1 + da/t prefers the slower of two
     runs with the same drop; the selection rule prefers the faster one."""
     same_drop = [TrialResult(0, 1.0, 50.0), TrialResult(1, 1.0, 500.0)]
-    reference = {
-        t.number: t.seconds / max(t.drop, t.seconds) + t.drop / max(t.drop, t.seconds)
-        for t in same_drop
-    }
-    assert min(reference, key=reference.get) == 1  # the reference picks the slow one
     assert select_trial(same_drop, tolerance=0.0).number == 0
+    # tune=paper reproduces the reference: it picks the slow one.
+    assert select_trial(same_drop, 0.0, rule="reference").number == 1
+    assert reference_score(same_drop[0]) == pytest.approx(1 + 1.0 / 50)
+    # A drop larger than the time: t/da + 1.
+    assert reference_score(TrialResult(2, 8.0, 2.0)) == pytest.approx(1.25)

@@ -196,7 +196,7 @@ def test_the_ice_config_carries_the_papers_grid():
 
 
 def test_every_sampler_config_checks_out_for_every_ice_pipeline():
-    for tune in ("grid", "tpe", "nsga2"):
+    for tune in ("grid", "tpe", "nsga2", "paper"):
         for pipeline in ("ice", "ice_densenet", "ice_wrn"):
             _check(f"tune={tune}", f"pipeline={pipeline}")
 
@@ -213,6 +213,15 @@ def test_every_sampler_and_pruner_option_builds():
         assert isinstance(pruner, optuna.pruners.BasePruner)
         assert isinstance(pruner, optuna.pruners.NopPruner) == (name == "none")
     _check("tune=nsga2")  # two objectives: no pruner
+
+
+def test_tune_paper_is_the_reference_search():
+    """6 seeded grid trials on 2% of the data, no pruner, the reference's selection."""
+    cfg, sampler, pruner = _check("tune=paper")
+    assert isinstance(sampler, optuna.samplers.GridSampler)
+    assert isinstance(pruner, optuna.pruners.NopPruner)
+    assert (cfg.tune.n_trials, cfg.tune.train_fraction, cfg.tune.eval_fraction) == (6, 0.02, 0.02)
+    assert cfg.tune.select == "reference"
 
 
 @pytest.mark.parametrize(
@@ -240,3 +249,20 @@ def test_tuning_mistakes_end_in_one_line_before_any_work(args, message, tmp_path
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "tune.db").exists()
+
+
+@pytest.mark.slow
+def test_tune_paper_chooses_the_trial_the_reference_objective_prefers(tmp_path, cache_dir):
+    from icep.tune.select import TrialResult, reference_score
+
+    out = tmp_path / "paper"
+    result = run_icep(["tune=paper", "tune.n_trials=3", *SMALL], out, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tune = json.loads((out / "tune_result.json").read_text())
+    assert tune["complete"] == 3 and tune["pruned"] == 0  # no pruner
+    trials = []
+    for number in range(3):
+        summary = json.loads((out / "trials" / f"{number:04d}" / "summary.json").read_text())
+        trials.append(TrialResult(number, summary["acc_drop_val"], summary["time_total_s"]))
+    best = min(trials, key=lambda t: (reference_score(t), t.number))
+    assert tune["chosen"]["number"] == best.number

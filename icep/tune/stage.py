@@ -252,7 +252,7 @@ def tune_pipeline(
             f"tune: none of the {len(trials)} trials completed (see {out / 'tune_trials.csv'}); "
             "loosen the pruner (tune.pruner) or check the failures' reasons"
         )
-    chosen = select_trial(completed, tcfg.tolerance)
+    chosen = select_trial(completed, tcfg.tolerance, tcfg.get("select", "tolerance"))
     result = write(trials, chosen)
     log.info(
         "tune: %d trials in %.1fs (%d complete, %d pruned, %d failed); chose trial %d: %s "
