@@ -255,6 +255,7 @@ RULES: dict[str, Rule] = {
     "dataset.download": _boolean(),
     "dataset.bad_images": _one_of("error", "skip"),
     "dataset.augment": _one_of("cifar", "imagenet", "none"),
+    "dataset.fit": _one_of("crop", "stretch"),
     "dataset.crop_padding": _int_at_least(0),
     "dataset.image_size": _int_at_least(1),
     "dataset.center_crop": ((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1]"),

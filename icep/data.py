@@ -458,12 +458,12 @@ class _Images(DatasetSpec):
     std: Sequence[float]
 
     def _transforms(
-        self, image_size: int, center_crop: float | None = None
+        self, image_size: int, center_crop: float | None = None, fit: str = "crop"
     ) -> tuple[Callable, Callable]:
         """(train, eval) transforms from PIL images to normalized tensors of ``image_size``."""
-        # Resize + CenterCrop make any folder of images square; on images already that size
-        # they copy.
-        fit = [T.Resize(image_size), T.CenterCrop(image_size)]
+        # Resize + CenterCrop (or a stretch) make any folder of images square; on images already
+        # that size they copy.
+        fit = _fit(image_size, fit)
         if self.augment == "cifar":
             train = [
                 *fit,
@@ -484,10 +484,12 @@ class _Images(DatasetSpec):
         ``imagenet``, whose RandomResizedCrop needs the images at full size."""
         return {"cifar": (int(self.crop_padding), True), "none": (0, False)}.get(self.augment)
 
-    def _source(self, image_size: int, center_crop: float | None = None, **fields) -> _Source:
+    def _source(
+        self, image_size: int, center_crop: float | None = None, fit: str = "crop", **fields
+    ) -> _Source:
         """A _Source of RGB images of ``image_size`` with this dataset's normalization and both
         paths' augmentation."""
-        train_tf, eval_tf = self._transforms(image_size, center_crop)
+        train_tf, eval_tf = self._transforms(image_size, center_crop, fit)
         return _Source(
             train_transform=train_tf,
             eval_transform=eval_tf,
@@ -499,7 +501,12 @@ class _Images(DatasetSpec):
         )
 
     def _tree_source(
-        self, tree: Path, image_size: int, cache_dir: Path, center_crop: float | None = None
+        self,
+        tree: Path,
+        image_size: int,
+        cache_dir: Path,
+        center_crop: float | None = None,
+        fit: str = "crop",
     ) -> _Source:
         """The ImageFolder tree at ``tree`` (train/, test/ and optionally val/)."""
         if not (tree / "test").is_dir():
@@ -516,12 +523,15 @@ class _Images(DatasetSpec):
         return self._source(
             image_size,
             center_crop,
+            fit,
             train_pool=train,
             test=test,
             num_classes=len(train.classes),
             val_pool=val,
             description=f"ImageFolder {tree}",
-            pixels=functools.partial(_decoded_pixels, image_size=image_size, cache_dir=cache_dir),
+            pixels=functools.partial(
+                _decoded_pixels, image_size=image_size, cache_dir=cache_dir, fit=fit
+            ),
         )
 
 
@@ -601,6 +611,7 @@ class ImageFolderTree(_Images):
 
     image_size: int
     center_crop: float  # augment=imagenet: share of the resized eval image the crop keeps
+    fit: str = "crop"  # crop: Resize(short side) + CenterCrop | stretch: Resize((S, S))
 
     def load(self, *, seed: int, cache_dir: Path) -> _Source:
         if self.root is None:
@@ -615,7 +626,7 @@ class ImageFolderTree(_Images):
             raise ConfigError(
                 "dataset.root", f"{root} holds no train/ folder; expected {_EXPECTED_TREE}{hint}"
             )
-        return self._tree_source(tree, self.image_size, cache_dir, self.center_crop)
+        return self._tree_source(tree, self.image_size, cache_dir, self.center_crop, self.fit)
 
 
 def _image_folder(folder: Path, classes: list[str] | None = None) -> datasets.ImageFolder:
@@ -769,23 +780,29 @@ def _tensor_pixels(dataset: TensorDataset, indices: list[int]) -> tuple[torch.Te
 
 
 def _decoded_pixels(
-    folder: datasets.ImageFolder, indices: list[int], *, image_size: int, cache_dir: Path
+    folder: datasets.ImageFolder,
+    indices: list[int],
+    *,
+    image_size: int,
+    cache_dir: Path,
+    fit: str = "crop",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of an ImageFolder at ``indices``, decoded, resized and center-cropped to
-    ``image_size`` as uint8 (N, 3, S, S), and their labels.
+    """The images of an ImageFolder at ``indices``, decoded, resized and center-cropped (or
+    stretched, ``fit``) to ``image_size`` as uint8 (N, 3, S, S), and their labels.
 
     All of a folder is decoded once and kept in ``cache_dir/decoded/`` (keyed on the files'
     paths, sizes and times, and the size), so later runs load it in a second; a subset (toy runs)
     is decoded on the spot.
     """
     labels = torch.tensor([folder.targets[i] for i in indices], dtype=torch.long)
-    cache = _decoded_cache(folder, image_size, cache_dir) if len(indices) == len(folder) else None
+    whole = len(indices) == len(folder)
+    cache = _decoded_cache(folder, image_size, cache_dir, fit) if whole else None
     if cache is not None and cache.exists():
         images = torch.from_numpy(np.load(cache))
         if len(images) == len(folder):
             return images[torch.tensor(indices, dtype=torch.long)].permute(0, 3, 1, 2), labels
     paths = [folder.samples[i][0] for i in indices]
-    fit = T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
+    fit = T.Compose(_fit(image_size, fit))
     start = time.perf_counter()
     log.info("decoding %d images of %s into memory", len(paths), folder.root)
 
@@ -810,8 +827,20 @@ def _decoded_pixels(
     return torch.from_numpy(pixels).permute(0, 3, 1, 2), labels
 
 
-def _decoded_cache(folder: datasets.ImageFolder, image_size: int, cache_dir: Path) -> Path:
-    key = hashlib.sha256(f"{image_size}\n".encode())
+def _fit(image_size: int, how: str) -> list[Callable]:
+    """Square images of ``image_size``: the short side resized, then the centre cropped
+    (``crop``), or the whole image resized to a square (``stretch``, the ICE reference's
+    Resize((224, 224)))."""
+    if how == "stretch":
+        return [T.Resize((image_size, image_size))]
+    return [T.Resize(image_size), T.CenterCrop(image_size)]
+
+
+def _decoded_cache(
+    folder: datasets.ImageFolder, image_size: int, cache_dir: Path, fit: str = "crop"
+) -> Path:
+    # Crop was the only fit when the cache began: its files keep their keys.
+    key = hashlib.sha256(f"{image_size}\n{'' if fit == 'crop' else fit}".encode())
     for path, target in folder.samples:
         stat = os.stat(path)
         key.update(f"{path}\t{target}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())

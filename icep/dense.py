@@ -61,10 +61,12 @@ def cache_path(cfg: DictConfig, data: Data, amp: bool = False) -> Path:
         keyed["amp"] = "bf16"
     for key in ("download", "_target_"):  # where the data comes from, not what it is
         keyed["dataset"].pop(key, None)
-    if (
-        keyed["arch"].get("shortcut") == "B"
-    ):  # as before the key existed: models cached then keep theirs
+    # Keys added later, at the value that builds what was built before they existed: left out,
+    # so models cached then keep their key.
+    if keyed["arch"].get("shortcut") == "B":
         keyed["arch"].pop("shortcut")
+    if keyed["dataset"].get("fit") == "crop":
+        keyed["dataset"].pop("fit")
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache) / "dense" / f"{cfg.model.name}-{cfg.dataset.name}-{digest}.pt"
 

@@ -128,6 +128,13 @@ def test_paper_experiments_compose_to_the_reference_settings(experiment, freeze_
     assert cfg.dataset.val_fraction == 0 and built.decision_split == "test"
     if pipeline == "ice":
         assert built.freeze_lr == freeze_lr
+    if experiment == "wrn101_imagenet":  # cross-entropy only, batch 256, Resize((224, 224))
+        assert not built.finetune.distill and cfg.trainer.batch_size == 256
+        assert (cfg.dataset.fit, cfg.dataset.augment) == ("stretch", "none")
+    if experiment == "densenet121_tinyimagenet" and pipeline == "ice":
+        assert built.unit_epochs == {"features.denseblock3.*": 2, "features.denseblock4.*": 2}
+        assert (built.final_finetune_epochs, built.final_lr_factor) == (4, 2.0)
+        assert cfg.dataset.augment == "none" and not built.finetune.distill
     if experiment == "resnet152_cifar10":
         assert cfg.model.shortcut == "A"
         assert list(cfg.dataset.mean) == [0.485, 0.456, 0.406]

@@ -515,3 +515,33 @@ def test_real_cifar10_jpeg_archive(cache_dir, capsys):
     # The device path decodes the same files the same way: the same test images, bit for bit.
     held = build(cfg, cache_dir=cache_dir, batch_size=64, batching="device")
     torch.testing.assert_close(next(iter(held.test))[0], x, rtol=0, atol=1e-5)
+
+
+def test_stretch_fit_keeps_the_whole_image_on_both_paths(tmp_path):
+    """dataset.fit=stretch is the ICE reference's Resize((S, S)): a wide image keeps both ends
+    (a crop loses them), and the device path decodes what the workers' transforms give."""
+    from PIL import Image
+
+    tree = tmp_path / "wide"
+    for split in ("train", "test"):
+        for c, name in enumerate(CLASSES):
+            folder = tree / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = np.zeros((8, 32, 3), dtype=np.uint8)
+                pixels[:, :8] = 255  # a white left end: gone after a centre crop
+                pixels[:, 8:, c] = 100 + 10 * i
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = dataset_cfg("image_folder", root=str(tree), image_size=8, augment="none", fit="stretch")
+    raw = {}
+    for batching in ("workers", "device"):
+        data = build(cfg, cache_dir=tmp_path / "cache", batching=batching)
+        x, _ = next(iter(data.test))
+        raw[batching] = x
+    torch.testing.assert_close(raw["device"], raw["workers"], atol=1e-5, rtol=0)
+    left = raw["workers"][:, 0, :, :2]  # the red channel of the first two columns
+    assert (left > 1.5).all()  # white, normalized: (1 - 0.485) / 0.229 > 2
+    crop = dataset_cfg("image_folder", root=str(tree), image_size=8, augment="none")
+    cropped = build(crop, cache_dir=tmp_path / "cache2", batching="workers")
+    x, _ = next(iter(cropped.test))
+    assert not (x[:, 0, :, :2] > 1.5).any()
