@@ -130,6 +130,7 @@ def test_paper_experiments_compose_to_the_reference_settings(experiment, freeze_
         assert built.freeze_lr == freeze_lr
     if experiment == "wrn101_imagenet":  # cross-entropy only, batch 256, Resize((224, 224))
         assert not built.finetune.distill and cfg.trainer.batch_size == 256
+        assert cfg.dataset.train_subset == 128117  # 10% of ImageNet's train images
         assert (cfg.dataset.fit, cfg.dataset.augment) == ("stretch", "none")
     if experiment == "densenet121_tinyimagenet" and pipeline == "ice":
         assert built.unit_epochs == {"features.denseblock3.*": 2, "features.denseblock4.*": 2}

@@ -241,9 +241,8 @@ def test_without_a_val_split_every_image_trains_and_decisions_are_on_test(
 
     from conftest import FAST, read_jsonl, run_icep
 
-    split = ["pipeline.decision_split=test"] if pipeline == "ice" else []
     out = tmp_path / "run"
-    args = [*FAST, f"pipeline={pipeline}", "dataset.val_fraction=0", *split]
+    args = [*FAST, f"pipeline={pipeline}", "dataset.val_fraction=0", "pipeline.decision_split=test"]
     result = run_icep(args, out, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "700 train / 0 val / 360 test samples" in result.stderr + result.stdout

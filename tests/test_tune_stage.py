@@ -215,12 +215,17 @@ def test_every_sampler_and_pruner_option_builds():
     _check("tune=nsga2")  # two objectives: no pruner
 
 
-def test_tune_paper_is_the_reference_search():
-    """6 seeded grid trials on 2% of the data, no pruner, the reference's selection."""
-    cfg, sampler, pruner = _check("tune=paper")
+@pytest.mark.parametrize(
+    ("pipeline", "search"),
+    [("ice", (6, 0.02, 0.02)), ("ice_densenet", (3, 0.002, 0.002)), ("ice_wrn", (7, 0.001, 0.001))],
+)
+def test_tune_paper_is_the_reference_search(pipeline, search):
+    """The reference's seeded grid trials on its shares of the data per model family, no pruner,
+    the reference's selection."""
+    cfg, sampler, pruner = _check("tune=paper", f"pipeline={pipeline}")
     assert isinstance(sampler, optuna.samplers.GridSampler)
     assert isinstance(pruner, optuna.pruners.NopPruner)
-    assert (cfg.tune.n_trials, cfg.tune.train_fraction, cfg.tune.eval_fraction) == (6, 0.02, 0.02)
+    assert (cfg.tune.n_trials, cfg.tune.train_fraction, cfg.tune.eval_fraction) == search
     assert cfg.tune.select == "reference"
 
 

@@ -138,6 +138,7 @@ class ICE:
     name: str  # the label of reports, W&B tags and run names
     grid: Any = None  # the tuning stage's search spaces (conf/tune/), not used by the loop
     ranges: Any = None
+    paper_tuning: Any = None  # tune=paper's trials and data shares for this model family
 
     def __call__(self, run: PruningRun) -> dict[str, Any]:
         run.start(self.decision_split)
