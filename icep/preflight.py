@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
 import signal
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from icep.errors import ConfigError, IcepError
-from icep.pruning import L1, PruningEngine, Unit, count_macs_params
+from icep.errors import IcepError
+from icep.pruning import L1, PruningEngine, Unit, count_macs_params, ignored_modules
 
 
 @dataclass
@@ -81,27 +80,6 @@ class Preflight:
         return "\n".join(line.rstrip() for line in lines)
 
 
-def ignored_modules(model: nn.Module, patterns: Sequence[str], model_name: str) -> list[nn.Module]:
-    """The modules ``model.ignored_layers`` names (shell patterns on qualified names, such as
-    ``blocks.*.attn``), with everything inside them."""
-    names = dict(model.named_modules())
-    found: list[nn.Module] = []
-    for pattern in patterns:
-        matched = [
-            module for name, module in names.items() if name and fnmatch.fnmatchcase(name, pattern)
-        ]
-        if not matched:
-            examples = ", ".join(n for n in list(names)[1:6])
-            raise ConfigError(
-                "model.ignored_layers",
-                f"'{pattern}' names no layer of {model_name}; give qualified module names or "
-                f"shell patterns, e.g. {examples}",
-            )
-        for module in matched:
-            found += [m for m in module.modules() if m not in found]
-    return found
-
-
 def preflight(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -147,9 +125,8 @@ def preflight(
             + "; icep prunes the inside of blocks, choose a model that has some"
         )
     layer_params, layer_macs = _layer_costs(model, example)
-    names = {module: n for n, module in model.named_modules()}
     for unit in engine.units:
-        cut = _cut_layers(engine, unit.convs, names)
+        cut = engine.layers_cut(unit.convs)
         report.units.append(
             UnitRow(
                 unit.index,
@@ -263,18 +240,6 @@ def _pattern(layers: list[str]) -> str:
         return layers[0]
     merged = [p[0] if len(set(p)) == 1 else "*" for p in zip(*parts, strict=True)]
     return ".".join(merged)
-
-
-def _cut_layers(engine: PruningEngine, layers: list[str], names: dict) -> set[str]:
-    """Every conv or linear layer whose channels cutting ``layers`` changes."""
-    found = set()
-    for layer_name in layers:
-        layer = engine.model.get_submodule(layer_name)
-        prune = engine.graph.get_pruner_of_module(layer).prune_out_channels
-        for dep, _ in engine.graph.get_pruning_group(layer, prune, [0]):
-            if isinstance(dep.target.module, (nn.Conv2d, nn.Linear)):
-                found.add(names[dep.target.module])
-    return found
 
 
 def _layer_costs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:

@@ -8,12 +8,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import hydra.utils
 import pytest
 import torch
 
 from icep.errors import IcepError
-from icep.preflight import ignored_modules, preflight
-from icep.pruning import L1, PruningEngine
+from icep.preflight import preflight
+from icep.pruning import L1, PruningEngine, ignored_modules
 from icep.serialization import load_model, save_model
 from tests.conftest import ROOT, read_jsonl, run_icep
 
@@ -43,7 +44,7 @@ class Family:
 
     def build(self) -> torch.nn.Module:
         torch.manual_seed(0)
-        return load_arch(self.arch_spec())
+        return hydra.utils.instantiate(self.arch_spec())
 
     def arch_spec(self) -> dict[str, Any]:
         builder = "torchvision_model" if self.library == TV else "timm_model"
@@ -54,12 +55,6 @@ class Family:
             "in_channels": 3,
             **self.arch,
         }
-
-
-def load_arch(spec: dict[str, Any]) -> torch.nn.Module:
-    import hydra.utils
-
-    return hydra.utils.instantiate(spec)
 
 
 NO_UNIT = "has no pruning unit"
@@ -145,6 +140,22 @@ def test_a_family_prunes_and_reloads_or_is_refused_in_one_line(family, tmp_path)
     assert torch.equal(reloaded, expected)
 
 
+def tiny_run(library: str, name: str, pipeline: str) -> list[str]:
+    """Overrides for a whole run of ``pipeline`` on a tiny synthetic set: one dense epoch, one
+    fine-tune epoch per step."""
+    return [
+        f"model={library}",
+        f"model.name={name}",
+        "dataset=synthetic",
+        "dataset.num_samples=64",
+        "dataset.num_test=32",
+        "dense.epochs=1",
+        "trainer.batch_size=32",
+        f"pipeline={pipeline}",
+        "pipeline.finetune.epochs=1",
+    ]
+
+
 END_TO_END = [
     (TV, "mobilenet_v3_small"),
     (TV, "mnasnet0_5"),
@@ -160,23 +171,10 @@ END_TO_END = [
 def test_pipelines_run_end_to_end_and_the_model_reloads(library, name, pipeline, tmp_path):
     family = next(f for f in MATRIX if (f.library, f.name) == (library, name))
     out = tmp_path / "run"
+    # Fine-tune after every step (ICE), so every step trains the pruned model.
+    trigger = ["pipeline.trigger=false"] if pipeline == "ice" else []
     result = run_icep(
-        [
-            f"model={library}",
-            f"model.name={name}",
-            "dataset=synthetic",
-            "dataset.num_samples=64",
-            "dataset.num_test=32",
-            "dense.epochs=1",
-            "trainer.batch_size=32",
-            f"pipeline={pipeline}",
-            "pipeline.finetune.epochs=1",
-            # Fine-tune after every step (ICE), so every step trains the pruned model.
-            *(["pipeline.trigger=false"] if pipeline == "ice" else []),
-        ],
-        out,
-        tmp_path / "cache",
-        timeout=600,
+        [*tiny_run(library, name, pipeline), *trigger], out, tmp_path / "cache", timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [row for row in read_jsonl(out / "metrics.jsonl") if "step" in row]
@@ -209,17 +207,7 @@ def test_the_readme_model_table_is_the_tested_matrix():
 def test_grouped_and_linear_units_resume_after_a_kill_to_the_same_metrics(library, name, tmp_path):
     """A checkpoint rebuilds grouped widths (RegNetX) and linear widths (ConvNeXt's MLP) on the
     unpruned model before it loads the weights."""
-    args = [
-        f"model={library}",
-        f"model.name={name}",
-        "dataset=synthetic",
-        "dataset.num_samples=64",
-        "dataset.num_test=32",
-        "dense.epochs=1",
-        "trainer.batch_size=32",
-        "pipeline=iterative",
-        "pipeline.finetune.epochs=1",
-    ]
+    args = tiny_run(library, name, "iterative")
     cache = tmp_path / "cache"
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert run_icep(args, full, cache, timeout=600).returncode == 0

@@ -22,6 +22,7 @@ from icep.pruning import (
     PruningEngine,
     Unit,
     count_macs_params,
+    ignored_modules,
     prepare_criterion,
     select_global,
 )
@@ -88,8 +89,6 @@ class PruningRun:
 
     def new_engine(self, model: nn.Module) -> PruningEngine:
         """A pruning engine on ``model`` (the run's, or a copy), with the run's ignored layers."""
-        from icep.preflight import ignored_modules
-
         name = type(model).__name__
         return PruningEngine(
             model, self.example_inputs, ignored_modules(model, self.ignored_layers, name)

@@ -208,11 +208,10 @@ class ICE:
             return {}
         lr = self.final_lr_factor * self.learning_rate(run)
         before = run.seconds()
+        optimizer = run.new_optimizer(self.finetune.optimizer, lr)  # one, as the reference
         accs = []
-        for epoch in range(self.final_finetune_epochs):  # one optimizer, as the reference
+        for epoch in range(self.final_finetune_epochs):
             desc = f"recovery fine-tune {epoch + 1}/{self.final_finetune_epochs}"
-            if epoch == 0:
-                optimizer = run.new_optimizer(self.finetune.optimizer, lr)
             run.fit(optimizer, 1, distill, desc)
             accs.append(run.evaluate())
         run.finetunes += 1

@@ -19,6 +19,7 @@ from icep.pruning.engine import (
     Unit,
     ceil_share,
     count_macs_params,
+    ignored_modules,
     select_global,
     uniform_widths,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "prepare_criterion",
     "ceil_share",
     "count_macs_params",
+    "ignored_modules",
     "select_global",
     "uniform_widths",
 ]

@@ -70,6 +70,7 @@ aside):
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency.node import Node
 from torch_pruning.ops import OPTYPE
+
+from icep.errors import ConfigError
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # Float noise must not add a channel: 0.7 * 10 is 7.000000000000001 in binary.
@@ -344,18 +347,20 @@ class PruningEngine:
         For a CIFAR ResNet these are each block's ``conv1`` and ``conv2``: the layers ICE's
         freezing analysis scores (METHOD.md section 3.2).
         """
+        return self.layers_cut([name for unit in self.units for name in unit.convs])
+
+    def layers_cut(self, layer_names: Sequence[str]) -> list[str]:
+        """Every conv or linear layer whose channels cutting the outputs of ``layer_names``
+        changes (those layers, and the ones reading their channels), in that order."""
         names = {module: name for name, module in self.model.named_modules()}
+        ignored = set(self.ignored_layers)
         found: dict[str, None] = {}
-        for unit in self.units:
-            for layer_name in unit.convs:
-                layer = self.model.get_submodule(layer_name)
-                group = self.graph.get_pruning_group(layer, _out_channel_fn(layer), [0])
-                for dep, _ in group:
-                    module = dep.target.module
-                    if isinstance(module, (nn.Conv2d, nn.Linear)) and module not in set(
-                        self.ignored_layers
-                    ):
-                        found.setdefault(names[module])
+        for layer_name in layer_names:
+            layer = self.model.get_submodule(layer_name)
+            for dep, _ in self.graph.get_pruning_group(layer, _out_channel_fn(layer), [0]):
+                module = dep.target.module
+                if isinstance(module, (nn.Conv2d, nn.Linear)) and module not in ignored:
+                    found.setdefault(names[module])
         return list(found)
 
     def touched_weights(self) -> int:
@@ -408,6 +413,27 @@ class PruningEngine:
         """Re-read the current out channels of every unit's layers."""
         for unit in self.units:
             unit.channels = [out_width(self.model.get_submodule(n)) for n in unit.convs]
+
+
+def ignored_modules(model: nn.Module, patterns: Sequence[str], model_name: str) -> list[nn.Module]:
+    """The modules ``model.ignored_layers`` names (shell patterns on qualified names, such as
+    ``blocks.*.attn``), with everything inside them."""
+    names = dict(model.named_modules())
+    found: list[nn.Module] = []
+    for pattern in patterns:
+        matched = [
+            module for name, module in names.items() if name and fnmatch.fnmatchcase(name, pattern)
+        ]
+        if not matched:
+            examples = ", ".join(n for n in list(names)[1:6])
+            raise ConfigError(
+                "model.ignored_layers",
+                f"'{pattern}' names no layer of {model_name}; give qualified module names or "
+                f"shell patterns, e.g. {examples}",
+            )
+        for module in matched:
+            found += [m for m in module.modules() if m not in found]
+    return found
 
 
 def ceil_share(share: float, count: int) -> int:
