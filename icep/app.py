@@ -108,6 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 checkpoint=out / CHECKPOINT,
                 config=fingerprint(config),
                 ignored_layers=cfg.model.get("ignored_layers", ()),
+                step_data=step_data(pipeline_cfg, data, cfg.seed),
             )
             if cfg.optuna.trial is not None:
                 pruning.on_step.append(_sweep_reporter(cfg))
@@ -163,6 +164,20 @@ def check_model(cfg: DictConfig, data: Any) -> Any:
         seconds=cfg.model.get("preflight_seconds", 60),
     )
     return report
+
+
+def step_data(pipeline_cfg: DictConfig, data: Any, seed: int) -> Any:
+    """The seeded share of the data a pipeline's steps use (``pipeline.step_train_fraction``
+    and ``step_eval_fraction``; the reference's DenseNet run: 2% of each), or None: all of it."""
+    train = pipeline_cfg.get("step_train_fraction")
+    evaluate = pipeline_cfg.get("step_eval_fraction")
+    if train is None and evaluate is None:
+        return None
+    from icep.data import subsample
+
+    return subsample(
+        data, 1.0 if train is None else train, 1.0 if evaluate is None else evaluate, seed
+    )
 
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:

@@ -135,6 +135,10 @@ def _open_share() -> Rule:
     return (lambda v: _number(v) and 0 < v < 1), "a number strictly between 0 and 1"
 
 
+def _null_or_share() -> Rule:
+    return (lambda v: v is None or (_number(v) and 0 < v <= 1)), "null or a number in (0, 1]"
+
+
 def _share_below_one() -> Rule:
     return (lambda v: _number(v) and 0 <= v < 1), "a number in [0, 1)"
 
@@ -186,6 +190,8 @@ RULES: dict[str, Rule] = {
     "pipeline.base": _positive(),
     "pipeline.freeze_lr": ((lambda v: v is None or (_number(v) and v > 0)), "null or a number > 0"),
     "pipeline.freeze_norm": _one_of("auto", "after", "before"),
+    "pipeline.step_train_fraction": _null_or_share(),
+    "pipeline.step_eval_fraction": _null_or_share(),
     "pipeline.final_lr_factor": _positive(),
     "pipeline.unit_epochs": (
         (lambda v: OmegaConf.is_dict(v) and all(_int(e) and e >= 1 for e in v.values())),

@@ -66,7 +66,19 @@ def format_table(s: dict[str, Any]) -> str:
         f"({_share(s)}, {s['device']})"
     ]
     lines += [f"  {a:<{width}}{b:>10}  {c:>10}" for a, b, c in rows]
-    lines.append(f"  {'fine-tuned':<{width}}{s['finetunes']} of {s['steps']} steps")
+    final = s.get("final_finetune") or {}
+    finetuned = f"{s['finetunes'] - bool(final)} of {s['steps']} steps"
+    if final:
+        finetuned += f", then {final['epochs']} recovery epochs"
+    lines.append(f"  {'fine-tuned':<{width}}{finetuned}")
+    if s.get("step_data"):
+        step = s["step_data"]
+        split = s["decision_split"]
+        lines.append(
+            f"  {'step data':<{width}}{step['train_images']} train images, "
+            f"{step[f'{split}_images']} {split} images (unpruned "
+            f"{_pct(step[f'acc_original_{split}']).strip()}% on them)"
+        )
     if "finetunes_skipped" in s:
         lines.append(f"  {'fine-tunes skipped':<{width}}{s['finetunes_skipped']}")
         share = s["frozen_params"] / max(s["params_after"], 1)

@@ -296,3 +296,72 @@ def test_the_recovery_fine_tune_runs_at_its_lr_factor_and_reports_each_epoch(
     assert final["lr"] == pytest.approx(2 * pipeline.learning_rate(run))
     assert len(final["val_accs"]) == 2 and final["best_acc"] == max(final["val_accs"])
     assert final["val_accs"][-1] == summary["acc_final_val"]
+
+
+class _LoaderSizes(Trainer):
+    """Records the size of the dataset behind every training and evaluation loader."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.seen = []
+
+    def fit(self, model, loader, *args, desc="train", **kwargs):
+        self.seen.append(("fit", desc, len(loader.dataset)))
+        return super().fit(model, loader, *args, desc=desc, **kwargs)
+
+    def evaluate(self, model, loader, desc="eval"):
+        self.seen.append(("eval", desc, len(loader.dataset)))
+        return super().evaluate(model, loader, desc)
+
+
+def test_step_data_runs_the_loop_on_its_share_and_the_recovery_on_all(
+    digits, dense_state, tmp_path
+):
+    """pipeline.step_train_fraction / step_eval_fraction, as the reference's DenseNet run: the
+    freezing analysis, the fine-tunes and the decisions use a seeded share; the final fine-tune
+    trains on all of train and the summary's accuracies are on whole splits. A resumed run keeps
+    the unpruned accuracy on the whole split."""
+    from icep.data import subsample
+
+    step = subsample(digits, 0.25, 0.5, seed=0)
+    n_train, n_val = len(step.train.dataset), len(step.val.dataset)
+    assert n_train < len(digits.train.dataset) and n_val < len(digits.val.dataset)
+    trainer = _LoaderSizes()
+    model = cifar_resnet(20, num_classes=10, in_channels=1)
+    model.load_state_dict(dense_state)
+    checkpoint = tmp_path / "checkpoint.pt"
+    run = PruningRun(
+        model, digits, trainer, L1(), RunLogger(tmp_path), checkpoint=checkpoint, step_data=step
+    )
+    summary = ice(thre=-100.0, final_finetune_epochs=1)(run)
+
+    fits = [(desc, n) for kind, desc, n in trainer.seen if kind == "fit"]
+    assert fits[0] == ("freeze analysis", n_train)
+    assert all(n == n_train for desc, n in fits if desc.startswith("fine-tune"))
+    assert len([f for f in fits if f[0].startswith("fine-tune")]) == 9
+    assert fits[-1] == ("recovery fine-tune 1/1", len(digits.train.dataset))
+    decisions = [n for kind, desc, n in trainer.seen if kind == "eval" and desc == "val"]
+    # The unpruned model, then after each prune and each fine-tune: on the share; the unpruned
+    # model for the summary and the recovery epoch: on the whole split.
+    assert decisions.count(n_val) == 1 + 2 * 9
+    assert decisions.count(len(digits.val.dataset)) == 2
+    full_val = Trainer(torch.device("cpu")).evaluate(_dense(dense_state), digits.val)
+    assert summary["acc_original_val"] == pytest.approx(full_val)
+    assert summary["acc_final_val"] == summary["final_finetune"]["val_accs"][-1]
+    assert summary["step_data"]["train_images"] == n_train
+    assert summary["step_data"]["val_images"] == n_val
+    assert summary["step_data"]["acc_last_step_val"] == run.rows[-1]["val_acc"]
+
+    again = PruningRun(
+        cifar_resnet(20, num_classes=10, in_channels=1).requires_grad_(True),
+        digits,
+        Trainer(torch.device("cpu")),
+        L1(),
+        RunLogger(tmp_path / "again"),
+        step_data=step,
+    )
+    again.model.load_state_dict(dense_state)
+    again.restore(torch.load(checkpoint, weights_only=True))
+    resumed = ice(thre=-100.0, final_finetune_epochs=1)(again)
+    assert resumed["acc_original_val"] == summary["acc_original_val"]
+    assert resumed["step_data"] == summary["step_data"]

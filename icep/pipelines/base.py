@@ -52,15 +52,22 @@ class PruningRun:
         checkpoint: str | Path | None = None,
         config: dict[str, Any] | None = None,
         ignored_layers: Sequence[str] = (),
+        step_data: Data | None = None,
     ):
         """``checkpoint``: where to write the run's state after every step (None: nowhere), with
         ``config``, the run's resolved config, so a resume with another config is refused.
         ``ignored_layers``: layers no unit may cut (``model.ignored_layers``: qualified names or
-        shell patterns)."""
+        shell patterns). ``step_data``: a share of ``data`` (:func:`icep.data.subsample`) the
+        steps fine-tune, score and decide on, as the reference's DenseNet run does, until
+        :meth:`use_full_data`; the report split and the summary's accuracies use all of ``data``.
+        """
         self.model = model
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_config = config
-        self.data = data
+        self.full_data = data
+        self.step_data = step_data
+        # What the steps train, score and decide on: all the data, or step_data's share of it.
+        self.data = step_data if step_data is not None else data
         self.trainer = trainer
         self.timer = trainer.timer
         self.criterion = criterion
@@ -75,6 +82,9 @@ class PruningRun:
         self.acc_original: float | None = None  # on the decision split, measured once
         self.acc_now: float | None = None  # on the decision split, after the latest evaluation
         self.acc_original_report: float | None = None  # on the other split
+        # With step data: the unpruned accuracy on the whole decision split, for the summary.
+        self.acc_original_full: float | None = None
+        self._acc_now_full = step_data is None  # whether acc_now is on the whole split
         self.finetunes = 0
         # Called with (run, row) after each step is recorded, e.g. to report to an Optuna trial;
         # a hook may raise to stop the run (optuna.TrialPruned).
@@ -102,18 +112,31 @@ class PruningRun:
     def report_split(self) -> str:
         return "test" if self.decision_split == "val" else "val"
 
-    def _loader(self, split: str):
-        return self.data.val if split == "val" else self.data.test
+    @property
+    def on_step_data(self) -> bool:
+        """Whether the steps use a share of the data (``pipeline.step_train_fraction``...)."""
+        return self.data is not self.full_data
 
-    def _report_accuracy(self) -> float | None:
-        """The accuracy on the report split, timed as ``report``; None when it is val and there
-        is none."""
-        if self._loader(self.report_split) is None:
+    def _loader(self, split: str, data: Data | None = None):
+        data = self.data if data is None else data
+        return data.val if split == "val" else data.test
+
+    def _report_accuracy(self, split: str | None = None) -> float | None:
+        """The accuracy on all of ``split`` (by default the report split), timed as ``report``;
+        None when it is val and there is none."""
+        split = self.report_split if split is None else split
+        loader = self._loader(split, self.full_data)
+        if loader is None:
             return None
         with self.timer.phase("report"):
-            return self.trainer.evaluate(
-                self.model, self._loader(self.report_split), self.report_split
-            )
+            return self.trainer.evaluate(self.model, loader, split)
+
+    def use_full_data(self) -> None:
+        """From now on train and decide on all of the data (ICE's final fine-tune after a loop
+        on step data, as the reference's DenseNet run)."""
+        if self.on_step_data:
+            self.data = self.full_data
+            self._acc_now_full = False
 
     def pending(self, steps: Sequence[Any]) -> Sequence[Any]:
         """The ``steps`` not done yet: all of them, or those after a resumed run's checkpoint."""
@@ -135,6 +158,8 @@ class PruningRun:
             return self.acc_original
         self.decision_split = "test" if self.data.val is None else decision_split
         self.acc_original = self.evaluate()
+        if self.on_step_data:
+            self.acc_original_full = self._report_accuracy(self.decision_split)
         self.acc_original_report = self._report_accuracy()
         report = self.acc_original_report
         log.info(
@@ -165,6 +190,7 @@ class PruningRun:
             self.acc_now = self.trainer.evaluate(
                 self.model, self._loader(self.decision_split), self.decision_split
             )
+        self._acc_now_full = not self.on_step_data
         return self.acc_now
 
     def remaining(self) -> float:
@@ -383,6 +409,7 @@ class PruningRun:
                     "acc_original": self.acc_original,
                     "acc_now": self.acc_now,
                     "acc_original_report": self.acc_original_report,
+                    "acc_original_full": self.acc_original_full,
                     "finetunes": self.finetunes,
                     "state": self.state,
                     "timer": dict(self.timer.totals),
@@ -410,6 +437,7 @@ class PruningRun:
         self.acc_original = blob["acc_original"]
         self.acc_now = blob["acc_now"]
         self.acc_original_report = blob["acc_original_report"]
+        self.acc_original_full = blob.get("acc_original_full")
         self.finetunes = blob["finetunes"]
         self.state = dict(blob["state"])
         self.timer.totals.update(blob["timer"])
@@ -425,10 +453,17 @@ class PruningRun:
         """Final accuracy (val and test), sizes and time per phase."""
         if self.acc_now is None or not self.rows:
             self.evaluate()
+        step_data = {}
+        acc_original, acc_final = self.acc_original, self.acc_now
+        if self.acc_original_full is not None:  # the steps decided on a share of the data
+            step_data = {"step_data": self._step_data_summary()}
+            acc_original = self.acc_original_full
+            if not self._acc_now_full:
+                acc_final = self._report_accuracy(self.decision_split)
         acc_report = self._report_accuracy()
         acc = {
-            f"acc_original_{self.decision_split}": self.acc_original,
-            f"acc_final_{self.decision_split}": self.acc_now,
+            f"acc_original_{self.decision_split}": acc_original,
+            f"acc_final_{self.decision_split}": acc_final,
             f"acc_original_{self.report_split}": self.acc_original_report,
             f"acc_final_{self.report_split}": acc_report,
         }
@@ -465,7 +500,18 @@ class PruningRun:
             **{f"flops_{phase}": self.timer.work_total(phase)["flops"] for phase in WORK_PHASES},
             # Every phase's work, the dense training and test reporting included.
             "compute": {phase: dict(work) for phase, work in sorted(self.timer.work.items())},
+            **step_data,
             **extra,
+        }
+
+    def _step_data_summary(self) -> dict[str, Any]:
+        """What the steps' share of the data was and what they measured on it."""
+        split = self.decision_split
+        return {
+            "train_images": len(self.step_data.train.dataset),
+            f"{split}_images": len(self._loader(split, self.step_data).dataset),
+            f"acc_original_{split}": self.acc_original,
+            f"acc_last_step_{split}": self.rows[-1][f"{split}_acc"] if self.rows else None,
         }
 
 

@@ -135,6 +135,9 @@ class ICE:
     final_finetune_epochs: int
     final_lr_factor: float  # the recovery fine-tune's lr: this times lr(x)
     unit_epochs: Any = None  # {unit name pattern: fine-tune epochs}, e.g. DenseNet's blocks 3-4
+    # The steps' share of the data (the run builds it; the final fine-tune uses all of it).
+    step_train_fraction: float | None = None
+    step_eval_fraction: float | None = None
     name: str  # the label of reports, W&B tags and run names
     grid: Any = None  # the tuning stage's search spaces (conf/tune/), not used by the loop
     ranges: Any = None
@@ -164,6 +167,7 @@ class ICE:
                 epochs=epochs,
                 frozen_params=run.frozen_params(),
             )
+        run.use_full_data()
         final = self.final_finetune(run, distill)
         return run.summary(
             frozen_layers=frozen,
