@@ -244,6 +244,7 @@ RULES: dict[str, Rule] = {
     "trainer.device_data_gb": _number_at_least(0, " (GiB)"),
     "trainer.prefetch_factor": _int_at_least(1),
     "trainer.amp": _auto_or_boolean(),
+    "trainer.amp_dtype": _one_of("bfloat16", "float16"),
     "trainer.channels_last": _auto_or_boolean(),
     "trainer.cudnn_benchmark": _auto_or_boolean(),
     "trainer.compile": _boolean(),

@@ -128,6 +128,9 @@ def test_paper_experiments_compose_to_the_reference_settings(experiment, freeze_
     assert cfg.dataset.val_fraction == 0 and built.decision_split == "test"
     if pipeline == "ice":
         assert built.freeze_lr == freeze_lr
+    # The reference's AMP (DenseNet, WRN) is fp16 with a gradient scaler; its ResNet runs FP32.
+    fp16 = experiment != "resnet152_cifar10"
+    assert cfg.trainer.amp_dtype == ("float16" if fp16 else "bfloat16")
     if experiment == "wrn101_imagenet":  # cross-entropy only, batch 256, Resize((224, 224))
         assert not built.finetune.distill and cfg.trainer.batch_size == 256
         assert cfg.dataset.train_subset == 128117  # 10% of ImageNet's train images

@@ -26,6 +26,14 @@ def test_evaluate_is_percent_top1():
     assert trainer.evaluate(nn.Identity(), DataLoader(TensorDataset(x, y), batch_size=2)) == 75.0
 
 
+def test_accuracy_is_computed_in_the_references_order():
+    """correct / total * 100 (METHOD.md section 7): 1 of 3 is 33.33333333333333, not the
+    33.333333333333336 of 100 * correct / total, so a drop exactly at thre decides alike."""
+    x, y = torch.eye(3), torch.tensor([0, 0, 0])  # the identity model gets 1 of 3
+    acc = Trainer(torch.device("cpu")).evaluate(nn.Identity(), DataLoader(TensorDataset(x, y)))
+    assert acc == 1 / 3 * 100 != 100 * 1 / 3
+
+
 def test_fit_learns_and_keeps_eval_mode_consistent():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -163,3 +171,22 @@ def test_deterministic_turns_cudnn_benchmark_off_and_deterministic_on(monkeypatc
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     cfg.deterministic = False
     assert Trainer.from_config(cfg).cudnn_benchmark
+
+
+def test_fp16_autocast_trains_through_a_gradient_scaler():
+    """trainer.amp_dtype=float16 (the reference's DenseNet and WRN AMP): a step whose scaled
+    gradients overflow is skipped and the scale lowered; then training goes on and learns."""
+    torch.manual_seed(0)
+    trainer = Trainer(torch.device("cpu"), amp=True, amp_dtype="float16")
+    assert Trainer(torch.device("cpu"), amp=True).scaler is None  # bf16 needs none
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = sgd(model.parameters(), lr=0.1)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    trainer.train_epoch(model, [(x, y)], optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert trainer.scaler.get_scale() < 2.0**100
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    trainer.fit(model, loader(), optimizer, epochs=5)
+    assert trainer.evaluate(model, loader(seed=1)) > 90

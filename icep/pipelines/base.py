@@ -396,6 +396,7 @@ class PruningRun:
         accuracies, the rows so far, the pipeline's one-off state, the timers and RNG states."""
         if self.checkpoint_path is None:
             return
+        scaler = self.trainer.scaler
         with self.timer.phase("checkpoint"), atomic_open(self.checkpoint_path) as f:
             torch.save(
                 {
@@ -415,6 +416,7 @@ class PruningRun:
                     "timer": dict(self.timer.totals),
                     "work": {phase: dict(work) for phase, work in self.timer.work.items()},
                     "rng": _rng_state(self.data),
+                    "scaler": None if scaler is None else scaler.state_dict(),
                 },
                 f,
             )
@@ -446,6 +448,8 @@ class PruningRun:
         self._work_recorded = self.timer.work_total(*COST_PHASES)
         self._seconds_recorded = {phase: self.timer.total(phase) for phase in STEP_PHASES}
         self.resumed_from = blob["steps"]
+        if blob.get("scaler") and self.trainer.scaler is not None:
+            self.trainer.scaler.load_state_dict(blob["scaler"])
         self.logger.rewrite_steps(self.rows)  # drops a row written after the checkpoint
         _set_rng_state(blob["rng"], self.data)
 
