@@ -108,6 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 checkpoint=out / CHECKPOINT,
                 config=fingerprint(config),
                 ignored_layers=cfg.model.get("ignored_layers", ()),
+                ties=cfg.get("ties", "stable"),
                 step_data=step_data(pipeline_cfg, data, cfg.seed),
             )
             if cfg.optuna.trial is not None:

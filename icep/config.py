@@ -245,6 +245,7 @@ RULES: dict[str, Rule] = {
     "trainer.prefetch_factor": _int_at_least(1),
     "trainer.amp": _auto_or_boolean(),
     "trainer.amp_dtype": _one_of("bfloat16", "float16"),
+    "ties": _one_of("stable", "sort"),
     "trainer.channels_last": _auto_or_boolean(),
     "trainer.cudnn_benchmark": _auto_or_boolean(),
     "trainer.compile": _boolean(),

@@ -197,6 +197,15 @@ CASES = {
         ["pipeline.final_finetune_epochs=-1"],
         ["pipeline.final_finetune_epochs: got -1; must be an integer >= 0"],
     ),
+    "ties unknown": (["ties=random"], ["ties: got 'random'; must be stable or sort"]),
+    "amp dtype unknown": (
+        ["trainer.amp_dtype=fp8"],
+        ["trainer.amp_dtype: got 'fp8'; must be bfloat16 or float16"],
+    ),
+    "step share zero": (
+        ["pipeline.step_train_fraction=0"],
+        ["pipeline.step_train_fraction: got 0; must be null or a number in (0, 1]"],
+    ),
     "thre negative": (["pipeline.thre=-1"], ["pipeline.thre: got -1; must be a number >= 0"]),
     "fr above 1": (["pipeline.fr=1.5"], ["pipeline.fr: got 1.5; must be a number in [0, 1]"]),
     "p zero": (["pipeline.p=0"], ["pipeline.p: got 0; must be a number strictly between 0 and 1"]),

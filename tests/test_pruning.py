@@ -368,3 +368,23 @@ def test_criterion_with_wrong_shape_is_rejected():
     engine = PruningEngine(cifar_resnet(20), torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="shape"):
         engine.prune_unit(0, 0.5, lambda conv: torch.zeros(3))
+
+
+@pytest.mark.parametrize("ties", ["stable", "sort"])
+def test_equal_scores_at_the_cut_follow_ties(ties):
+    """ties=stable cuts the lowest channel indices among equal scores; ties=sort follows
+    torch.sort's order (not stable beyond 16 values on the CPU), as the reference does."""
+    model = cifar_resnet(20).eval()
+    conv, bn = model.layer3[0].conv1, model.layer3[0].bn1
+    with torch.no_grad():
+        conv.weight.fill_(0.01)  # 64 filters, all with the same L1 norm
+        bn.weight.copy_(torch.arange(64.0))  # each channel's tag, read back after the cut
+    scores = L1()(conv)
+    engine = PruningEngine(model, torch.zeros(1, 3, 32, 32), ties=ties)
+    unit = next(u.index for u in engine.units if u.name == "layer3.0")
+    engine.prune_unit(unit, 0.25, L1())
+    kept = model.layer3[0].bn1.weight.detach().long().tolist()
+    stable_kept = list(range(16, 64))
+    sort_kept = sorted(set(range(64)) - set(torch.sort(scores).indices[:16].tolist()))
+    assert sort_kept != stable_kept  # the two orders differ here, so the test tells them apart
+    assert kept == (stable_kept if ties == "stable" else sort_kept)

@@ -53,6 +53,7 @@ class PruningRun:
         config: dict[str, Any] | None = None,
         ignored_layers: Sequence[str] = (),
         step_data: Data | None = None,
+        ties: str = "stable",
     ):
         """``checkpoint``: where to write the run's state after every step (None: nowhere), with
         ``config``, the run's resolved config, so a resume with another config is refused.
@@ -60,6 +61,7 @@ class PruningRun:
         shell patterns). ``step_data``: a share of ``data`` (:func:`icep.data.subsample`) the
         steps fine-tune, score and decide on, as the reference's DenseNet run does, until
         :meth:`use_full_data`; the report split and the summary's accuracies use all of ``data``.
+        ``ties``: how equal scores are ordered at a cut (``stable`` | ``sort``: PruningEngine).
         """
         self.model = model
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
@@ -74,6 +76,7 @@ class PruningRun:
         self.logger = logger
         self.example_inputs = torch.zeros(1, *data.input_shape, device=trainer.device)
         self.ignored_layers = list(ignored_layers)
+        self.ties = ties
         self.engine = self.new_engine(model)
         self.macs_before, self.params_before = count_macs_params(model, self.example_inputs)
         self.rows: list[dict[str, Any]] = []
@@ -100,9 +103,8 @@ class PruningRun:
     def new_engine(self, model: nn.Module) -> PruningEngine:
         """A pruning engine on ``model`` (the run's, or a copy), with the run's ignored layers."""
         name = type(model).__name__
-        return PruningEngine(
-            model, self.example_inputs, ignored_modules(model, self.ignored_layers, name)
-        )
+        ignored = ignored_modules(model, self.ignored_layers, name)
+        return PruningEngine(model, self.example_inputs, ignored, ties=self.ties)
 
     @property
     def units(self) -> list[Unit]:

@@ -115,9 +115,16 @@ class PruningEngine:
         model: nn.Module,
         example_inputs: torch.Tensor | Sequence[torch.Tensor],
         ignored_layers: list[nn.Module] | None = None,
+        ties: str = "stable",
     ):
+        """``ties``: how equal scores are ordered where a cut falls among them: ``stable`` (the
+        lower channel index is cut first) or ``sort`` (``torch.sort``'s order, not stable, on
+        the scores' device: the reference code's)."""
+        if ties not in ("stable", "sort"):
+            raise ValueError(f"ties must be stable or sort, not {ties!r}")
         self.model = model
         self.example_inputs = example_inputs
+        self.ties = ties
         self.ignored_layers = list(ignored_layers or [])
         classifier = _last_linear(model)
         if classifier is not None and classifier not in self.ignored_layers:
@@ -271,8 +278,9 @@ class PruningEngine:
         if scores is None:
             positions = list(range(n // groups))
         else:
-            means = scores.view(groups, size).mean(dim=0)
-            positions = torch.argsort(means, stable=True)[: n // groups].tolist()
+            means = scores if groups == 1 else scores.view(groups, size).mean(dim=0)
+            order = torch.sort(means, stable=self.ties == "stable").indices
+            positions = order[: n // groups].tolist()
         return sorted(p + g * size for g in range(groups) for p in positions)
 
     def prune_channels(self, channels: dict[str, Sequence[int]]) -> int:

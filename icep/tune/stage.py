@@ -184,6 +184,7 @@ def tune_pipeline(
                 criterion,
                 logger,
                 ignored_layers=cfg.model.get("ignored_layers", ()),
+                ties=cfg.get("ties", "stable"),
             )
             if pruner_enabled(pruner):
                 run.on_step.append(StepReporter(trial))
