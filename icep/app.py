@@ -126,7 +126,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             }
             if tuning is not None:
                 summary.update(
-                    tuning.summary_fields(summary["time_total_s"], summary["flops_total"])
+                    tuning.summary_fields(
+                        summary["time_total_s"], summary["flops_total"], summary["time_wall_s"]
+                    )
                 )
         save_model(model, arch_spec(cfg, data), out / "model.pt", summary=scalars(summary))
         summary["model_path"] = str(out / "model.pt")

@@ -192,6 +192,7 @@ RULES: dict[str, Rule] = {
     "pipeline.freeze_norm": _one_of("auto", "after", "before"),
     "pipeline.step_train_fraction": _null_or_share(),
     "pipeline.step_eval_fraction": _null_or_share(),
+    "pipeline.final_eval": _one_of("all", "step"),
     "pipeline.final_lr_factor": _positive(),
     "pipeline.unit_epochs": (
         (lambda v: OmegaConf.is_dict(v) and all(_int(e) and e >= 1 for e in v.values())),
@@ -246,6 +247,7 @@ RULES: dict[str, Rule] = {
     "trainer.amp": _auto_or_boolean(),
     "trainer.amp_dtype": _one_of("bfloat16", "float16"),
     "ties": _one_of("stable", "sort"),
+    "tune.final_finetune": _boolean(),
     "trainer.channels_last": _auto_or_boolean(),
     "trainer.cudnn_benchmark": _auto_or_boolean(),
     "trainer.compile": _boolean(),

@@ -139,6 +139,7 @@ def test_paper_experiments_compose_to_the_reference_settings(experiment, freeze_
         assert built.unit_epochs == {"features.denseblock3.*": 2, "features.denseblock4.*": 2}
         assert (built.final_finetune_epochs, built.final_lr_factor) == (4, 2.0)
         assert (built.step_train_fraction, built.step_eval_fraction) == (0.02, 0.02)
+        assert built.final_eval == "step"  # its final epochs report on the 2% share
         assert cfg.dataset.augment == "none" and not built.finetune.distill
     elif pipeline == "ice":  # the steps use all the data
         assert (built.step_train_fraction, built.step_eval_fraction) == (None, None)

@@ -48,7 +48,10 @@ def _csv(path):
 def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp_path, cache_dir):
     out = tmp_path / sampler
     wandb = ["logger=wandb", "logger.mode=offline", "name=tunewb"] if sampler == "tpe" else []
-    result = run_icep([f"tune={sampler}", "tune.n_trials=3", *SMALL, *wandb], out, cache_dir)
+    # grid: with a recovery fine-tune, which the trials leave out as the reference's do
+    recovery = ["pipeline.final_finetune_epochs=1"] if sampler == "grid" else []
+    args = [f"tune={sampler}", "tune.n_trials=3", *SMALL, *wandb, *recovery]
+    result = run_icep(args, out, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 
     trials = _csv(out / "tune_trials.csv")
@@ -86,6 +89,9 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
         summary["time_search_s"] + summary["time_final_s"]
     )
     assert summary["time_search_s"] >= sum(float(t["duration_s"]) for t in trials) - 1e-6
+    assert summary["time_wall_with_search_s"] == pytest.approx(
+        summary["time_search_s"] + summary["time_wall_s"]
+    )
     assert "time with search" in result.stdout
     # The search's counted work is every trial's, whatever its end; the tuned run pays for it.
     trial_flops = [
@@ -94,6 +100,9 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
     ]
     completed = [s["flops_total"] for s in trial_flops if s["status"] == "completed"]
     assert tune["search_flops"] >= sum(completed) > 0
+    if recovery:
+        assert all(not s.get("final_finetune") for s in trial_flops)
+        assert summary["final_finetune"]["epochs"] == 1
     assert summary["flops_search"] == tune["search_flops"]
     assert summary["flops_total_with_search"] == summary["flops_search"] + summary["flops_total"]
     assert "compute with search" in result.stdout

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,10 @@ class PruningRun:
         self._dense: nn.Module | None = None  # the unpruned model, kept when resuming
         self._work_recorded = dict.fromkeys(WORK_KEYS, 0)  # the work up to the last row
         self._seconds_recorded: dict[str, float] = {}  # STEP_PHASES' seconds up to the last row
+        # Wall-clock seconds of the run (everything, as the reference's timer), attempts before a
+        # resume included.
+        self._wall_started = time.perf_counter()
+        self._wall_before = 0.0
 
     def new_engine(self, model: nn.Module) -> PruningEngine:
         """A pruning engine on ``model`` (the run's, or a copy), with the run's ignored layers."""
@@ -133,12 +139,17 @@ class PruningRun:
         with self.timer.phase("report"):
             return self.trainer.evaluate(self.model, loader, split)
 
-    def use_full_data(self) -> None:
-        """From now on train and decide on all of the data (ICE's final fine-tune after a loop
-        on step data, as the reference's DenseNet run)."""
-        if self.on_step_data:
+    def use_full_data(self, evaluate_on_share: bool = False) -> None:
+        """From now on train on all of the data (ICE's final fine-tune after a loop on step
+        data, as the reference's DenseNet run), and decide on all of it too, or with
+        ``evaluate_on_share`` still on the steps' share (the reference's final epochs)."""
+        if not self.on_step_data:
+            return
+        if evaluate_on_share:
+            self.data = dataclasses.replace(self.step_data, train=self.full_data.train)
+        else:
             self.data = self.full_data
-            self._acc_now_full = False
+        self._acc_now_full = False
 
     def pending(self, steps: Sequence[Any]) -> Sequence[Any]:
         """The ``steps`` not done yet: all of them, or those after a resumed run's checkpoint."""
@@ -227,6 +238,11 @@ class PruningRun:
     def seconds(self, *phases: str) -> float:
         """Seconds spent so far in ``phases`` (by default the cost phases)."""
         return self.timer.total(*(phases or COST_PHASES))
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds since the run began: every phase, reporting evaluations, MAC
+        counting and checkpoints included (the earlier attempts' too, for a resumed run)."""
+        return self._wall_before + time.perf_counter() - self._wall_started
 
     def pruned_copy(self, unit: int, ratio: float) -> nn.Module:
         """A copy of the model with unit ``unit`` pruned by ``ratio`` (the run's model is left
@@ -419,6 +435,7 @@ class PruningRun:
                     "work": {phase: dict(work) for phase, work in self.timer.work.items()},
                     "rng": _rng_state(self.data),
                     "scaler": None if scaler is None else scaler.state_dict(),
+                    "wall_s": self.wall_seconds(),
                 },
                 f,
             )
@@ -450,6 +467,8 @@ class PruningRun:
         self._work_recorded = self.timer.work_total(*COST_PHASES)
         self._seconds_recorded = {phase: self.timer.total(phase) for phase in STEP_PHASES}
         self.resumed_from = blob["steps"]
+        self._wall_before = blob.get("wall_s", 0.0)
+        self._wall_started = time.perf_counter()
         if blob.get("scaler") and self.trainer.scaler is not None:
             self.trainer.scaler.load_state_dict(blob["scaler"])
         self.logger.rewrite_steps(self.rows)  # drops a row written after the checkpoint
@@ -500,6 +519,7 @@ class PruningRun:
             "time_freeze_analysis_s": t.get("freeze_analysis", 0.0),
             "time_report_s": t.get("report", 0.0),
             "time_checkpoint_s": t.get("checkpoint", 0.0),
+            "time_wall_s": self.wall_seconds(),
             "flops_total": cost_work["flops"],
             "images_fwd_total": cost_work["images_fwd"],
             "images_bwd_total": cost_work["images_bwd"],

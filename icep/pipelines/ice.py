@@ -138,6 +138,7 @@ class ICE:
     # The steps' share of the data (the run builds it; the final fine-tune uses all of it).
     step_train_fraction: float | None = None
     step_eval_fraction: float | None = None
+    final_eval: str = "all"  # all | step: the split share the final fine-tune's epochs report on
     name: str  # the label of reports, W&B tags and run names
     grid: Any = None  # the tuning stage's search spaces (conf/tune/), not used by the loop
     ranges: Any = None
@@ -167,7 +168,7 @@ class ICE:
                 epochs=epochs,
                 frozen_params=run.frozen_params(),
             )
-        run.use_full_data()
+        run.use_full_data(evaluate_on_share=self.final_eval == "step")
         final = self.final_finetune(run, distill)
         return run.summary(
             frozen_layers=frozen,
