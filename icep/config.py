@@ -195,8 +195,12 @@ RULES: dict[str, Rule] = {
     "pipeline.final_eval": _one_of("all", "step"),
     "pipeline.final_lr_factor": _positive(),
     "pipeline.unit_epochs": (
-        (lambda v: OmegaConf.is_dict(v) and all(_int(e) and e >= 1 for e in v.values())),
-        "a mapping of unit name patterns to epochs >= 1, e.g. {features.denseblock3.*: 2}",
+        (
+            lambda v: (
+                v is None or (OmegaConf.is_dict(v) and all(_int(e) and e >= 1 for e in v.values()))
+            )
+        ),
+        "null or a mapping of unit name patterns to epochs >= 1, e.g. {features.denseblock3.*: 2}",
     ),
     "pipeline.p": _open_share(),
     "pipeline.beta": _positive(),
@@ -247,7 +251,7 @@ RULES: dict[str, Rule] = {
     "trainer.amp": _auto_or_boolean(),
     "trainer.amp_dtype": _one_of("bfloat16", "float16"),
     "ties": _one_of("stable", "sort"),
-    "tune.final_finetune": _boolean(),
+    "tune.extra_epochs": _boolean(),
     "trainer.channels_last": _auto_or_boolean(),
     "trainer.cudnn_benchmark": _auto_or_boolean(),
     "trainer.compile": _boolean(),

@@ -8,7 +8,7 @@ import json
 
 import optuna
 import pytest
-from conftest import FAST, ROOT, run_icep
+from conftest import FAST, ROOT, read_jsonl, run_icep
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from test_tune_space import PAPER_GRID as PAPER_GRID_EXPRESSIONS
@@ -48,8 +48,14 @@ def _csv(path):
 def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp_path, cache_dir):
     out = tmp_path / sampler
     wandb = ["logger=wandb", "logger.mode=offline", "name=tunewb"] if sampler == "tpe" else []
-    # grid: with a recovery fine-tune, which the trials leave out as the reference's do
-    recovery = ["pipeline.final_finetune_epochs=1"] if sampler == "grid" else []
+    # grid: with a recovery fine-tune and 2 epochs for a unit, which the trials leave out as the
+    # reference's do (tune.extra_epochs=false); no trigger: every step fine-tunes
+    recovery = [
+        "pipeline.final_finetune_epochs=1",
+        "pipeline.unit_epochs={layer3.2: 2}",
+        "pipeline.trigger=false",
+    ]
+    recovery = recovery if sampler == "grid" else []
     args = [f"tune={sampler}", "tune.n_trials=3", *SMALL, *wandb, *recovery]
     result = run_icep(args, out, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,6 +109,10 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
     if recovery:
         assert all(not s.get("final_finetune") for s in trial_flops)
         assert summary["final_finetune"]["epochs"] == 1
+        trial_rows = read_jsonl(out / "trials" / "0000" / "metrics.jsonl")
+        final_rows = read_jsonl(out / "metrics.jsonl")
+        assert [r["epochs"] for r in final_rows if r["unit"] == "layer3.2"] == [2]
+        assert [r["epochs"] for r in trial_rows] == [1] * 9
     assert summary["flops_search"] == tune["search_flops"]
     assert summary["flops_total_with_search"] == summary["flops_search"] + summary["flops_total"]
     assert "compute with search" in result.stdout

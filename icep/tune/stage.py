@@ -162,8 +162,11 @@ def tune_pipeline(
     def objective(trial: optuna.Trial) -> list[float]:
         params = space.suggest(trial)
         pipeline_cfg = OmegaConf.merge(cfg.pipeline, params)
-        if not tcfg.get("final_finetune", False) and "final_finetune_epochs" in pipeline_cfg:
-            pipeline_cfg.final_finetune_epochs = 0  # the reference's trials end with the loop
+        if not tcfg.get("extra_epochs", False):  # the reference's trials: one epoch a unit
+            if "final_finetune_epochs" in pipeline_cfg:
+                pipeline_cfg.final_finetune_epochs = 0
+            if "unit_epochs" in pipeline_cfg:
+                pipeline_cfg.unit_epochs = None
         validate(OmegaConf.create({"pipeline": pipeline_cfg}))  # a bad point fails the trial
         logger = make_trial_logger(
             out / "trials" / f"{trial.number:04d}",
