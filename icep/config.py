@@ -347,6 +347,14 @@ def _check_pipeline(p: DictConfig) -> None:
             "pipeline.delta",
             f"got {delta}; must be below pipeline.base ({base}) so lr(x) stays positive",
         )
+    if p.get("schedule", "blockwise") != "blockwise":
+        for key in ("unit_epochs", "final_finetune_epochs"):
+            if p.get(key):
+                raise ConfigError(
+                    f"pipeline.{key}",
+                    f"is for schedule=blockwise (units pruned one at a time); schedule="
+                    f"{p.schedule} prunes every unit at each step: leave {key} out",
+                )
     if p.get("one_shot") is not None and p.one_shot >= p.target:
         raise ConfigError(
             "pipeline.one_shot", f"got {p.one_shot}; must be below pipeline.target ({p.target})"

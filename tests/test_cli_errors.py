@@ -197,6 +197,13 @@ CASES = {
         ["pipeline.final_finetune_epochs=-1"],
         ["pipeline.final_finetune_epochs: got -1; must be an integer >= 0"],
     ),
+    "final epochs on a schedule": (
+        ["pipeline=iterative_geometric", "pipeline.final_finetune_epochs=2"],
+        [
+            "pipeline.final_finetune_epochs: is for schedule=blockwise",
+            "leave final_finetune_epochs out",
+        ],
+    ),
     "ties unknown": (["ties=random"], ["ties: got 'random'; must be stable or sort"]),
     "amp dtype unknown": (
         ["trainer.amp_dtype=fp8"],

@@ -278,12 +278,23 @@ def test_frozen_norms_follow_the_block_layout():
     assert f"{layer}.conv2" not in paired_norms(densenet, convs, "after")  # a concat follows
 
 
-def test_densenet_units_in_blocks_3_and_4_fine_tune_two_epochs():
-    densenet = build_pipeline("ice_densenet")
-    assert densenet.policy_for("features.denseblock3.denselayer5").epochs == 2
-    assert densenet.policy_for("features.denseblock4.denselayer1").epochs == 2
-    assert densenet.policy_for("features.denseblock2.denselayer1").epochs == 1
-    assert (densenet.final_finetune_epochs, densenet.final_lr_factor) == (4, 2.0)
+@pytest.mark.parametrize("pipeline", ["ice", "iterative"])
+def test_densenet_units_in_blocks_3_and_4_fine_tune_two_epochs(pipeline):
+    """The DenseNet experiment, ICE and the baseline alike (METHOD.md section 7)."""
+    from hydra import compose, initialize_config_module
+
+    from icep.config import build
+
+    overrides = ["+experiment=densenet121_tinyimagenet", f"pipeline={pipeline}"]
+    if pipeline == "ice":
+        overrides[1] = "pipeline=ice_densenet"
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        densenet = build(compose("config", overrides=overrides), "pipeline")
+    policy = densenet.unit_policy
+    assert policy(densenet.finetune, "features.denseblock3.denselayer5").epochs == 2
+    assert policy(densenet.finetune, "features.denseblock4.denselayer1").epochs == 2
+    assert policy(densenet.finetune, "features.denseblock2.denselayer1").epochs == 1
+    assert densenet.final_finetune_epochs == 4
     assert ice().policy_for("features.denseblock3.denselayer5").epochs == 1
 
 
@@ -382,3 +393,17 @@ def test_step_data_runs_the_loop_on_its_share_and_the_recovery_on_all(
     parts = ("time_total_s", "time_report_s", "time_checkpoint_s")
     assert summary["time_wall_s"] >= sum(summary[k] for k in parts) > 0
     assert resumed["time_wall_s"] > blob["wall_s"] > 0
+
+
+def test_the_baseline_takes_the_reference_densenet_additions(digits, dense_state, tmp_path):
+    """pipeline=iterative with unit_epochs and a final fine-tune, as the reference's DenseNet
+    baseline: the matching units fine-tune longer, the final epochs run at finetune.lr."""
+    baseline = build_pipeline(
+        "iterative", **{"unit_epochs": "{layer3.*: 2}", "final_finetune_epochs": 1}
+    )
+    run, summary = run_pipeline(baseline, digits, dense_state, tmp_path)
+    assert [r["epochs"] for r in run.rows] == [1] * 6 + [2] * 3
+    final = summary["final_finetune"]
+    assert (final["epochs"], final["lr"]) == (1, baseline.finetune.lr)
+    assert final["val_accs"][-1] == summary["acc_final_val"]
+    assert summary["finetunes"] == 9 + 1

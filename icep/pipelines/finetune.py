@@ -5,10 +5,12 @@ weights it ends with and returns the epochs it ran. The run counts it as one fin
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -88,3 +90,49 @@ class Patience(FineTune):
             run.put_back(best_state, best_acc)
         log.info("%s: %d epochs, best %.2f%% after epoch %d", desc, epoch, best_acc, best_epoch)
         return epoch
+
+
+@dataclass(kw_only=True)
+class Recovery:
+    """What a block-wise loop may add around its fine-tunes, as the reference's DenseNet runs
+    (ICE and the baseline): more epochs for some units, a final fine-tune after the loop, and
+    steps that train and decide on a share of the data (the run builds it from the two
+    ``step_*_fraction`` keys, :func:`icep.app.step_data`)."""
+
+    unit_epochs: Any = None  # {unit name pattern: fine-tune epochs}, e.g. DenseNet's blocks 3-4
+    final_finetune_epochs: int = 0  # epochs after the last step, with one optimizer
+    final_eval: str = "all"  # all | step: the share the final epochs are evaluated on
+    step_train_fraction: float | None = None
+    step_eval_fraction: float | None = None
+
+    def unit_policy(self, finetune: FineTune, unit: str) -> FineTune:
+        """``finetune`` with the epochs of the first ``unit_epochs`` pattern that matches the
+        unit's name (fixed-epoch policies only)."""
+        for pattern, epochs in (self.unit_epochs or {}).items():
+            if fnmatch.fnmatchcase(unit, pattern) and isinstance(finetune, FixedEpochs):
+                return dataclasses.replace(finetune, epochs=int(epochs))
+        return finetune
+
+    def recover_after_loop(
+        self, run: PruningRun, finetune: FineTune, lr: float, distill: Distillation | None
+    ) -> dict[str, Any]:
+        """Train on all of the data from now on, then ``final_finetune_epochs`` epochs at ``lr``
+        with one optimizer (as the reference), evaluating after each; the summary's record."""
+        run.use_full_data(evaluate_on_share=self.final_eval == "step")
+        if self.final_finetune_epochs <= 0:
+            return {}
+        before = run.seconds()
+        optimizer = run.new_optimizer(finetune.optimizer, lr)
+        accs = []
+        for epoch in range(self.final_finetune_epochs):
+            desc = f"recovery fine-tune {epoch + 1}/{self.final_finetune_epochs}"
+            run.fit(optimizer, 1, distill, desc)
+            accs.append(run.evaluate())
+        run.finetunes += 1
+        return {
+            "epochs": self.final_finetune_epochs,
+            "lr": lr,
+            "seconds": run.seconds() - before,
+            f"{run.decision_split}_accs": accs,
+            "best_acc": max(accs),
+        }

@@ -6,8 +6,6 @@ learning rate (:func:`pruning_aware_lr`). Switching all three off gives the base
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import logging
 import math
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from icep.pipelines.base import PruningRun
-from icep.pipelines.finetune import FineTune, FixedEpochs
+from icep.pipelines.finetune import FineTune, Recovery
 from icep.pruning import PruningEngine
 from icep.train import Distillation
 
@@ -112,7 +110,7 @@ def analyse_freezing(run: PruningRun, ice: ICE, distill: Distillation | None) ->
 
 # --- The loop ----------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class ICE:
+class ICE(Recovery):
     """ICE-Pruning: every unit pruned once by ``ratio`` in forward order; after each prune the
     trigger decides whether to fine-tune, at the pruning-aware lr, with the least-changing
     layers frozen. Built from conf/pipeline/ice.yaml; with ``trigger``, ``freeze`` and
@@ -132,13 +130,7 @@ class ICE:
     beta: float
     delta: float
     decision_split: str
-    final_finetune_epochs: int
-    final_lr_factor: float  # the recovery fine-tune's lr: this times lr(x)
-    unit_epochs: Any = None  # {unit name pattern: fine-tune epochs}, e.g. DenseNet's blocks 3-4
-    # The steps' share of the data (the run builds it; the final fine-tune uses all of it).
-    step_train_fraction: float | None = None
-    step_eval_fraction: float | None = None
-    final_eval: str = "all"  # all | step: the split share the final fine-tune's epochs report on
+    final_lr_factor: float  # the final fine-tune's lr (Recovery): this times lr(x)
     name: str  # the label of reports, W&B tags and run names
     grid: Any = None  # the tuning stage's search spaces (conf/tune/), not used by the loop
     ranges: Any = None
@@ -168,8 +160,8 @@ class ICE:
                 epochs=epochs,
                 frozen_params=run.frozen_params(),
             )
-        run.use_full_data(evaluate_on_share=self.final_eval == "step")
-        final = self.final_finetune(run, distill)
+        lr = self.final_lr_factor * self.learning_rate(run)
+        final = self.recover_after_loop(run, self.finetune, lr, distill)
         return run.summary(
             frozen_layers=frozen,
             frozen_params=run.frozen_params(),
@@ -198,36 +190,8 @@ class ICE:
         return run.state["frozen"]
 
     def policy_for(self, unit: str) -> FineTune:
-        """The fine-tune policy of unit ``unit``: ``finetune``, with the epochs of the first
-        ``unit_epochs`` pattern that matches the unit's name (fixed-epoch policies only)."""
-        for pattern, epochs in (self.unit_epochs or {}).items():
-            if fnmatch.fnmatchcase(unit, pattern) and isinstance(self.finetune, FixedEpochs):
-                return dataclasses.replace(self.finetune, epochs=int(epochs))
-        return self.finetune
-
-    def final_finetune(self, run: PruningRun, distill: Distillation | None) -> dict[str, Any]:
-        """``final_finetune_epochs`` recovery epochs after the last step at
-        ``final_lr_factor * lr(x)`` (the reference: none for ResNet; DenseNet: 4 at 2 x lr(x)),
-        with the decision split's accuracy after each epoch."""
-        if self.final_finetune_epochs <= 0:
-            return {}
-        lr = self.final_lr_factor * self.learning_rate(run)
-        before = run.seconds()
-        optimizer = run.new_optimizer(self.finetune.optimizer, lr)  # one, as the reference
-        accs = []
-        for epoch in range(self.final_finetune_epochs):
-            desc = f"recovery fine-tune {epoch + 1}/{self.final_finetune_epochs}"
-            run.fit(optimizer, 1, distill, desc)
-            accs.append(run.evaluate())
-        run.finetunes += 1
-        seconds = run.seconds() - before
-        return {
-            "epochs": self.final_finetune_epochs,
-            "lr": lr,
-            "seconds": seconds,
-            f"{run.decision_split}_accs": accs,
-            "best_acc": max(accs),
-        }
+        """The fine-tune policy of unit ``unit`` (``unit_epochs``)."""
+        return self.unit_policy(self.finetune, unit)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings a summary reports, the fine-tune policy's included."""

@@ -1,5 +1,6 @@
 """Iterative pruning. ``schedule: blockwise`` is the baseline of METHOD.md section 2: every step
-prunes one unit by ``ratio``, then fine-tunes. ``constant`` and ``geometric`` (section 4) prune
+prunes one unit by ``ratio``, then fine-tunes (with the reference's DenseNet additions of
+:class:`~icep.pipelines.finetune.Recovery`). ``constant`` and ``geometric`` (section 4) prune
 every unit at each step, to the schedule's cumulative share of ``target`` over ``steps`` steps
 (:mod:`icep.pipelines.cumulative`)."""
 
@@ -10,11 +11,12 @@ from typing import Any
 
 from icep.pipelines.base import PruningRun
 from icep.pipelines.cumulative import SchedulePipeline
+from icep.pipelines.finetune import Recovery
 from icep.pruning.schedules import constant, geometric
 
 
 @dataclass(kw_only=True)
-class Iterative(SchedulePipeline):
+class Iterative(SchedulePipeline, Recovery):
     schedule: str  # blockwise | constant | geometric
     ratio: float  # blockwise: share of each unit's channels removed: ceil(ratio * C)
     steps: int  # constant, geometric: number of pruning steps
@@ -32,7 +34,9 @@ class Iterative(SchedulePipeline):
         for unit in run.pending(run.units):
             run.prune(unit, self.ratio)
             desc = f"fine-tune {unit.index + 1}/{len(run.units)}"
-            epochs = run.recover(self.finetune, distill=distill, desc=desc)
+            policy = self.unit_policy(self.finetune, unit.name)
+            epochs = run.recover(policy, distill=distill, desc=desc)
             lr = self.finetune.lr
             run.record(unit, ratio=self.ratio, finetuned=True, lr=lr, epochs=epochs)
-        return run.summary()
+        final = self.recover_after_loop(run, self.finetune, self.finetune.lr, distill)
+        return run.summary(**({"final_finetune": final} if final else {}))
