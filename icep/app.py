@@ -21,6 +21,7 @@ from icep.cli_errors import describe_error, exit_with, one_line
 from icep.config import build, pipeline_label, run_name, run_tags, uses_ratio, validate
 from icep.console import format_table, scalars
 from icep.errors import IcepError
+from icep.interrupts import Interrupted, stop_on_signals
 from icep.resume import CHECKPOINT, fingerprint, mark_job, put_back_earlier_hydra_files, resume_from
 from icep.seeding import seed_everything
 
@@ -81,7 +82,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "device": str(trainer.device),
     }
-    failed = True
+    failed, pruning = True, None
     try:
         model, origin = dense_model(cfg, data, trainer)
         if dense_only:
@@ -136,6 +137,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_summary(summary)
         (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt and summary.json replace it
         failed = False
+    except Interrupted as exc:
+        done = len(pruning.rows) if pruning is not None else 0
+        logger.log_summary({**head, "status": "interrupted", "reason": exc.name, "steps": done})
+        exc.steps = done
+        raise
     except Exception as exc:
         status = "pruned" if type(exc).__name__ == "TrialPruned" else "failed"
         logger.log_summary({**head, "status": status, "reason": one_line(exc)})
@@ -205,6 +211,18 @@ def _sweep_reporter(cfg: DictConfig):
     return StepReporter(attach_trial(cfg.optuna.storage, cfg.optuna.study_name, cfg.optuna.trial))
 
 
+def interrupted_line(exc: Interrupted) -> str:
+    """The one line a run stopped by a signal ends with: where it stopped, how to go on."""
+    hydra_cfg = HydraConfig.get()
+    steps = getattr(exc, "steps", None)
+    done = f" after {steps} pruning steps" if steps else ""
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        again = f"the same command with resume=true hydra.sweep.dir={hydra_cfg.sweep.dir}"
+    else:
+        again = f"resume=true hydra.run.dir={hydra_cfg.runtime.output_dir}"
+    return f"icep: {exc}{done}; {again} continues from the last checkpoint"
+
+
 # Set by main() unless the user asked for Hydra's full tracebacks (HYDRA_FULL_ERROR).
 _describe_errors = False
 
@@ -213,7 +231,12 @@ _describe_errors = False
 def _app(cfg: DictConfig) -> dict[str, Any] | None:
     """Returns the summary: a sweeper reads its objectives from it (hydra.sweeper.objectives)."""
     try:
-        return run(cfg)
+        with stop_on_signals():
+            return run(cfg)
+    except Interrupted as exc:  # the run stops, and a sweep with it
+        put_back_earlier_hydra_files()
+        print(interrupted_line(exc), file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
     except Exception as exc:
         put_back_earlier_hydra_files()  # a refused or failed start leaves an earlier run as it was
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -242,6 +265,9 @@ def main() -> None:
         _describe_errors = True
     try:
         _app()
+    except KeyboardInterrupt:  # Ctrl-C before the run began or after it ended: nothing to keep
+        print("icep: interrupted by SIGINT", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as exc:
         message = describe_error(exc) if own_errors else None
         if message is None:

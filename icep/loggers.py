@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from icep.interrupts import uninterruptible
 from icep.serialization import atomic_open
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class RunLogger:
         self.wandb_run = None
 
     def log_step(self, row: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
+        with uninterruptible(), self.metrics_path.open("a") as f:  # never half a row
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())

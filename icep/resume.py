@@ -63,6 +63,9 @@ def resume_from(
 
     path, summary = out / CHECKPOINT, out / "summary.json"
     requeued = path.is_file() and _requeued(out)
+    if cfg.resume or requeued:
+        for stale in out.glob(".*.tmp"):  # atomic writes a kill cut short (icep.serialization)
+            stale.unlink()
     if not (cfg.resume or requeued):
         if path.is_file() or summary.is_file():
             raise IcepError(
@@ -103,8 +106,6 @@ def resume_from(
             f"{', ...' if len(differ) > 3 else ''}); resume it with the same overrides, or start "
             "a new run folder"
         )
-    for stale in out.glob(f".{CHECKPOINT}.*.tmp"):  # a write the kill interrupted
-        stale.unlink()
     log.info("resume: continuing %s after step %d", out, blob["steps"])
     return blob
 

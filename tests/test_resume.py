@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
-from conftest import FAST, kill_after, read_jsonl, run_icep, start_icep
+from conftest import FAST, _icep_command, kill_after, read_jsonl, run_icep, start_icep
 
 # ICE with every component on and a low threshold, so steps differ in what they do.
 ARGS = [*FAST, "pipeline=ice", "pipeline.thre=0.5", "dataset.train_subset=600"]
@@ -35,7 +38,7 @@ def _assert_same_run(resumed, full) -> None:
     for key in ("acc_final_val", "acc_final_test", "params_after", "finetunes", "frozen_layers"):
         assert a[key] == b[key], key
     assert not (resumed / "checkpoint.pt").exists()
-    assert not list(resumed.glob(".checkpoint.pt.*"))
+    assert not list(resumed.glob(".*.tmp"))  # no write a kill cut short stays behind
 
 
 @pytest.mark.slow
@@ -122,3 +125,36 @@ def test_a_damaged_checkpoint_is_named(tmp_path, cache_dir):
     assert result.returncode == 2
     assert "checkpoint.pt cannot be read" in result.stderr and "delete it" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_with_one_line_and_resume(
+    signum, tmp_path, cache_dir, uninterrupted
+):
+    """SIGTERM (a scheduler's warning) and SIGINT (Ctrl-C) stop the run: one line, exit 128 +
+    the signal, "interrupted" in summary.json and a checkpoint that resume=true continues."""
+    out = tmp_path / "stopped"
+    command, env = _icep_command(ARGS, out, cache_dir, None, None, False)
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or len(read_jsonl(out / "metrics.jsonl")) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no step 2"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().count("\n") == 0, err  # one line, no traceback
+    assert err.startswith(f"icep: interrupted by {name} after ")
+    assert f"resume=true hydra.run.dir={out} continues" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["reason"]) == ("interrupted", name)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["steps"] == summary["steps"] >= 2
+    assert not list(out.glob(".*.tmp"))
+
+    resumed = run_icep([*ARGS, "resume=true"], out, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(out, uninterrupted)

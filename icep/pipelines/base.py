@@ -18,6 +18,7 @@ from torch import nn
 
 from icep.compute import WORK_KEYS
 from icep.data import Data
+from icep.interrupts import uninterruptible
 from icep.loggers import RunLogger
 from icep.pipelines.finetune import FineTune
 from icep.pruning import (
@@ -389,9 +390,10 @@ class PruningRun:
             "t_total": self.timer.total(*COST_PHASES),
             "flops_total": work["flops"],
         }
-        self.rows.append(row)
-        self.logger.log_step(row)
-        self.save_checkpoint()
+        with uninterruptible():  # a signal stops the run with the row and its checkpoint written
+            self.rows.append(row)
+            self.logger.log_step(row)
+            self.save_checkpoint()
         log.info(
             "step %d/%d %s: %s %.2f%%, %s, remaining %.3f, %.1fs so far",
             row["step"],

@@ -1,0 +1,49 @@
+"""Signals stop a run between writes, never inside one (icep.interrupts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from icep.interrupts import Interrupted, stop_on_signals, uninterruptible
+from icep.serialization import atomic_save
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_write_stops_the_run_after_it(signum, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    weights = {"w": torch.arange(1000.0)}
+    with stop_on_signals(), pytest.raises(Interrupted) as stopped:
+        with uninterruptible():
+            os.kill(os.getpid(), signum)  # delivered here, acted on after the block
+            atomic_save(weights, path)
+            written = True
+    assert written
+    assert torch.equal(torch.load(path, weights_only=True)["w"], weights["w"])
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert (stopped.value.signum, stopped.value.exit_code) == (signum, 128 + signum)
+
+
+def test_outside_a_write_the_signal_stops_at_once_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(), pytest.raises(Interrupted, match="interrupted by SIGTERM"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000_000):  # the handler runs between bytecodes, long before this ends
+            pass
+        raise AssertionError("not interrupted")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_take_the_umask_like_any_other_file(umask, tmp_path):
+    earlier = os.umask(umask)
+    try:
+        atomic_save({"w": torch.zeros(1)}, tmp_path / "a.pt")
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(earlier)
+    mode = (tmp_path / "a.pt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~umask
