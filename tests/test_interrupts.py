@@ -16,11 +16,10 @@ from icep.serialization import atomic_save
 def test_a_signal_during_a_write_stops_the_run_after_it(signum, tmp_path):
     path = tmp_path / "checkpoint.pt"
     weights = {"w": torch.arange(1000.0)}
-    with stop_on_signals(), pytest.raises(Interrupted) as stopped:
-        with uninterruptible():
-            os.kill(os.getpid(), signum)  # delivered here, acted on after the block
-            atomic_save(weights, path)
-            written = True
+    with stop_on_signals(), pytest.raises(Interrupted) as stopped, uninterruptible():
+        os.kill(os.getpid(), signum)  # delivered here, acted on after the block
+        atomic_save(weights, path)
+        written = True
     assert written
     assert torch.equal(torch.load(path, weights_only=True)["w"], weights["w"])
     assert not list(tmp_path.glob(".*.tmp"))
