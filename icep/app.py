@@ -22,15 +22,34 @@ from icep.config import build, pipeline_label, run_name, run_tags, uses_ratio, v
 from icep.console import format_table, scalars
 from icep.errors import IcepError
 from icep.interrupts import Interrupted, stop_on_signals
-from icep.resume import CHECKPOINT, fingerprint, mark_job, put_back_earlier_hydra_files, resume_from
+from icep.locks import locked
+from icep.resume import (
+    CHECKPOINT,
+    LOCK,
+    fingerprint,
+    mark_job,
+    put_back_earlier_hydra_files,
+    resume_from,
+    save_run_config,
+)
 from icep.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One run in the Hydra output folder; returns the summary."""
+    """One run in the Hydra output folder, which no other run may use meanwhile; returns the
+    summary."""
     validate(cfg)  # every key, before the data and the models: a typo fails fast
+    if cfg.get("dry_run"):
+        return dry_run(cfg)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    refusal = "wait for it to end, or choose another hydra.run.dir"
+    with locked(out / LOCK, f"the run folder {out}", wait=False, refusal=refusal):
+        return _run(cfg, out)
+
+
+def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # Imports here keep `python -m icep --help` and config errors fast.
     from icep.data import data_from_config
     from icep.dense import arch_spec, dense_model
@@ -40,12 +59,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from icep.train import Trainer
 
     dense_only = "_target_" not in cfg.pipeline  # pipeline=dense: train the unpruned model only
-    if cfg.get("dry_run"):
-        return dry_run(cfg)
     pipeline = None if dense_only else build(cfg, "pipeline")
     criterion = build(cfg, "criterion")
     make_logger = build(cfg, "logger")
-    out = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = resume_from(
         cfg, out, fingerprint(config), overrides=list(HydraConfig.get().overrides.task)
@@ -54,6 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary = json.loads((out / "summary.json").read_text())
         print(f"icep: {out} holds a completed run; nothing to resume", flush=True)
         return summary
+    save_run_config(out, fingerprint(config))
     mark_job(out)
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)

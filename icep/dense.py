@@ -17,6 +17,7 @@ from torch import nn
 
 from icep.data import Data, with_batch_size
 from icep.errors import IcepError
+from icep.locks import locked
 from icep.models import load_checkpoint
 from icep.serialization import atomic_save, load_model, save_model
 from icep.train import Trainer, sgd
@@ -171,6 +172,16 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
         model = load_checkpoint(build_model(cfg, data), cfg.model.checkpoint)
         return trainer.prepare(model), {"source": str(cfg.model.checkpoint)}
     path = cache_path(cfg, data, trainer.amp)
+    if not cfg.dense.cache:
+        return _cached_or_trained(cfg, data, trainer, path)
+    # One run trains a given dense model; one started meanwhile waits for it, then loads it.
+    with locked(path.with_name(f"{path.name}.lock"), f"the dense model {path}", wait=True):
+        return _cached_or_trained(cfg, data, trainer, path)
+
+
+def _cached_or_trained(
+    cfg: DictConfig, data: Data, trainer: Trainer, path: Path
+) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.dense.cache and path.is_file():
         log.info("dense model from the cache: %s", path)
         try:

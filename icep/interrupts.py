@@ -18,8 +18,9 @@ import threading
 from collections.abc import Iterator
 
 
-class Interrupted(Exception):
-    """The run was stopped by a signal; ``signum`` is the signal's number."""
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal; ``signum`` is the signal's number. A KeyboardInterrupt,
+    so ``except Exception`` handlers (and Optuna's ``catch``) let it through, as they do Ctrl-C."""
 
     def __init__(self, signum: int):
         self.signum = signum

@@ -19,6 +19,10 @@ from icep.errors import IcepError
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".icep.lock"  # held by the run using the folder (icep.locks)
+RUN_CONFIG = ".icep-config.json"  # the config of the run in the folder, from its start
+# What a run leaves in its folder: a folder holding any of these holds a run.
+STATE = (CHECKPOINT, "summary.json", "tune.db", "metrics.jsonl", "model.pt")
 # Keys that do not change what a run computes: a resume may differ in them.
 _RESUME_FREE = (
     "resume",
@@ -54,28 +58,32 @@ def resume_from(
     cfg: DictConfig, out: Path, config: dict[str, Any], overrides: list[str] = ()
 ) -> dict[str, Any] | str | None:
     """The checkpoint to continue from, "completed" when the run folder holds a finished run, or
-    None to start afresh. A folder that already holds a run is never overwritten.
+    None to start afresh. A folder that already holds a run (any of :data:`STATE`) is never
+    overwritten, and never continued by another config, checkpoint or not (a tuning search
+    killed before the first pruning step leaves only its study).
 
-    A key the checkpoint's config lacks was added to icep since it was written: unless the
-    command line (``overrides``) sets it, it holds its default, which by icep's rule for new keys
+    A key the saved config lacks was added to icep since it was written: unless the command
+    line (``overrides``) sets it, it holds its default, which by icep's rule for new keys
     computes what the run did before, so it does not block the resume."""
     from icep.pipelines.base import CHECKPOINT_FORMAT
 
     path, summary = out / CHECKPOINT, out / "summary.json"
     requeued = path.is_file() and _requeued(out)
-    if cfg.resume or requeued:
-        for stale in out.glob(".*.tmp"):  # atomic writes a kill cut short (icep.serialization)
-            stale.unlink()
+    held = [name for name in STATE if (out / name).exists()]
     if not (cfg.resume or requeued):
-        if path.is_file() or summary.is_file():
+        if held:
             raise IcepError(
-                f"{out} already holds a run ({'checkpoint.pt' if path.is_file() else 'summary.json'}"
-                "); resume=true continues it, or choose another hydra.run.dir"
+                f"{out} already holds a run ({held[0]}); resume=true continues it, or choose "
+                "another hydra.run.dir"
             )
         return None
+    for stale in out.glob(".*.tmp"):  # atomic writes a kill cut short (icep.serialization)
+        stale.unlink()
     if not path.is_file():
-        if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+        if summary.is_file() and _status(summary) == "completed":
             return "completed"
+        if held:
+            _check_same_config(_saved_config(out), config, overrides, out)
         log.warning("resume: %s has no checkpoint yet; starting the run from the beginning", out)
         return None
     try:
@@ -87,7 +95,41 @@ def resume_from(
         ) from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise IcepError(f"resume: {path} is not an icep checkpoint ({CHECKPOINT_FORMAT})")
-    saved = blob.get("config") or {}
+    _check_same_config(blob.get("config") or {}, config, overrides, out)
+    log.info("resume: continuing %s after step %d", out, blob["steps"])
+    return blob
+
+
+def _status(summary: Path) -> str | None:
+    try:
+        return json.loads(summary.read_text()).get("status")
+    except (ValueError, AttributeError):  # damaged, or not an object: not a completed run
+        return None
+
+
+def save_run_config(out: Path, config: dict[str, Any]) -> None:
+    """Note the config of the run in ``out`` (its :func:`fingerprint`), so that a later start
+    there is checked against it even before the first checkpoint."""
+    from icep.loggers import write_json
+
+    write_json(out / RUN_CONFIG, config)
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((out / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}  # a folder from before icep noted its config
+    return saved if isinstance(saved, dict) else {}
+
+
+def _check_same_config(
+    saved: dict[str, Any], config: dict[str, Any], overrides: list[str], out: Path
+) -> None:
+    """Refuse to continue the run in ``out`` with a config other than its own (``saved``;
+    empty: not known)."""
+    if not saved:
+        return
     named = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     added = sorted(
         k
@@ -106,8 +148,6 @@ def resume_from(
             f"{', ...' if len(differ) > 3 else ''}); resume it with the same overrides, or start "
             "a new run folder"
         )
-    log.info("resume: continuing %s after step %d", out, blob["steps"])
-    return blob
 
 
 JOB_MARK = ".icep-job"  # the scheduler job that wrote the run folder's checkpoint
@@ -149,12 +189,12 @@ _earlier_hydra_files: dict[Path, bytes] = {}
 
 
 class KeepEarlierRun(Callback):
-    """A Hydra callback (conf/config.yaml, hydra.callbacks) that snapshots the earlier run's
-    .hydra/*.yaml when ``hydra.run.dir`` already holds a run."""
+    """A Hydra callback (conf/config.yaml, hydra.callbacks) that snapshots the .hydra/*.yaml an
+    earlier start left in ``hydra.run.dir``."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         out, sub = Path(str(config.hydra.run.dir)), config.hydra.output_subdir
-        if sub is not None and ((out / CHECKPOINT).is_file() or (out / "summary.json").is_file()):
+        if sub is not None:  # any earlier start's, a run still going on included
             _earlier_hydra_files.update({f: f.read_bytes() for f in (out / sub).glob("*.yaml")})
 
 

@@ -46,3 +46,33 @@ def test_atomic_writes_take_the_umask_like_any_other_file(umask, tmp_path):
         os.umask(earlier)
     mode = (tmp_path / "a.pt").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_locked_folder_is_refused_and_a_cache_entry_waited_for(tmp_path, caplog):
+    import threading
+
+    from icep.errors import IcepError
+    from icep.locks import locked
+
+    lock = tmp_path / ".icep.lock"
+    with locked(lock, "the run folder x", wait=False):
+        assert lock.read_text().strip() == str(os.getpid())  # who holds it, for the message
+        with (
+            pytest.raises(IcepError, match=r"the run folder x is in use by another icep run"),
+            locked(lock, "the run folder x", wait=False, refusal="choose another"),
+        ):
+            pass
+    order = []
+
+    def second():
+        with locked(lock, "the dense model", wait=True):
+            order.append("second")
+
+    with caplog.at_level("INFO"), locked(lock, "the dense model", wait=True):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(timeout=0.5)
+        order.append("first")  # the second is still waiting
+    waiter.join(timeout=10)
+    assert order == ["first", "second"]
+    assert "waiting for another icep run" in caplog.text

@@ -158,3 +158,72 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_resume(
     resumed = run_icep([*ARGS, "resume=true"], out, cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(out, uninterrupted)
+
+
+def test_a_folder_holding_only_a_killed_search_is_never_reused_by_another_config(tmp_path):
+    """A tuning search killed before its first pruning step leaves tune.db and no checkpoint:
+    a new start there is refused, and resume=true only with the same config."""
+    from omegaconf import OmegaConf
+
+    from icep.errors import IcepError
+    from icep.resume import resume_from, save_run_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_run_config(out, {"pipeline.ratio": 0.5, "seed": 0})
+    (out / "tune.db").write_bytes(b"")
+    (out / ".tune.db.123.tmp").write_bytes(b"half a write")
+    fresh, again = OmegaConf.create({"resume": False}), OmegaConf.create({"resume": True})
+    with pytest.raises(IcepError, match=r"already holds a run \(tune.db\); resume=true"):
+        resume_from(fresh, out, {"pipeline.ratio": 0.6, "seed": 0})
+    with pytest.raises(IcepError, match=r"another config \(pipeline.ratio=0.5 there, 0.6 now"):
+        resume_from(again, out, {"pipeline.ratio": 0.6, "seed": 0})
+    assert resume_from(again, out, {"pipeline.ratio": 0.5, "seed": 0}) is None  # the same: go on
+    assert not list(out.glob(".*.tmp"))
+
+
+def _popen(args, out, cache_dir):
+    command, env = _icep_command(args, out, cache_dir, None, None, False)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_pid(lock, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not (lock.exists() and lock.read_text().strip() == str(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the lock was never taken"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    first = _popen(ARGS, out, cache_dir)
+    _wait_for_pid(out / ".icep.lock", first)
+    second = run_icep(ARGS, out, cache_dir)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert second.stderr.strip() == (
+        f"icep: error: the run folder {out} is in use by another icep run (pid {first.pid}); "
+        "wait for it to end, or choose another hydra.run.dir"
+    )
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 10))
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_runs_sharing_a_dense_model_train_it_once(tmp_path, cache_dir):
+    # A dense model no other test trains, long enough (~20 s) for the second run to start meanwhile
+    args = [*ARGS, "dense.epochs=60", "dense.lr=0.0123"]
+    first = _popen(args, tmp_path / "a", cache_dir)
+    deadline = time.monotonic() + 240
+    while not [p for p in cache_dir.glob("**/*.pt.lock") if p.read_text().strip()]:
+        assert first.poll() is None and time.monotonic() < deadline, "no dense lock taken"
+        time.sleep(0.02)
+    second = _popen(args, tmp_path / "b", cache_dir)
+    (out_a, err_a), (out_b, err_b) = first.communicate(300), second.communicate(300)
+    assert first.returncode == second.returncode == 0, err_a[-2000:] + err_b[-2000:]
+    assert "training the dense" in out_a and "training the dense" not in out_b
+    assert "waiting for another icep run" in out_b and "dense model from the cache" in out_b

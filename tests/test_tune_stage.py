@@ -290,3 +290,43 @@ def test_tune_paper_chooses_the_trial_the_reference_objective_prefers(tmp_path, 
         trials.append(TrialResult(number, summary["acc_drop_val"], summary["time_total_s"]))
     best = min(trials, key=lambda t: (reference_score(t), t.number))
     assert tune["chosen"]["number"] == best.number
+
+
+@pytest.mark.slow
+def test_a_search_stopped_mid_trial_resumes_without_repeating_or_counting_a_failure(
+    tmp_path, cache_dir
+):
+    """SIGTERM during a trial: the run stops in one line; resume=true runs the interrupted
+    trial's point again (not counted as a failure), and no new trial repeats an earlier one."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import _icep_command
+
+    out = tmp_path / "run"
+    args = ["tune=tpe", "tune.n_trials=4", "tune/pruner=none", *SMALL]
+    command, env = _icep_command(args, out, cache_dir, None, None, False)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (out / "trials" / "0001" / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no trial 1"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+    resumed = run_icep([*args, "resume=true"], out, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name="default-tune", storage=f"sqlite:///{out / 'tune.db'}")
+    stopped = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(stopped) == 1 and stopped[0].state == optuna.trial.TrialState.FAIL
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == stopped[0].number]
+    assert len(retry) == 1 and retry[0].params == stopped[0].params
+    counted = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(counted) == 4
+    points = [tuple(sorted(t.params.items())) for t in counted]
+    assert len(set(points)) == 4  # no point drawn twice
+    tune = json.loads((out / "tune_result.json").read_text())
+    assert (tune["fail"], tune["interrupted"], tune["complete"]) == (0, 1, 4)

@@ -9,18 +9,25 @@ import logging
 from collections.abc import Callable, Sequence
 
 import optuna
-from optuna.study import MaxTrialsCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from icep.errors import IcepError
-from icep.tune.study import REASON, fail_stale_trials, finished, log_trial
+from icep.tune.study import (
+    INTERRUPTED,
+    REASON,
+    fail_stale_trials,
+    failures,
+    finished,
+    log_trial,
+    retry_interrupted,
+)
 
 log = logging.getLogger(__name__)
 
 Objective = Callable[[optuna.Trial], Sequence[float]]
 
-# Every finished trial counts toward n_trials: a failed one used up its budget as well.
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Every finished trial counts toward n_trials (a failed one used up its budget as well), except
+# one a signal or a kill stopped: it runs again.
 
 
 def one_line(exc: BaseException) -> str:
@@ -45,6 +52,7 @@ def run_search(
     An interrupt (Ctrl-C) fails the running trial and ends the search; a rerun continues it.
     """
     stale = fail_stale_trials(study)
+    retried = retry_interrupted(study)
     done = len(finished(study))
     if done:
         log.info(
@@ -52,7 +60,7 @@ def run_search(
             study.study_name,
             done,
             n_trials,
-            f", {stale} interrupted trial(s) marked failed" if stale else "",
+            f", {stale + retried} interrupted trial(s) run again" if retried else "",
         )
     if done >= n_trials:  # optimize() would run one trial before any callback could stop it
         return study.get_trials(deepcopy=False)
@@ -63,11 +71,11 @@ def run_search(
             on_trial(trial)
 
     def stop_on_failures(study: optuna.Study, trial: FrozenTrial) -> None:
-        failures = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if len(failures) > max_failure_rate * n_trials:
-            first = failures[0]
+        failed = failures(study)  # an interrupted trial is no failure of its parameters
+        if len(failed) > max_failure_rate * n_trials:
+            first = failed[0]
             raise IcepError(
-                f"{key}: search stopped, {len(failures)} trials failed, more than "
+                f"{key}: search stopped, {len(failed)} trials failed, more than "
                 f"{key}.max_failure_rate={max_failure_rate} of {n_trials}; first failure, "
                 f"trial {first.number}: {first.user_attrs.get(REASON, 'no reason recorded')}"
             )
@@ -75,9 +83,19 @@ def run_search(
     study.optimize(
         recording_reasons(objective),
         catch=(Exception,),
-        callbacks=[report, stop_on_failures, MaxTrialsCallback(n_trials, states=FINISHED)],
+        callbacks=[report, stop_on_failures, stop_after(n_trials)],
     )
     return study.get_trials(deepcopy=False)
+
+
+def stop_after(n_trials: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """A callback stopping the search once ``n_trials`` trials count (:func:`finished`)."""
+
+    def stop(study: optuna.Study, trial: FrozenTrial) -> None:
+        if len(finished(study)) >= n_trials:
+            study.stop()
+
+    return stop
 
 
 def recording_reasons(objective: Objective) -> Objective:
@@ -93,8 +111,9 @@ def recording_reasons(objective: Objective) -> Objective:
         except Exception as exc:
             trial.set_user_attr(REASON, one_line(exc))  # Optuna logs the traceback
             raise
-        except KeyboardInterrupt:
-            trial.set_user_attr(REASON, "interrupted: the search was stopped while it ran")
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (icep.interrupts.Interrupted)
+            trial.set_user_attr(REASON, f"interrupted: {exc or 'SIGINT'}")
+            trial.set_user_attr(INTERRUPTED, True)
             raise
 
     return run

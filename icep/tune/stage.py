@@ -130,6 +130,11 @@ def tune_pipeline(
     study = load_or_create_study(
         open_storage(url), tcfg.study_name, ["minimize"] * len(objectives), sampler, pruner
     )
+    if study.trials and not isinstance(sampler, optuna.samplers.GridSampler):
+        # A continued search must not draw its first points again: the sampler's seed moves on
+        # by the trials the study holds. (A grid never repeats a point it has run.)
+        seed = int(tcfg.get("seed", cfg.seed)) + len(study.trials)
+        study.sampler = build_sampler(tcfg.sampler, space, "tune.sampler", seed=seed)
     n_trials = int(tcfg.n_trials)
     if isinstance(sampler, optuna.samplers.GridSampler) and n_trials > space.grid_size():
         log.info("tune: the grid has %d points; running %d trials", space.grid_size(), n_trials)
@@ -206,6 +211,9 @@ def tune_pipeline(
             raise
         except Exception as exc:
             logger.log_summary({**head, "status": "failed", "reason": str(exc)})
+            raise
+        except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C: the trial runs again on resume
+            logger.log_summary({**head, "status": "interrupted", "reason": str(exc) or "SIGINT"})
             raise
         finally:
             # All the trial's work, whatever its end, is the search's cost (as its duration is).

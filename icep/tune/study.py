@@ -32,6 +32,8 @@ from icep.tune.space import SearchSpace
 log = logging.getLogger(__name__)
 
 REASON = "reason"  # user attribute holding why a trial failed or was pruned
+# User attribute of a trial a signal or a kill stopped: not a failure of its parameters
+INTERRUPTED = "interrupted"
 
 
 def storage_url(storage: str | Path | None, default: Path) -> str:
@@ -220,7 +222,13 @@ def load_or_create_study(
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    """The trials that count toward ``n_trials``: finished, and not stopped by a signal or a
+    kill (those run again: :func:`retry_interrupted`)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)
+    ]
 
 
 def fail_stale_trials(study: optuna.Study) -> int:
@@ -230,8 +238,32 @@ def fail_stale_trials(study: optuna.Study) -> int:
     for frozen in stale:
         trial = optuna.trial.Trial(study, frozen._trial_id)
         trial.set_user_attr(REASON, "interrupted: the search was stopped while it ran")
+        trial.set_user_attr(INTERRUPTED, True)
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     return len(stale)
+
+
+def failures(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that failed on their own: FAIL, but not stopped by a signal or a kill."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return [t for t in failed if not t.user_attrs.get(INTERRUPTED)]
+
+
+def retry_interrupted(study: optuna.Study) -> int:
+    """Queue again the parameters of every interrupted trial not queued yet, so a continued
+    search runs the point it was running (as the uninterrupted one did) before drawing new
+    ones; returns how many."""
+    retried = set(study.user_attrs.get("retried", []))
+    again = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.user_attrs.get(INTERRUPTED) and t.number not in retried and t.params
+    ]
+    for t in again:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    if again:
+        study.set_user_attr("retried", sorted(retried | {t.number for t in again}))
+    return len(again)
 
 
 def tell(
@@ -368,8 +400,11 @@ def _cell(value: Any) -> Any:
 
 def count_states(trials: Sequence[FrozenTrial]) -> dict[str, int]:
     counts = {s.name.lower(): 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    counts[INTERRUPTED] = 0
     for t in trials:
-        if t.state.is_finished():
+        if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED):
+            counts[INTERRUPTED] += 1  # stopped by a signal or a kill, not a failure
+        elif t.state.is_finished():
             counts[t.state.name.lower()] += 1
     return counts
 
