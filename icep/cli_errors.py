@@ -49,6 +49,7 @@ _FILE_ERRNOS = {
     errno.EDQUOT,
     errno.ENOTDIR,
     errno.EEXIST,
+    errno.EFBIG,
 }
 
 
@@ -60,6 +61,11 @@ def _describe_os_error(exc: BaseException, error: OSError) -> str:
         return (
             f"cannot create the run folder ({where}); pick a writable folder with "
             "hydra.run.dir=... (hydra.sweep.dir=... with -m) or paths.outputs=..."
+        )
+    if error.errno == errno.EFBIG:
+        return (
+            f"{where}; the file size limit (ulimit -f) is too low for it: raise it, or write "
+            "elsewhere with paths.outputs=... / paths.cache=..."
         )
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return (

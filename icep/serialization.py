@@ -54,6 +54,18 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError ``exc`` was raised while handling, if any (its ``__context__`` chain)."""
+    seen: set[int] = set()
+    link = exc.__context__
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError) and link.errno is not None:
+            return link
+        seen.add(id(link))
+        link = link.__context__
+    return None
+
+
 def _umask() -> int:
     """The process's umask (reading it means setting it: put straight back)."""
     mask = os.umask(0o022)
@@ -76,8 +88,13 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            # torch.save reports a failed write (a full disk) as a RuntimeError from its C++
+            # writer, with the OSError only as the context: raise that, naming the file.
+            error = _os_error_in(exc) if isinstance(exc, RuntimeError) else None
+            if error is not None:
+                raise OSError(error.errno, error.strerror, str(path)) from exc
             raise
 
 

@@ -54,7 +54,8 @@ class Place:
             path: (path.read_bytes(), path.stat().st_mtime_ns)
             for folder in (self.outputs, self.cache)
             for path in sorted(folder.rglob("*"))
-            if path.is_file() and self.run_dir not in path.parents
+            # Lock files (icep.locks) are taken by every run; they hold no result.
+            if path.is_file() and self.run_dir not in path.parents and path.suffix != ".lock"
         }
 
     def assert_untouched(self) -> None:
