@@ -159,7 +159,7 @@ def _auto_or_boolean() -> Rule:
 # table serves every pipeline, fine-tune policy, criterion and dataset. The rules between keys
 # follow in validate().
 RULES: dict[str, Rule] = {
-    "seed": (_int, "an integer"),
+    "seed": ((lambda v: _int(v) and 0 <= v < 2**32), "an integer from 0 to 2**32 - 1"),
     "dry_run": _boolean(),
     # models (conf/model/)
     "model.ignored_layers": (
@@ -282,6 +282,10 @@ RULES: dict[str, Rule] = {
         "a list of numbers > 0, one per channel",
     ),
     "dataset.test_fraction": _open_share(),
+    "dense.milestones": (
+        (lambda v: OmegaConf.is_list(v) and all(_number(f) and 0 < f < 1 for f in v)),
+        "a list of fractions of the epochs in (0, 1), e.g. [0.5, 0.75]",
+    ),
     "dataset.test_split_seed": (_int, "an integer"),
     "dataset.num_samples": _int_at_least(2),
     "dataset.num_test": _int_at_least(1),
@@ -324,10 +328,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("dense.nesterov", "got true; needs dense.momentum > 0 (it is 0)")
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ConfigError(
-            "model.checkpoint",
-            f"{checkpoint} does not exist; give the path of a trained model or null to train one",
-        )
+        from icep.models import missing_file
+
+        what = missing_file(Path(checkpoint), "a trained model")
+        raise ConfigError("model.checkpoint", f"{what} or null to train one")
     arch = OmegaConf.select(cfg, "model.arch")
     if arch is not None and "name" in arch:
         from icep.models import check_name

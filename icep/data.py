@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from icep.device_batches import DeviceLoader, TensorSplit
+from icep.device_batches import DeviceLoader, TensorSplit, check_normalization
 from icep.errors import ConfigError, IcepError
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ class _Images(DatasetSpec):
             val = [T.Resize(int(image_size / center_crop)), T.CenterCrop(image_size)]
         else:
             train = val = fit
-        to_tensor = [T.ToTensor(), T.Normalize(list(self.mean), list(self.std))]
+        to_tensor = [T.ToTensor(), _Normalize(list(self.mean), list(self.std))]
         return T.Compose([*train, *to_tensor]), T.Compose([*val, *to_tensor])
 
     def _device_augment(self) -> tuple[int, bool] | None:
@@ -900,7 +900,17 @@ class _ScaleNormalize:
         self.std = torch.tensor(list(std)).view(-1, 1, 1)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        check_normalization(image.shape[-3] if image.dim() >= 3 else 1, self.mean, self.std)
         return (image.float() * self.scale - self.mean) / self.std
+
+
+class _Normalize(T.Normalize):
+    """torchvision's Normalize, refusing a mean or std that does not give one value per channel
+    (:func:`check_normalization`)."""
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        check_normalization(tensor.shape[-3], self.mean, self.std)
+        return super().forward(tensor)
 
 
 @dataclass(kw_only=True)

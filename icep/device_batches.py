@@ -21,6 +21,22 @@ import torch
 from torch.utils.data import Dataset
 
 
+def check_normalization(
+    channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> None:
+    """``dataset.mean`` and ``dataset.std`` give one value per channel of the images (torch would
+    broadcast 2 values over a 1-channel image into a 2-channel one without a word)."""
+    from icep.errors import ConfigError
+
+    for key, values in (("dataset.mean", mean), ("dataset.std", std)):
+        if values is not None and len(values) != channels:
+            raise ConfigError(
+                key,
+                f"has {len(values)} values, but the images have {channels} channel"
+                f"{'s' if channels != 1 else ''}; give one value per channel",
+            )
+
+
 class TensorSplit(Dataset):
     """The samples of one split as whole tensors on one device.
 
@@ -49,6 +65,7 @@ class TensorSplit(Dataset):
         self.labels = labels
         self.indices = list(indices)
         channels = images.shape[1]
+        check_normalization(channels, mean, std)
         mean_t = torch.tensor(list(mean) if mean is not None else [0.0] * channels)
         std_t = torch.tensor(list(std) if std is not None else [1.0] * channels)
         # x * scale, minus mean, over std: one multiply-add per pixel.

@@ -131,6 +131,10 @@ def checkpoint(place: Place, kind: str) -> Path:
         path.write_bytes(path.read_bytes()[:5000])
     elif kind == "not_a_state_dict":
         torch.save([torch.zeros(3)], path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "folder":
+        path.mkdir()
     return path
 
 
@@ -204,6 +208,27 @@ CASES = {
             "pipeline.final_finetune_epochs: is for schedule=blockwise",
             "leave final_finetune_epochs out",
         ],
+    ),
+    "seed negative": (["seed=-1"], ["seed: got -1; must be an integer from 0 to 2**32 - 1"]),
+    "milestones not a list": (
+        ["dense.milestones=abc"],
+        ["dense.milestones: got 'abc'; must be a list of fractions of the epochs in (0, 1)"],
+    ),
+    "empty checkpoint": (
+        ["model.checkpoint={checkpoint:empty}"],
+        ["empty.pt is empty (0 bytes); save the trained weights again"],
+    ),
+    "checkpoint is a folder": (
+        ["model.checkpoint={checkpoint:folder}"],
+        ["folder.pt is a folder; give the path of a trained model file in it"],
+    ),
+    "mean for other channels": (
+        ["dataset.mean=[0.5,0.5]"],
+        ["dataset.mean: has 2 values, but the images have 1 channel; give one value per channel"],
+    ),
+    "unknown timm model": (
+        ["model=timm", "model.name=resnet5O"],
+        ["unknown timm model 'resnet5O'; e.g. resnet50,", "timm.list_models()"],
     ),
     "ties unknown": (["ties=random"], ["ties: got 'random'; must be stable or sort"]),
     "amp dtype unknown": (

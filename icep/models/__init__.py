@@ -6,6 +6,7 @@ config only names the architecture.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,14 @@ def _check_timm_name(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ConfigError("model.name", f"unknown timm model '{name}'; e.g. {', '.join(close)}")
+        names = timm.list_models()
+        close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
+        close = close or timm.list_models(f"*{name.split('_')[0]}*")[:8] or names[:8]
+        raise ConfigError(
+            "model.name",
+            f"unknown timm model '{name}'; e.g. {', '.join(close)} (all {len(names)}: "
+            "python -c 'import timm; print(timm.list_models())')",
+        )
 
 
 def check_name(builder: str, name: str) -> None:
@@ -148,6 +155,13 @@ def check_name(builder: str, name: str) -> None:
         _check_torchvision_name(name)
     elif builder == f"{__name__}.timm_model":
         _check_timm_name(name)
+
+
+def missing_file(path: Path, what: str) -> str:
+    """Why ``path`` is not a file one can read, and what to give instead."""
+    if path.is_dir():
+        return f"{path} is a folder; give the path of {what} file in it"
+    return f"{path} does not exist; give the path of {what}"
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
@@ -161,8 +175,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
+        raise ConfigError("model.checkpoint", missing_file(path, "a trained model"))
+    if path.stat().st_size == 0:
         raise ConfigError(
-            "model.checkpoint", f"{path} does not exist; give the path of a trained model"
+            "model.checkpoint", f"{path} is empty (0 bytes); save the trained weights again"
         )
     try:
         if path.suffix == ".safetensors":
@@ -175,7 +191,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise ConfigError(
             "model.checkpoint",
             f"{path} cannot be read ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:120]}); give a state dict or .safetensors file",
+            f"{(str(exc).splitlines() or [''])[0][:120]}); give a state dict or .safetensors file",
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
