@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run in the Hydra output folder, which no other run may use meanwhile; returns the
     summary."""
+    if not cfg.paths.cache:  # ICEP_CACHE= (set, but empty) means unset, not the current folder
+        cfg.paths.cache = "outputs/cache"
+        log.warning("ICEP_CACHE is set but empty: caching in outputs/cache")
     validate(cfg)  # every key, before the data and the models: a typo fails fast
     if cfg.get("dry_run"):
         return dry_run(cfg)

@@ -50,18 +50,27 @@ _FILE_ERRNOS = {
     errno.ENOTDIR,
     errno.EEXIST,
     errno.EFBIG,
+    errno.ENAMETOOLONG,
+    errno.EISDIR,
 }
 
 
 def _describe_os_error(exc: BaseException, error: OSError) -> str:
     where = f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
     frames = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    if error.errno == errno.ENAMETOOLONG:
+        return (
+            f"{where}: a folder or file name is over the file system's limit (255 bytes); "
+            "shorten name=... (or hydra.run.dir=..., paths.outputs=...)"
+        )
     # Hydra setting up the run folder: run_job failed before it called the app's _app
     if "run_job" in frames and "_app" not in frames:
         return (
             f"cannot create the run folder ({where}); pick a writable folder with "
             "hydra.run.dir=... (hydra.sweep.dir=... with -m) or paths.outputs=..."
         )
+    if error.errno == errno.EISDIR:
+        return f"{where}: a folder is where icep writes a file; move it away, or use another folder"
     if error.errno == errno.EFBIG:
         return (
             f"{where}; the file size limit (ulimit -f) is too low for it: raise it, or write "
@@ -127,6 +136,12 @@ def describe_error(exc: BaseException) -> str | None:
         parent = cause.parent_node
         known = f"; keys there: {', '.join(map(str, parent.keys()))}" if parent is not None else ""
         return f"{key} is not a config key{known} (to add a new key use +{key}=...)"
+    if "missing EQUAL at '<EOF>'" in str(exc):  # a word with no '=': a value split at a space
+        (word,) = re.findall(r"override '([^']*)'", str(exc))[:1] or ["?"]
+        return (
+            f"'{word}' on the command line is not KEY=VALUE; a value holding a space must be "
+            "quoted: 'dataset.root=/my data' (a key alone to remove: ~KEY)"
+        )
     if "requires --multirun" in str(exc):
         (override,) = re.findall(r"'([^']*)'", str(exc))[:1] or ["KEY=EXPR"]
         key, _, expression = override.partition("=")

@@ -745,6 +745,13 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
             with tarfile.open(archive) as tar:
                 # The "data" filter refuses absolute paths, links out of the folder and devices.
                 tar.extractall(tmp, filter="data")
+        except tarfile.FilterError as exc:  # a member the "data" filter refuses
+            raise ConfigError(
+                "dataset.root",
+                f"{archive} holds a member icep does not unpack, for safety ({type(exc).__name__}: "
+                f"{exc}); pack the tree again without absolute paths, links that leave it or "
+                "device files (tar -czf x.tar.gz -C parent folder)",
+            ) from None
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise ConfigError(
                 "dataset.root",

@@ -95,9 +95,41 @@ def resume_from(
         ) from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise IcepError(f"resume: {path} is not an icep checkpoint ({CHECKPOINT_FORMAT})")
+    wrong = _malformed(blob)
+    if wrong:
+        raise IcepError(
+            f"resume: {path} is not a checkpoint icep wrote ({wrong}); it was edited or damaged: "
+            "delete it to start the run again from the beginning"
+        )
     _check_same_config(blob.get("config") or {}, config, overrides, out)
     log.info("resume: continuing %s after step %d", out, blob["steps"])
     return blob
+
+
+# What a checkpoint must hold for a resume to trust it (icep.pipelines.base.save_checkpoint).
+_CHECKPOINT_TYPES = {
+    "state_dict": dict,
+    "layers": dict,
+    "steps": int,
+    "rows": list,
+    "decision_split": str,
+    "finetunes": int,
+    "state": dict,
+    "timer": dict,
+    "rng": dict,
+}
+
+
+def _malformed(blob: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's layout, or None."""
+    for key, kind in _CHECKPOINT_TYPES.items():
+        if not isinstance(blob.get(key), kind):
+            return f"its {key!r} is {type(blob.get(key)).__name__}, not {kind.__name__}"
+    if not all(isinstance(row, dict) for row in blob["rows"]):
+        return "its rows are not all mappings"
+    if blob["steps"] != len(blob["rows"]):
+        return f"{blob['steps']} steps but {len(blob['rows'])} rows"
+    return None
 
 
 def _status(summary: Path) -> str | None:

@@ -154,6 +154,14 @@ def dataset_root(place: Place, kind: str) -> Path:
             tar.add(image_tree(root), arcname="tiny")
         archive.write_bytes(archive.read_bytes()[:300])
         root = archive
+    elif kind == "absolute_link":
+        archive = place.files / "links.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(image_tree(root), arcname="tiny")
+            link = tarfile.TarInfo("tiny/train/ant/passwd.png")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+        root = archive
     elif kind == "undecodable":
         image_tree(root)
         (root / "train" / "bee" / "2.png").write_bytes(b"<html>not found</html>")
@@ -229,6 +237,18 @@ CASES = {
     "unknown timm model": (
         ["model=timm", "model.name=resnet5O"],
         ["unknown timm model 'resnet5O'; e.g. resnet50,", "timm.list_models()"],
+    ),
+    "archive with an absolute link": (
+        ["dataset=image_folder", "dataset.root={data:absolute_link}"],
+        ["holds a member icep does not unpack, for safety", "pack the tree again without"],
+    ),
+    "damaged study database": (
+        ["tune=tpe", "tune.storage={file}"],
+        ["is not a readable study database", "delete it (or move it away) to start the search"],
+    ),
+    "unquoted path with a space": (
+        ["dataset=image_folder", "dataset.root=/my", "data"],
+        ["'data' on the command line is not KEY=VALUE; a value holding a space must be quoted"],
     ),
     "ties unknown": (["ties=random"], ["ties: got 'random'; must be stable or sort"]),
     "amp dtype unknown": (
@@ -336,6 +356,9 @@ CASES = {
 def resolve(args: list[str], place: Place) -> list[str]:
     out = []
     for arg in args:
+        if "=" not in arg:  # a word as the shell split it
+            out.append(arg)
+            continue
         key, _, value = arg.partition("=")
         if value.startswith("{checkpoint:"):
             value = str(checkpoint(place, value[len("{checkpoint:") : -1]))
@@ -475,4 +498,13 @@ def test_nan_loss_fails_the_run_and_wandb_offline_fallback(place):
     )
     summary = json.loads((place.run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == line
+    place.assert_untouched()
+
+
+def test_a_run_folder_name_over_the_limit_is_one_line(place, monkeypatch, capsys):
+    """A 300-character name= makes a folder name over the file system's 255 bytes."""
+    args = [f"name={'x' * 300}", f"hydra.run.dir={place.outputs}/${{name}}"]
+    line = one_line(*call_main(args, place, monkeypatch, capsys, run_dir=False))
+    assert "a folder or file name is over the file system's limit (255 bytes)" in line
+    assert line.endswith("shorten name=... (or hydra.run.dir=..., paths.outputs=...)")
     place.assert_untouched()

@@ -227,3 +227,44 @@ def test_runs_sharing_a_dense_model_train_it_once(tmp_path, cache_dir):
     assert first.returncode == second.returncode == 0, err_a[-2000:] + err_b[-2000:]
     assert "training the dense" in out_a and "training the dense" not in out_b
     assert "waiting for another icep run" in out_b and "dense model from the cache" in out_b
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ({"rows": "abc"}, "its 'rows' is str, not list"),
+        ({"steps": 5}, "5 steps but 2 rows"),
+        ({"state_dict": None}, "its 'state_dict' is NoneType, not dict"),
+    ],
+)
+def test_a_hand_edited_checkpoint_is_refused_before_it_rewrites_anything(edit, said, tmp_path):
+    """A checkpoint whose layout icep did not write (an edited 'rows' once made the resume write
+    metrics.jsonl one character per line) is refused, and metrics.jsonl is left as it was."""
+    from omegaconf import OmegaConf
+
+    from icep.errors import IcepError
+    from icep.pipelines.base import CHECKPOINT_FORMAT
+    from icep.resume import resume_from
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [{"step": 1}, {"step": 2}]
+    blob = {
+        "format": CHECKPOINT_FORMAT,
+        "config": {},
+        "layers": {},
+        "state_dict": {},
+        "steps": 2,
+        "rows": rows,
+        "decision_split": "val",
+        "finetunes": 2,
+        "state": {},
+        "timer": {},
+        "rng": {},
+        **edit,
+    }
+    torch.save(blob, out / "checkpoint.pt")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    with pytest.raises(IcepError, match=f"is not a checkpoint icep wrote \\({said}\\)"):
+        resume_from(OmegaConf.create({"resume": True}), out, {})
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'

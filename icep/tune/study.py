@@ -65,6 +65,12 @@ def open_storage(url: str, key: str = "tune.storage") -> optuna.storages.BaseSto
         return optuna.storages.RDBStorage(url)
     except Exception as exc:  # SQLAlchemy's errors for unknown dialects, missing drivers, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "DatabaseError" in first or "not a database" in first:  # a damaged SQLite file
+            raise ConfigError(
+                key,
+                f"{url[len('sqlite:///') :] or url} is not a readable study database ({first}); "
+                "it is damaged: delete it (or move it away) to start the search again",
+            ) from None
         raise ConfigError(
             key,
             f"cannot open {url!r} ({first}); use a SQLAlchemy URL such as sqlite:///study.db or "
