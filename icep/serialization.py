@@ -87,7 +87,10 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except IsADirectoryError as exc:  # name the file icep meant, not its temp file
+                raise IsADirectoryError(exc.errno, exc.strerror, str(path)) from None
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
             # torch.save reports a failed write (a full disk) as a RuntimeError from its C++

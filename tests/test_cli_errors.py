@@ -508,3 +508,13 @@ def test_a_run_folder_name_over_the_limit_is_one_line(place, monkeypatch, capsys
     assert "a folder or file name is over the file system's limit (255 bytes)" in line
     assert line.endswith("shorten name=... (or hydra.run.dir=..., paths.outputs=...)")
     place.assert_untouched()
+
+
+def test_a_folder_in_the_place_of_a_run_file_is_one_line(place, monkeypatch, capsys):
+    (place.run_dir / "metrics.jsonl").mkdir(parents=True)
+    line = one_line(*call_main(["resume=true"], place, monkeypatch, capsys))
+    assert line == (
+        f"Is a directory: {place.run_dir / 'metrics.jsonl'}: a folder is where icep writes a "
+        "file; move it away, or use another folder"
+    )
+    assert (place.run_dir / "metrics.jsonl").is_dir()
