@@ -13,6 +13,7 @@ from icep.errors import ConfigError, IcepError
 from icep.tune import SearchSpace
 from icep.tune.search import run_search
 from icep.tune.study import (
+    INTERRUPTED,
     REASON,
     StepReporter,
     build_pruner,
@@ -99,13 +100,15 @@ def test_a_search_continues_its_study_from_sqlite(tmp_path):
     killed.ask()
     resumed = _study(tmp_path)  # a new process opening the same storage
     trials = run_search(resumed, objective, 4, max_failure_rate=0.5)
-    # n_trials counts finished trials: 2 done + 1 interrupted, so one more runs.
-    assert seen == [0, 1, 3]
+    # n_trials counts finished trials, not the interrupted one: 2 done, so two more run.
+    assert seen == [0, 1, 3, 4]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [
         TrialState.FAIL,
         TrialState.COMPLETE,
+        TrialState.COMPLETE,
     ]
     assert trials[2].user_attrs[REASON].startswith("interrupted")
+    assert trials[2].user_attrs[INTERRUPTED]
 
 
 def test_an_interrupt_fails_the_running_trial_and_a_rerun_continues(tmp_path):
@@ -123,11 +126,13 @@ def test_an_interrupt_fails_the_running_trial_and_a_rerun_continues(tmp_path):
     trials = _study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert trials[1].user_attrs[REASON].startswith("interrupted")
-    # Both finished trials count toward n_trials: with 2 none runs, with 3 one more.
-    assert len(run_search(_study(tmp_path), objective, 2, max_failure_rate=0.5)) == 2
-    assert calls == [0, 1]
-    run_search(_study(tmp_path), objective, 3, max_failure_rate=0.5)
-    assert calls == [0, 1, 2]
+    # The interrupted trial is no failure and does not count toward n_trials; its point runs
+    # again first (trial 2, the same x), then the search goes on.
+    calls.clear()
+    trials = run_search(_study(tmp_path), objective, 3, max_failure_rate=0.0)
+    assert calls == [2, 3]
+    assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == 1
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
 
 
 def test_each_finished_trial_is_logged_and_handed_to_on_trial(tmp_path, caplog):
