@@ -213,22 +213,6 @@ def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path, cache_dir):
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.slow
-def test_runs_sharing_a_dense_model_train_it_once(tmp_path, cache_dir):
-    # A dense model no other test trains, long enough (~20 s) for the second run to start meanwhile
-    args = [*ARGS, "dense.epochs=60", "dense.lr=0.0123"]
-    first = _popen(args, tmp_path / "a", cache_dir)
-    deadline = time.monotonic() + 240
-    while not [p for p in cache_dir.glob("**/*.pt.lock") if p.read_text().strip()]:
-        assert first.poll() is None and time.monotonic() < deadline, "no dense lock taken"
-        time.sleep(0.02)
-    second = _popen(args, tmp_path / "b", cache_dir)
-    (out_a, err_a), (out_b, err_b) = first.communicate(300), second.communicate(300)
-    assert first.returncode == second.returncode == 0, err_a[-2000:] + err_b[-2000:]
-    assert "training the dense" in out_a and "training the dense" not in out_b
-    assert "waiting for another icep run" in out_b and "dense model from the cache" in out_b
-
-
 @pytest.mark.parametrize(
     ("edit", "said"),
     [

@@ -394,3 +394,26 @@ def test_drop_and_time_objectives_get_the_pareto_front_and_a_selection(tmp_path)
     assert sorted(t["number"] for t in saved["best_trials"]) == [0, 1, 3]
     assert saved["selected"]["number"] == 1
     assert [r["state"] for r in trials_csv(tmp_path)] == ["COMPLETE"] * 4 + ["FAIL"]
+
+
+@pytest.mark.slow
+def test_eight_jobs_at_once_share_one_study_and_one_dense_model(tmp_path):
+    """Load: 8 jobs started together (submitit_local, n_jobs=8) on an empty cache, one study.
+    One job trains the dense model while the others wait for it and load it; every trial and
+    every run is recorded once."""
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        *SPACE,
+        "hydra/launcher=submitit_local",
+        "hydra.sweeper.n_trials=8",
+        "hydra.sweeper.n_jobs=8",
+    ]
+    result = sweep(args, sweep_dir, tmp_path / "cache", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    check_completed_sweep(sweep_dir, 8)
+    logs = [(sweep_dir / str(n) / "icep.log").read_text() for n in range(8)]
+    assert sum("training the dense" in log for log in logs) == 1
+    assert sum("dense model from the cache" in log for log in logs) == 7
+    for number in range(8):
+        rows = (sweep_dir / str(number) / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["step"] for r in rows] == list(range(1, 10))
