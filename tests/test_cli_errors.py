@@ -518,3 +518,19 @@ def test_a_folder_in_the_place_of_a_run_file_is_one_line(place, monkeypatch, cap
         "file; move it away, or use another folder"
     )
     assert (place.run_dir / "metrics.jsonl").is_dir()
+
+
+def test_an_empty_icep_cache_means_unset(place, monkeypatch, capsys, tmp_path):
+    """ICEP_CACHE= (set, empty) caches in outputs/cache as if unset, not in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    real_setenv = monkeypatch.setenv
+
+    def setenv(name, value, prepend=None):
+        real_setenv(name, "" if name == "ICEP_CACHE" else value, prepend)
+
+    monkeypatch.setattr(monkeypatch, "setenv", setenv)
+    args = ["pipeline=dense", "dense.epochs=1", "dataset.train_subset=100"]
+    code, out, err = call_main(args, place, monkeypatch, capsys)
+    assert code == 0, err
+    assert list((tmp_path / "outputs" / "cache" / "dense").glob("resnet20-digits-*.pt"))
+    assert not (tmp_path / "dense").exists()
