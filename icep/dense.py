@@ -40,9 +40,10 @@ def build_model(cfg: DictConfig, data: Data) -> nn.Module:
     return hydra.utils.instantiate(arch_spec(cfg, data))
 
 
-def cache_path(cfg: DictConfig, data: Data, amp: bool = False) -> Path:
+def cache_path(cfg: DictConfig, data: Data, amp: bool | str = False) -> Path:
     """Where the dense model for this (model, data, training, seed) setup is cached; a model
-    trained under bf16 autocast (``amp``) is another model than a float32 one."""
+    trained under autocast (``amp``: true or ``"bfloat16"`` for bf16, ``"float16"`` for fp16)
+    is another model than a float32 one, and the two autocast types differ too."""
     dense = OmegaConf.to_container(cfg.dense, resolve=True)
     batch_size = dense.pop("batch_size", None) or cfg.trainer.batch_size  # the one it trains with
     for key, as_before in _KEYED_UNLESS.items():
@@ -58,8 +59,8 @@ def cache_path(cfg: DictConfig, data: Data, amp: bool = False) -> Path:
         "batch_size": batch_size,
         "seed": cfg.seed,
     }
-    if amp:  # float32 keys stay as they were
-        keyed["amp"] = "bf16"
+    if amp:  # float32 keys stay as they were, and so do bf16 ones
+        keyed["amp"] = "fp16" if amp == "float16" else "bf16"
     for key in ("download", "_target_"):  # where the data comes from, not what it is
         keyed["dataset"].pop(key, None)
     # Keys added later, at the value that builds what was built before they existed: left out,
@@ -171,7 +172,7 @@ def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Modul
     if cfg.model.checkpoint is not None:
         model = load_checkpoint(build_model(cfg, data), cfg.model.checkpoint)
         return trainer.prepare(model), {"source": str(cfg.model.checkpoint)}
-    path = cache_path(cfg, data, trainer.amp)
+    path = cache_path(cfg, data, trainer.amp and trainer.amp_dtype)
     if not cfg.dense.cache:
         return _cached_or_trained(cfg, data, trainer, path)
     # One run trains a given dense model; one started meanwhile waits for it, then loads it.

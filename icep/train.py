@@ -115,9 +115,9 @@ class Trainer:
 
     On CUDA it uses bf16 autocast, channels_last and cuDNN's benchmark mode by default (``amp``,
     ``channels_last``, ``cudnn_benchmark`` set to ``auto``); ``amp_dtype="float16"`` autocasts
-    to fp16 with a gradient scaler instead, as the reference's DenseNet and WRN runs; ``compile`` trains through
-    ``torch.compile``, compiled anew whenever a prune has changed the model's shapes. Progress is a
-    bar on a terminal and one line per epoch otherwise.
+    to fp16 with a gradient scaler instead, as the reference's DenseNet and WRN runs.
+    ``compile`` trains through ``torch.compile``, compiled anew whenever a prune has changed the
+    model's shapes. Progress is a bar on a terminal and one line per epoch otherwise.
     """
 
     device: torch.device

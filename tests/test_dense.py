@@ -286,6 +286,8 @@ def test_new_dense_keys_at_their_defaults_keep_the_cache_key_of_earlier_models()
     ):
         assert cache_path(compose(*other), data) != key, other
     assert cache_path(cfg, data, amp=True) != key  # bf16 training gives another model
+    assert cache_path(cfg, data, amp="bfloat16") == cache_path(cfg, data, amp=True)
+    assert cache_path(cfg, data, amp="float16") not in (key, cache_path(cfg, data, amp=True))
     # model.shortcut=B is the model cached before the key existed; A is another model.
     assert cache_path(compose("model.shortcut=B"), data) == key
     assert cache_path(compose("model.shortcut=A"), data) != key

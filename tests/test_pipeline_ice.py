@@ -290,10 +290,9 @@ def test_densenet_units_in_blocks_3_and_4_fine_tune_two_epochs(pipeline):
         overrides[1] = "pipeline=ice_densenet"
     with initialize_config_module("icep.conf", version_base="1.3"):
         densenet = build(compose("config", overrides=overrides), "pipeline")
-    policy = densenet.unit_policy
-    assert policy(densenet.finetune, "features.denseblock3.denselayer5").epochs == 2
-    assert policy(densenet.finetune, "features.denseblock4.denselayer1").epochs == 2
-    assert policy(densenet.finetune, "features.denseblock2.denselayer1").epochs == 1
+    assert densenet.policy_for("features.denseblock3.denselayer5").epochs == 2
+    assert densenet.policy_for("features.denseblock4.denselayer1").epochs == 2
+    assert densenet.policy_for("features.denseblock2.denselayer1").epochs == 1
     assert densenet.final_finetune_epochs == 4
     assert ice().policy_for("features.denseblock3.denselayer5").epochs == 1
 

@@ -480,10 +480,10 @@ class PruningRun:
         """Final accuracy (val and test), sizes and time per phase."""
         if self.acc_now is None or not self.rows:
             self.evaluate()
-        step_data = {}
+        shares = {}
         acc_original, acc_final = self.acc_original, self.acc_now
         if self.acc_original_full is not None:  # the steps decided on a share of the data
-            step_data = {"step_data": self._step_data_summary()}
+            shares = {"step_data": self._step_data_summary()}
             acc_original = self.acc_original_full
             if not self._acc_now_full:
                 acc_final = self._report_accuracy(self.decision_split)
@@ -528,7 +528,7 @@ class PruningRun:
             **{f"flops_{phase}": self.timer.work_total(phase)["flops"] for phase in WORK_PHASES},
             # Every phase's work, the dense training and test reporting included.
             "compute": {phase: dict(work) for phase, work in sorted(self.timer.work.items())},
-            **step_data,
+            **shares,
             **extra,
         }
 

@@ -99,22 +99,23 @@ class Recovery:
     steps that train and decide on a share of the data (the run builds it from the two
     ``step_*_fraction`` keys, :func:`icep.app.step_data`)."""
 
+    finetune: FineTune  # the pipeline's fine-tune policy
     unit_epochs: Any = None  # {unit name pattern: fine-tune epochs}, e.g. DenseNet's blocks 3-4
     final_finetune_epochs: int = 0  # epochs after the last step, with one optimizer
     final_eval: str = "all"  # all | step: the share the final epochs are evaluated on
     step_train_fraction: float | None = None
     step_eval_fraction: float | None = None
 
-    def unit_policy(self, finetune: FineTune, unit: str) -> FineTune:
-        """``finetune`` with the epochs of the first ``unit_epochs`` pattern that matches the
-        unit's name (fixed-epoch policies only)."""
+    def policy_for(self, unit: str) -> FineTune:
+        """The fine-tune policy of unit ``unit``: ``finetune`` with the epochs of the first
+        ``unit_epochs`` pattern that matches its name (fixed-epoch policies only)."""
         for pattern, epochs in (self.unit_epochs or {}).items():
-            if fnmatch.fnmatchcase(unit, pattern) and isinstance(finetune, FixedEpochs):
-                return dataclasses.replace(finetune, epochs=int(epochs))
-        return finetune
+            if fnmatch.fnmatchcase(unit, pattern) and isinstance(self.finetune, FixedEpochs):
+                return dataclasses.replace(self.finetune, epochs=int(epochs))
+        return self.finetune
 
     def recover_after_loop(
-        self, run: PruningRun, finetune: FineTune, lr: float, distill: Distillation | None
+        self, run: PruningRun, lr: float, distill: Distillation | None
     ) -> dict[str, Any]:
         """Train on all of the data from now on, then ``final_finetune_epochs`` epochs at ``lr``
         with one optimizer (as the reference), evaluating after each; the summary's record."""
@@ -122,7 +123,7 @@ class Recovery:
         if self.final_finetune_epochs <= 0:
             return {}
         before = run.seconds()
-        optimizer = run.new_optimizer(finetune.optimizer, lr)
+        optimizer = run.new_optimizer(self.finetune.optimizer, lr)
         accs = []
         for epoch in range(self.final_finetune_epochs):
             desc = f"recovery fine-tune {epoch + 1}/{self.final_finetune_epochs}"

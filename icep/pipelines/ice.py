@@ -161,7 +161,7 @@ class ICE(Recovery):
                 frozen_params=run.frozen_params(),
             )
         lr = self.final_lr_factor * self.learning_rate(run)
-        final = self.recover_after_loop(run, self.finetune, lr, distill)
+        final = self.recover_after_loop(run, lr, distill)
         return run.summary(
             frozen_layers=frozen,
             frozen_params=run.frozen_params(),
@@ -188,10 +188,6 @@ class ICE(Recovery):
                 run.state["frozen"],
             )
         return run.state["frozen"]
-
-    def policy_for(self, unit: str) -> FineTune:
-        """The fine-tune policy of unit ``unit`` (``unit_epochs``)."""
-        return self.unit_policy(self.finetune, unit)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings a summary reports, the fine-tune policy's included."""

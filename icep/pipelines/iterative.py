@@ -34,9 +34,8 @@ class Iterative(SchedulePipeline, Recovery):
         for unit in run.pending(run.units):
             run.prune(unit, self.ratio)
             desc = f"fine-tune {unit.index + 1}/{len(run.units)}"
-            policy = self.unit_policy(self.finetune, unit.name)
-            epochs = run.recover(policy, distill=distill, desc=desc)
+            epochs = run.recover(self.policy_for(unit.name), distill=distill, desc=desc)
             lr = self.finetune.lr
             run.record(unit, ratio=self.ratio, finetuned=True, lr=lr, epochs=epochs)
-        final = self.recover_after_loop(run, self.finetune, self.finetune.lr, distill)
+        final = self.recover_after_loop(run, self.finetune.lr, distill)
         return run.summary(**({"final_finetune": final} if final else {}))

@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 
 Objective = Callable[[optuna.Trial], Sequence[float]]
 
-# Every finished trial counts toward n_trials (a failed one used up its budget as well), except
-# one a signal or a kill stopped: it runs again.
-
 
 def one_line(exc: BaseException) -> str:
     """``TypeName: first line of the message``, the reason stored with a failed trial."""
@@ -51,7 +48,7 @@ def run_search(
     ``n_trials`` have failed: so many failures point at the setup, not at unlucky parameters.
     An interrupt (Ctrl-C) fails the running trial and ends the search; a rerun continues it.
     """
-    stale = fail_stale_trials(study)
+    fail_stale_trials(study)  # a killed search's last trial: interrupted, like a signalled one
     retried = retry_interrupted(study)
     done = len(finished(study))
     if done:
@@ -60,7 +57,7 @@ def run_search(
             study.study_name,
             done,
             n_trials,
-            f", {stale + retried} interrupted trial(s) run again" if retried else "",
+            f", {retried} interrupted trial(s) run again" if retried else "",
         )
     if done >= n_trials:  # optimize() would run one trial before any callback could stop it
         return study.get_trials(deepcopy=False)
