@@ -27,8 +27,9 @@ from icep.resume import (
     CHECKPOINT,
     LOCK,
     fingerprint,
+    folder_taken,
     mark_job,
-    put_back_earlier_hydra_files,
+    put_back_earlier_files,
     resume_from,
     save_run_config,
 )
@@ -70,9 +71,15 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         cfg, out, fingerprint(config), overrides=list(HydraConfig.get().overrides.task)
     )
     if checkpoint == "completed":
+        put_back_earlier_files()  # the folder is the finished run's, as it was
         summary = json.loads((out / "summary.json").read_text())
         print(f"icep: {out} holds a completed run; nothing to resume", flush=True)
         return summary
+    if cfg.get("tune") is not None:  # a study that cannot be opened fails before any training
+        from icep.tune.study import open_storage, storage_url
+
+        open_storage(storage_url(cfg.tune.storage, out / "tune.db"))
+    folder_taken()
     save_run_config(out, fingerprint(config))
     mark_job(out)
     seed_everything(cfg.seed)
@@ -254,11 +261,11 @@ def _app(cfg: DictConfig) -> dict[str, Any] | None:
         with stop_on_signals():
             return run(cfg)
     except Interrupted as exc:  # the run stops, and a sweep with it
-        put_back_earlier_hydra_files()
+        put_back_earlier_files()
         print(interrupted_line(exc), file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
-        put_back_earlier_hydra_files()  # a refused or failed start leaves an earlier run as it was
+        put_back_earlier_files()  # a refused or failed start leaves an earlier run as it was
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the job fails, the sweep goes on
         # Here rather than in main(): an error leaving the job makes Hydra print a line first.

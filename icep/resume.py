@@ -80,8 +80,15 @@ def resume_from(
     for stale in out.glob(".*.tmp"):  # atomic writes a kill cut short (icep.serialization)
         stale.unlink()
     if not path.is_file():
-        if summary.is_file() and _status(summary) == "completed":
+        status = _status(summary) if summary.is_file() else None
+        if status == "completed":
             return "completed"
+        if status is _DAMAGED:
+            raise IcepError(
+                f"resume: {summary} is not a summary icep wrote (not a JSON object) and there is "
+                "no checkpoint: the run there may have finished; move its files away to run it "
+                "again, or start a new run folder"
+            )
         if held:
             _check_same_config(_saved_config(out), config, overrides, out)
         log.warning("resume: %s has no checkpoint yet; starting the run from the beginning", out)
@@ -132,11 +139,16 @@ def _malformed(blob: dict[str, Any]) -> str | None:
     return None
 
 
-def _status(summary: Path) -> str | None:
+_DAMAGED = object()  # what _status says of a summary.json icep cannot have written
+
+
+def _status(summary: Path) -> Any:
+    """The run's status in ``summary`` (None: it names none), or :data:`_DAMAGED`."""
     try:
-        return json.loads(summary.read_text()).get("status")
-    except (ValueError, AttributeError):  # damaged, or not an object: not a completed run
-        return None
+        status = json.loads(summary.read_text(errors="replace"))
+    except ValueError:  # icep writes it atomically: a hand edit or a damaged disk
+        return _DAMAGED
+    return status.get("status") if isinstance(status, dict) else _DAMAGED
 
 
 def save_run_config(out: Path, config: dict[str, Any]) -> None:
@@ -215,22 +227,54 @@ def mark_job(out: Path) -> None:
         (out / JOB_MARK).write_text(job + "\n")
 
 
-# Hydra writes .hydra/*.yaml into the run folder before icep starts: when that folder holds an
-# earlier run, its files are kept here so that a start icep refuses can put them back.
-_earlier_hydra_files: dict[Path, bytes] = {}
+# Before icep starts, Hydra writes .hydra/*.yaml into the run folder and opens its log file there
+# (icep.log, appended to). When that folder already holds something, what those files were is
+# kept here, so that a start icep refuses leaves the folder byte for byte as it was.
+_earlier_files: dict[Path, bytes] = {}  # .hydra/* as they were
+_hydra_dirs: list[Path] = []  # the .hydra folders to keep to those files
+_earlier_logs: dict[Path, int] = {}  # each log's size before (-1: it was not there)
 
 
 class KeepEarlierRun(Callback):
-    """A Hydra callback (conf/config.yaml, hydra.callbacks) that snapshots the .hydra/*.yaml an
-    earlier start left in ``hydra.run.dir``."""
+    """A Hydra callback (conf/config.yaml, hydra.callbacks) that notes what a start is about to
+    change in a ``hydra.run.dir`` already holding files (:func:`put_back_earlier_files`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        out, sub = Path(str(config.hydra.run.dir)), config.hydra.output_subdir
-        if sub is not None:  # any earlier start's, a run still going on included
-            _earlier_hydra_files.update({f: f.read_bytes() for f in (out / sub).glob("*.yaml")})
+        try:
+            out = Path(str(config.hydra.run.dir))
+            if not (out.is_dir() and any(out.iterdir())):
+                return  # a new folder: Hydra's files stay, as after any Hydra run
+            if config.hydra.output_subdir is not None:
+                sub = out / config.hydra.output_subdir
+                _hydra_dirs.append(sub)
+                _earlier_files.update({f: f.read_bytes() for f in sub.glob("*") if f.is_file()})
+            log = out / f"{config.hydra.job.name}.log"
+            _earlier_logs[log] = log.stat().st_size if log.is_file() else -1
+        except OSError:  # a folder that cannot be made or read: the run fails on it, in one line
+            return
 
 
-def put_back_earlier_hydra_files() -> None:
-    """Restore the earlier run's .hydra/*.yaml that :class:`KeepEarlierRun` kept, if any."""
-    for path, data in _earlier_hydra_files.items():
+def folder_taken() -> None:
+    """The run goes on in its folder (new, or one it resumes): its files are its own now."""
+    _earlier_files.clear()
+    _hydra_dirs.clear()
+    _earlier_logs.clear()
+
+
+def put_back_earlier_files() -> None:
+    """Leave a folder that held files before this start as it was (the start was refused or
+    failed before :func:`folder_taken`): Hydra's .hydra/* put back, its log cut back."""
+    for sub in _hydra_dirs:
+        for path in sub.glob("*"):
+            if path.is_file() and path not in _earlier_files:
+                path.unlink()
+        if not _earlier_files and sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    for path, data in _earlier_files.items():
         path.write_bytes(data)
+    for log, size in _earlier_logs.items():
+        if size < 0:
+            log.unlink(missing_ok=True)
+        elif log.is_file():
+            os.truncate(log, size)
+    folder_taken()

@@ -57,6 +57,14 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("icep-cache")
 
 
+@pytest.fixture
+def place(tmp_path):
+    """``outputs/`` with an earlier run and ``cache/`` with a dense model (tests/places.py)."""
+    from places import Place
+
+    return Place(tmp_path)
+
+
 def icep_env(cache: Path | None = None, **extra: str) -> dict:
     """The environment of an icep subprocess: this one, with ``cache`` as ICEP_CACHE, W&B quiet
     and icep's own one-line errors (no HYDRA_FULL_ERROR), plus ``extra``."""

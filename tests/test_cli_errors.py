@@ -9,169 +9,19 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
-import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import run_icep
-from PIL import Image
+from places import call_main, one_line, resolve
 
 from icep import app
-from icep.models import cifar_resnet
-
-# --- where a case writes, and the earlier results beside it ---------------------------------
-
-
-class Place:
-    """``outputs/`` with an earlier run in it, ``cache/`` with a dense model and an unpacked
-    dataset, and ``files/`` for a case's inputs. The case's own run goes to ``run_dir``."""
-
-    def __init__(self, root: Path):
-        self.outputs = root / "outputs"
-        self.cache = root / "cache"
-        self.files = root / "files"
-        self.run_dir = self.outputs / "default" / "this-run"
-        earlier = self.outputs / "default" / "earlier-run"
-        for path, text in {
-            earlier / "summary.json": '{"status": "completed"}\n',
-            earlier / "metrics.jsonl": '{"step": 1}\n',
-            earlier / "model.pt": "weights",
-            earlier / ".hydra" / "config.yaml": "seed: 0\n",
-            self.cache / "dense" / "resnet20-digits-0123456789ab.pt": "dense weights",
-            self.cache / "datasets" / "tiny-0123456789" / "train" / "a" / "0.png": "pixels",
-        }.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        self.files.mkdir()
-        self.before = self._snapshot()
-
-    def _snapshot(self) -> dict[Path, tuple[bytes, int]]:
-        return {
-            path: (path.read_bytes(), path.stat().st_mtime_ns)
-            for folder in (self.outputs, self.cache)
-            for path in sorted(folder.rglob("*"))
-            # Lock files (icep.locks) are taken by every run; they hold no result.
-            if path.is_file() and self.run_dir not in path.parents and path.suffix != ".lock"
-        }
-
-    def assert_untouched(self) -> None:
-        after = self._snapshot()
-        for path, (data, mtime) in self.before.items():
-            assert path in after, f"{path} was deleted"
-            assert after[path] == (data, mtime), f"{path} was modified"
-
-
-@pytest.fixture
-def place(tmp_path) -> Place:
-    return Place(tmp_path)
-
-
-def call_main(args: list[str], place: Place, monkeypatch, capsys, run_dir: bool = True):
-    """``icep.app.main()`` with ``args`` as the command line: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("ICEP_CACHE", str(place.cache))
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "")  # recorded, so teardown removes what main() sets
-    monkeypatch.delenv("HYDRA_FULL_ERROR")
-    where = [f"hydra.run.dir={place.run_dir}"] if run_dir else []
-    argv = ["icep", *where, f"paths.outputs={place.outputs}", "trainer.device=cpu", *args]
-    monkeypatch.setattr(sys, "argv", argv)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    capsys.readouterr()
-    try:
-        app.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:  # Hydra configured logging for the run: put pytest's back
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code: int, out: str, err: str) -> str:
-    """The error line, after checking the contract: exit 2, one stderr line, no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in out + err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("icep: error: ")
-    return lines[0].removeprefix("icep: error: ")
-
-
-# --- inputs a case needs ----------------------------------------------------------------------
-
-
-def image_tree(root: Path, classes=("ant", "bee", "cat"), per_class: int = 4) -> Path:
-    for split in ("train", "test"):
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.full((12, 12, 3), 60 * c + 20 + i, np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
-
-
-def checkpoint(place: Place, kind: str) -> Path:
-    path = place.files / f"{kind}.pt"
-    # The default run: ResNet-20 on digits (10 classes, 1 channel).
-    if kind == "other_architecture":
-        torch.save(cifar_resnet(32, num_classes=10, in_channels=1).state_dict(), path)
-    elif kind == "other_classes":
-        torch.save(cifar_resnet(20, num_classes=100, in_channels=1).state_dict(), path)
-    elif kind == "truncated":
-        torch.save(cifar_resnet(20, num_classes=10, in_channels=1).state_dict(), path)
-        path.write_bytes(path.read_bytes()[:5000])
-    elif kind == "not_a_state_dict":
-        torch.save([torch.zeros(3)], path)
-    elif kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "folder":
-        path.mkdir()
-    return path
-
-
-def dataset_root(place: Place, kind: str) -> Path:
-    root = place.files / kind
-    if kind == "empty":
-        root.mkdir()
-    elif kind == "no_class_folders":  # images straight in train/ and test/
-        for split in ("train", "test"):
-            (root / split).mkdir(parents=True)
-            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / "0.png")
-    elif kind == "split":  # dataset.root at train/ instead of the folder holding it
-        root = image_tree(root) / "train"
-    elif kind == "damaged_archive":
-        archive = place.files / "tiny.tar.gz"
-        with tarfile.open(archive, "w:gz") as tar:
-            tar.add(image_tree(root), arcname="tiny")
-        archive.write_bytes(archive.read_bytes()[:300])
-        root = archive
-    elif kind == "absolute_link":
-        archive = place.files / "links.tar.gz"
-        with tarfile.open(archive, "w:gz") as tar:
-            tar.add(image_tree(root), arcname="tiny")
-            link = tarfile.TarInfo("tiny/train/ant/passwd.png")
-            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-            tar.addfile(link)
-        root = archive
-    elif kind == "undecodable":
-        image_tree(root)
-        (root / "train" / "bee" / "2.png").write_bytes(b"<html>not found</html>")
-    return root
-
 
 # --- the cases --------------------------------------------------------------------------------
 
 # name -> (arguments, texts the line must hold: the problem and the fix). {checkpoint:KIND} and
-# {data:KIND} stand for the files made above.
+# {data:KIND} stand for the files tests/places.py makes.
 CASES = {
     "unknown model": (
         ["model=resnet57"],
@@ -216,39 +66,6 @@ CASES = {
             "pipeline.final_finetune_epochs: is for schedule=blockwise",
             "leave final_finetune_epochs out",
         ],
-    ),
-    "seed negative": (["seed=-1"], ["seed: got -1; must be an integer from 0 to 2**32 - 1"]),
-    "milestones not a list": (
-        ["dense.milestones=abc"],
-        ["dense.milestones: got 'abc'; must be a list of fractions of the epochs in (0, 1)"],
-    ),
-    "empty checkpoint": (
-        ["model.checkpoint={checkpoint:empty}"],
-        ["empty.pt is empty (0 bytes); save the trained weights again"],
-    ),
-    "checkpoint is a folder": (
-        ["model.checkpoint={checkpoint:folder}"],
-        ["folder.pt is a folder; give the path of a trained model file in it"],
-    ),
-    "mean for other channels": (
-        ["dataset.mean=[0.5,0.5]"],
-        ["dataset.mean: has 2 values, but the images have 1 channel; give one value per channel"],
-    ),
-    "unknown timm model": (
-        ["model=timm", "model.name=resnet5O"],
-        ["unknown timm model 'resnet5O'; e.g. resnet50,", "timm.list_models()"],
-    ),
-    "archive with an absolute link": (
-        ["dataset=image_folder", "dataset.root={data:absolute_link}"],
-        ["holds a member icep does not unpack, for safety", "pack the tree again without"],
-    ),
-    "damaged study database": (
-        ["tune=tpe", "tune.storage={file}"],
-        ["is not a readable study database", "delete it (or move it away) to start the search"],
-    ),
-    "unquoted path with a space": (
-        ["dataset=image_folder", "dataset.root=/my", "data"],
-        ["'data' on the command line is not KEY=VALUE; a value holding a space must be quoted"],
     ),
     "ties unknown": (["ties=random"], ["ties: got 'random'; must be stable or sort"]),
     "amp dtype unknown": (
@@ -351,24 +168,6 @@ CASES = {
         ["cannot create the run folder (Not a directory: ", "paths.outputs="],
     ),
 }
-
-
-def resolve(args: list[str], place: Place) -> list[str]:
-    out = []
-    for arg in args:
-        if "=" not in arg:  # a word as the shell split it
-            out.append(arg)
-            continue
-        key, _, value = arg.partition("=")
-        if value.startswith("{checkpoint:"):
-            value = str(checkpoint(place, value[len("{checkpoint:") : -1]))
-        elif value.startswith("{data:"):
-            value = str(dataset_root(place, value[len("{data:") : -1]))
-        elif value.startswith("{file}"):
-            (place.files / "a-file").write_text("not a folder")
-            value = value.replace("{file}", str(place.files / "a-file"))
-        out.append(f"{key}={value}")
-    return out
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -499,25 +298,6 @@ def test_nan_loss_fails_the_run_and_wandb_offline_fallback(place):
     summary = json.loads((place.run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == line
     place.assert_untouched()
-
-
-def test_a_run_folder_name_over_the_limit_is_one_line(place, monkeypatch, capsys):
-    """A 300-character name= makes a folder name over the file system's 255 bytes."""
-    args = [f"name={'x' * 300}", f"hydra.run.dir={place.outputs}/${{name}}"]
-    line = one_line(*call_main(args, place, monkeypatch, capsys, run_dir=False))
-    assert "a folder or file name is over the file system's limit (255 bytes)" in line
-    assert line.endswith("shorten name=... (or hydra.run.dir=..., paths.outputs=...)")
-    place.assert_untouched()
-
-
-def test_a_folder_in_the_place_of_a_run_file_is_one_line(place, monkeypatch, capsys):
-    (place.run_dir / "metrics.jsonl").mkdir(parents=True)
-    line = one_line(*call_main(["resume=true"], place, monkeypatch, capsys))
-    assert line == (
-        f"Is a directory: {place.run_dir / 'metrics.jsonl'}: a folder is where icep writes a "
-        "file; move it away, or use another folder"
-    )
-    assert (place.run_dir / "metrics.jsonl").is_dir()
 
 
 def test_an_empty_icep_cache_means_unset(place, monkeypatch, capsys, tmp_path):

@@ -237,18 +237,11 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("args", list(BAD_VALUES))
 def test_bad_dense_values_end_as_one_line_naming_the_key(args, place, monkeypatch, capsys):
-    from test_cli_errors import call_main, one_line
+    from places import call_main, one_line
 
     line = one_line(*call_main(args.split(), place, monkeypatch, capsys))
     assert line.startswith(BAD_VALUES[args])
     place.assert_untouched()
-
-
-@pytest.fixture
-def place(tmp_path):
-    from test_cli_errors import Place
-
-    return Place(tmp_path)
 
 
 def compose(*overrides: str):
