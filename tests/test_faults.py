@@ -314,15 +314,21 @@ def test_a_signal_stops_the_run_after_its_step_with_one_line(signum, place, monk
 ARGS = [*FAST, "dataset.train_subset=600"]
 
 
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory, cache_dir):
+    """A finished run, which also puts its dense model in the cache."""
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    assert run_icep(ARGS, out, cache_dir).returncode == 0
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["run folder", "dense cache"])
-def test_a_full_disk_is_one_line_and_keeps_earlier_outputs(where, tmp_path, cache_dir):
+def test_a_full_disk_is_one_line_and_keeps_earlier_outputs(where, earlier, tmp_path, cache_dir):
     """torch.save on a full disk raises a C++ RuntimeError ("enforce fail at
     inline_container.cc"); a file size limit (ulimit -f) makes the same failure here. Below the
     size of the dense model, the cache's write fails first (a cold cache); below the pruned
     model's, the run folder's (the dense model already cached)."""
-    earlier = tmp_path / "earlier"
-    assert run_icep(ARGS, earlier, cache_dir).returncode == 0  # also puts the dense model in cache
     cache = cache_dir if where == "run folder" else tmp_path / "cold-cache"
     before = {**_files(earlier), **_files(cache_dir)}
     out = tmp_path / "run"
