@@ -263,6 +263,8 @@ def _app(cfg: DictConfig) -> dict[str, Any] | None:
     except Interrupted as exc:  # the run stops, and a sweep with it
         put_back_earlier_files()
         print(interrupted_line(exc), file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # through the launcher: the sweeper records the job interrupted, and stops
         sys.exit(exc.exit_code)
     except Exception as exc:
         put_back_earlier_files()  # a refused or failed start leaves an earlier run as it was
@@ -292,6 +294,8 @@ def main() -> None:
         _describe_errors = True
     try:
         _app()
+    except Interrupted as exc:  # a sweep stopped with its job, which said where
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before the run began or after it ended: nothing to keep
         print("icep: interrupted by SIGINT", file=sys.stderr, flush=True)
         sys.exit(130)

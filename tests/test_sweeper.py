@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -417,3 +419,50 @@ def test_eight_jobs_at_once_share_one_study_and_one_dense_model(tmp_path):
     for number in range(8):
         rows = (sweep_dir / str(number) / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["step"] for r in rows] == list(range(1, 10))
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_records_the_job_interrupted_and_a_rerun_runs_its_point_again(
+    tmp_path, cache_dir
+):
+    """SIGTERM while trial 1's job runs (the basic launcher: jobs in the sweep's process): the
+    sweep stops with the job's one line and exit 143; trial 1 is interrupted, not failed. The
+    same command again runs trial 1's point first (as trial 2) and completes the sweep."""
+    args = [*SPACE, "hydra.sweeper.n_trials=3"]
+    sweep_dir = tmp_path / "stopped"
+    env = icep_env(cache_dir, **ENV)
+    command = ["-m", "hydra/sweeper=icep_optuna", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "icep", *command, "hydra.sweeper.seed=0", *JOB, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rows = sweep_dir / "1" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (rows.is_file() and rows.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "trial 1 never ran"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().count("\n") == 0 and err.startswith("icep: interrupted by SIGTERM after "), (
+        err
+    )
+    assert f"the same command with resume=true hydra.sweep.dir={sweep_dir} continues" in err
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    stopped = study.trials[1]
+    assert stopped.state.name == "FAIL" and stopped.user_attrs["interrupted"] is True
+    assert json.loads((sweep_dir / "1" / "summary.json").read_text())["status"] == "interrupted"
+
+    again = sweep(args, sweep_dir, cache_dir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+    assert "1 interrupted trials run again first" in again.stdout
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    retry = study.trials[2]
+    assert retry.user_attrs["retry_of"] == 1 and retry.params == stopped.params
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    result = json.loads((sweep_dir / "tune_result.json").read_text())
+    assert (result["complete"], result["fail"], result["interrupted"]) == (3, 0, 1)

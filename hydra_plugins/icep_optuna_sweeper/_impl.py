@@ -37,6 +37,7 @@ from icep.tune.search import one_line
 from icep.tune.select import TrialResult, pareto_front, select_trial
 from icep.tune.space import SearchSpace, parse_distribution
 from icep.tune.study import (
+    INTERRUPTED,
     REASON,
     build_pruner,
     build_sampler,
@@ -48,6 +49,7 @@ from icep.tune.study import (
     log_trial,
     open_storage,
     quiet_optuna,
+    retry_interrupted,
     storage_url,
     tell,
     trial_rows,
@@ -226,6 +228,7 @@ class IcepOptunaSweeperImpl:
             )
         study.set_user_attr(PRUNER_ATTR, self.pruner)  # the node, which the jobs build
 
+        retried = retry_interrupted(study)  # a stopped sweep's points run first, as before
         sampler_name = type(sampler).__name__
         results = _Results(
             sweep_dir, study, url, objectives, directions, sampler_name, n_trials, tolerance
@@ -245,6 +248,8 @@ class IcepOptunaSweeperImpl:
             ", ".join(objectives),
             type(pruner).__name__,
         )
+        if retried:
+            log.info("icep_optuna: %d interrupted trials run again first", retried)
         log.info(
             "icep_optuna: searching %s%s",
             ", ".join(f"{n}: {_describe(d)}" for n, d in space.distributions.items()),
@@ -271,11 +276,16 @@ class IcepOptunaSweeperImpl:
                 returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
             except BaseException as exc:
                 # The batch's trials would stay RUNNING for ever; a config the jobs cannot be
-                # composed from (HydraException) or an interrupt ends the sweep.
-                reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else one_line(exc)
+                # composed from (HydraException) or an interrupt ends the sweep. Interrupted
+                # trials (SIGTERM, Ctrl-C) are no failures: a rerun runs their points again.
+                stopped = isinstance(exc, KeyboardInterrupt)
                 for trial in batch:
-                    frozen = tell(study, trial, TrialState.FAIL, reason=f"launch: {reason}")
-                    failed.append(frozen)
+                    if stopped:
+                        trial.set_user_attr(INTERRUPTED, True)
+                    reason = f"interrupted ({exc})" if stopped else f"launch: {one_line(exc)}"
+                    frozen = tell(study, trial, TrialState.FAIL, reason=reason)
+                    if not stopped:
+                        failed.append(frozen)
                     log_trial(frozen, len(finished(study)), n_trials, prefix="icep_optuna")
                 results.write()
                 if isinstance(exc, (HydraException, IcepError)) or not isinstance(exc, Exception):
