@@ -242,7 +242,7 @@ def interrupted_line(exc: Interrupted) -> str:
     """The one line a run stopped by a signal ends with: where it stopped, how to go on."""
     hydra_cfg = HydraConfig.get()
     steps = getattr(exc, "steps", None)
-    done = f" after {steps} pruning steps" if steps else ""
+    done = f" after {steps} pruning step{'s' if steps > 1 else ''}" if steps else ""
     if hydra_cfg.mode == RunMode.MULTIRUN:
         again = f"the same command with resume=true hydra.sweep.dir={hydra_cfg.sweep.dir}"
     else:
@@ -263,6 +263,7 @@ def _app(cfg: DictConfig) -> dict[str, Any] | None:
     except Interrupted as exc:  # the run stops, and a sweep with it
         put_back_earlier_files()
         print(interrupted_line(exc), file=sys.stderr, flush=True)
+        exc.said = True
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # through the launcher: the sweeper records the job interrupted, and stops
         sys.exit(exc.exit_code)
@@ -293,10 +294,13 @@ def main() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
         _describe_errors = True
     try:
-        _app()
-    except Interrupted as exc:  # a sweep stopped with its job, which said where
+        with stop_on_signals():  # from the start: composing the config, a sweeper between jobs
+            _app()
+    except Interrupted as exc:  # before the run began or after it ended, or a sweep stopped
+        if not getattr(exc, "said", False):  # (a run or a sweep's job said where it stopped)
+            print(f"icep: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before the run began or after it ended: nothing to keep
+    except KeyboardInterrupt:  # raised by other code than icep's signal handlers
         print("icep: interrupted by SIGINT", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as exc:

@@ -39,6 +39,7 @@ from torchvision import transforms as T
 
 from icep.device_batches import DeviceLoader, TensorSplit, check_normalization
 from icep.errors import ConfigError, IcepError
+from icep.interrupts import leave_signals_to_the_main_process, signals_held
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,17 @@ def build_data(
     )
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes start with SIGINT and SIGTERM held, until their
+    ``worker_init_fn`` ignores them (:mod:`icep.interrupts`): a run stops in its main process."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with signals_held():  # the workers start here (each epoch, unless persistent)
+            return super()._get_iterator()
+
+
 def _loader(
     dataset: Dataset,
     size: int,
@@ -230,7 +242,7 @@ def _loader(
     pin_memory: bool,
     prefetch_factor: int | None,
 ) -> DataLoader:
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=size,
         shuffle=shuffle,
@@ -242,6 +254,7 @@ def _loader(
         # run (which restores that generator) augments exactly as an uninterrupted one.
         persistent_workers=workers > 0 and not shuffle,
         drop_last=False,
+        worker_init_fn=leave_signals_to_the_main_process,
     )
 
 
@@ -255,7 +268,7 @@ def with_batch_size(
         return loader
     if isinstance(loader, DeviceLoader):
         return loader.with_batch_size(batch_size)
-    return DataLoader(
+    return _Loader(
         loader.dataset,
         batch_size=batch_size,
         shuffle=isinstance(loader.sampler, RandomSampler),
@@ -265,6 +278,7 @@ def with_batch_size(
         prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
         drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn,
     )
 
 

@@ -38,13 +38,23 @@ class Interrupted(KeyboardInterrupt):
 
 _depth = 0  # nesting of uninterruptible() blocks
 _pending: int | None = None  # a signal that arrived inside one
+_stopping = False  # Interrupted was raised: the run is stopping, further signals change nothing
+_active = 0  # nesting of stop_on_signals() blocks
 
 
 def _handler(signum: int, frame) -> None:
     global _pending
+    if _stopping:  # a second Ctrl-C, or SIGTERM to the process and to its group: one stop
+        return
     if _depth:
         _pending = signum
         return
+    _stop(signum)
+
+
+def _stop(signum: int) -> None:
+    global _stopping
+    _stopping = True
     raise Interrupted(signum)
 
 
@@ -60,14 +70,14 @@ def uninterruptible() -> Iterator[None]:
         _depth -= 1
     if _depth == 0 and _pending is not None:
         signum, _pending = _pending, None
-        raise Interrupted(signum)
+        _stop(signum)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into :class:`Interrupted` for the block (main thread only;
     SIGTERM is left to submitit in its jobs), and put the earlier handlers back after it."""
-    global _pending
+    global _pending, _stopping, _active
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -75,9 +85,54 @@ def stop_on_signals() -> Iterator[None]:
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         signals.append(signal.SIGTERM)
     earlier = {s: signal.signal(s, _handler) for s in signals}
+    _active += 1
     try:
         yield
     finally:
+        _active -= 1
         for s, handler in earlier.items():
             signal.signal(s, handler)
-        _pending = None
+        if not _active:
+            _pending, _stopping = None, False
+
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back for the block in this thread, and in the processes and
+    threads it starts meanwhile (they inherit the mask); held signals arrive when it ends. Around
+    starting DataLoader workers: a forked worker must not meet the run's handler (it would raise
+    Interrupted in a copy of the run) before :func:`leave_signals_to_the_main_process`."""
+    earlier = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        with uninterruptible():  # one that came just before the mask: at the end, too
+            yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, earlier)
+
+
+def leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT and ends quietly (exit code 0)
+    on SIGTERM, then lets through what :func:`signals_held` held. A scheduler, or Ctrl-C in a
+    terminal, signals the whole process group: a worker killed by the signal makes PyTorch raise
+    "DataLoader worker is killed by signal" in the main process, over its own stop. The main
+    process stops at a safe point and shuts down the workers left. (A worker must still end on
+    SIGTERM: Python's exit terminates the daemon processes left, and waits for them.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+    threading.excepthook = _quiet_when_hung_up
+
+
+def _end_worker(signum: int, frame) -> None:
+    os._exit(0)
+
+
+def _quiet_when_hung_up(args: threading.ExceptHookArgs) -> None:
+    """A worker's threads (multiprocessing's resource sharer, which hands batches' file
+    descriptors to the main process) meet a closed connection when a stopped main process shuts
+    the workers down mid-batch: no traceback for that."""
+    if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+        threading.__excepthook__(args)

@@ -17,6 +17,25 @@ from icep.errors import IcepError
 log = logging.getLogger(__name__)
 
 
+# The file descriptors of the locks this process holds. A lock belongs to the open file, which a
+# forked child (a DataLoader worker) shares: the child lets go of it at once, or a worker outliving
+# a killed run would keep its folder locked.
+_held: set[int] = set()
+
+
+def _let_go_in_child() -> None:
+    if not _held:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _held:
+        os.dup2(null, fd)  # the fd now names /dev/null: the lock's file is the parent's alone
+    os.close(null)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 def _holder(f) -> str:
     f.seek(0)
     pid = f.read().strip()
@@ -49,9 +68,11 @@ def locked(path: Path, what: str, *, wait: bool, refusal: str = "") -> Iterator[
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
+        _held.add(f.fileno())
         try:
             yield
         finally:
+            _held.discard(f.fileno())
             f.seek(0)
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)

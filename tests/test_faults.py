@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -350,3 +351,42 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_outputs(where, earlier, tmp_p
     assert f"File too large: {written}/" in lines[0], lines[0]
     assert {**_files(earlier), **_files(cache_dir)} == before
     assert not [p for p in (*out.rglob(".*.tmp"), *cache.rglob(".*.tmp"))]
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_process_group_stops_a_run_with_loader_workers_in_one_line(tmp_path):
+    """A scheduler signals every process of the job: DataLoader workers too. They leave the stop
+    to the main process (a worker killed by SIGTERM made PyTorch print "DataLoader worker is
+    killed by signal" tracebacks beside the run's own line)."""
+    from places import image_tree
+
+    root = image_tree(tmp_path / "tree", per_class=60)
+    args = [
+        "dataset=image_folder",
+        f"dataset.root={root}",
+        "dataset.image_size=12",
+        "trainer.batching=workers",
+        "trainer.num_workers=2",
+        "trainer.batch_size=16",
+        "trainer.device=cpu",
+        "dense.epochs=2",
+    ]
+    out = tmp_path / "run"
+    command, env = _icep_command(args, out, tmp_path / "cache", None)
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a scheduler's job
+    )
+    rows, deadline = out / "metrics.jsonl", time.monotonic() + 240
+    while not (rows.is_file() and rows.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no pruning step"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().count("\n") == 0 and err.startswith("icep: interrupted by SIGTERM"), err
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"

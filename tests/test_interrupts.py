@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,3 +78,75 @@ def test_a_locked_folder_is_refused_and_a_cache_entry_waited_for(tmp_path, caplo
     waiter.join(timeout=10)
     assert order == ["first", "second"]
     assert "waiting for another icep run" in caplog.text
+
+
+def test_a_second_signal_while_stopping_changes_nothing():
+    """Ctrl-C twice, or SIGTERM to the process and then to its group: one stop, which goes on
+    writing what it writes (here: the summary of an interrupted run)."""
+    written = []
+    with stop_on_signals(), pytest.raises(Interrupted, match="SIGINT"):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000_000):
+                pass
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the stop's own work is not cut short
+            for _ in range(1_000_000):
+                pass
+            written.append("summary")
+    assert written == ["summary"]
+    with stop_on_signals(), pytest.raises(Interrupted, match="SIGTERM"):  # a later run stops again
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000_000):
+            pass
+
+
+def test_dataloader_workers_leave_signals_to_the_run_and_let_go_of_its_locks(tmp_path):
+    """A worker forked while the run holds its folder's lock does not keep the lock, and a
+    SIGTERM to it (as to the whole process group) ends it quietly, with exit code 0: a worker
+    killed by a signal makes PyTorch raise in the run."""
+    import multiprocessing
+
+    from icep.errors import IcepError
+    from icep.interrupts import leave_signals_to_the_main_process, signals_held
+    from icep.locks import locked
+
+    lock, started = tmp_path / ".icep.lock", multiprocessing.get_context("fork").Event()
+
+    def worker():
+        leave_signals_to_the_main_process(0)
+        started.set()
+        signal.pause()
+
+    with stop_on_signals(), locked(lock, "the run folder", wait=False):
+        with signals_held():
+            child = multiprocessing.get_context("fork").Process(target=worker, daemon=True)
+            child.start()
+        assert started.wait(30)
+        os.kill(child.pid, signal.SIGINT)  # ignored
+        child.join(0.5)
+        assert child.is_alive()
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(30)
+        assert child.exitcode == 0
+    # A run killed (no unlock) while a worker it forked lives on: the folder is free at once.
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from icep.locks import locked\n"
+        "with locked(Path(sys.argv[1]), 'the run folder', wait=False):\n"
+        "    if os.fork() == 0:\n"
+        "        signal.pause()\n"
+        "    print(flush=True)\n"
+        "    os._exit(0)  # as SIGKILL: no unlock\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE)
+    run.stdout.readline()
+    run.wait(30)
+    try:
+        with locked(lock, "the run folder", wait=False):
+            pass
+    except IcepError:
+        pytest.fail("a forked child kept the run's lock")
+    finally:
+        subprocess.run(["pkill", "-f", str(lock)], check=False)
