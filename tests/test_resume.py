@@ -170,34 +170,3 @@ def test_a_folder_holding_only_a_killed_search_is_never_reused_by_another_config
         resume_from(again, out, {"pipeline.ratio": 0.6, "seed": 0})
     assert resume_from(again, out, {"pipeline.ratio": 0.5, "seed": 0}) is None  # the same: go on
     assert not list(out.glob(".*.tmp"))
-
-
-def _popen(args, out, cache_dir):
-    command, env = _icep_command(args, out, cache_dir, None, None, False)
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def _wait_for_pid(lock, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not (lock.exists() and lock.read_text().strip() == str(proc.pid)):
-        assert proc.poll() is None and time.monotonic() < deadline, "the lock was never taken"
-        time.sleep(0.02)
-
-
-@pytest.mark.slow
-def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path, cache_dir):
-    out = tmp_path / "run"
-    first = _popen(ARGS, out, cache_dir)
-    _wait_for_pid(out / ".icep.lock", first)
-    second = run_icep(ARGS, out, cache_dir)
-    assert second.returncode == 2, second.stderr[-2000:]
-    assert second.stderr.strip() == (
-        f"icep: error: the run folder {out} is in use by another icep run (pid {first.pid}); "
-        "wait for it to end, or choose another hydra.run.dir"
-    )
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
-    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 10))
-    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
