@@ -26,16 +26,12 @@ def measure(*args: str, cache, timeout: float = 400) -> subprocess.CompletedProc
     )
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("measure") / "out"
-    result = measure("--toy", "--out", str(out), cache=cache_dir)
-    return out, result
-
-
 @pytest.mark.slow
-def test_the_toy_run_does_every_stage_and_shows_time_and_compute_side_by_side(toy):
-    out, result = toy
+def test_the_toy_run_does_every_stage_and_a_later_call_goes_on_from_it(tmp_path, cache_dir):
+    """One test, not two sharing a module fixture: pytest-xdist would run the toy measurement
+    once on each worker."""
+    out = tmp_path / "out"
+    result = measure("--toy", "--out", str(out), cache=cache_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     results = json.loads((out / "measure.json").read_text())
     for stage in ("versions", "tests", "finetune", "dense", "compare"):
@@ -62,12 +58,8 @@ def test_the_toy_run_does_every_stage_and_shows_time_and_compute_side_by_side(to
     assert "| cost (s) |" in header and "| compute |" in header and "| compute speed-up |" in header
     assert "| compare | done | ICE " in md
 
-
-@pytest.mark.slow
-def test_a_later_call_goes_on_from_what_an_earlier_one_returned(toy, tmp_path, cache_dir):
-    earlier, first = toy
-    assert first.returncode == 0
-    out = tmp_path / "again"
+    # A later call goes on from what this one returned: neither pipeline runs again.
+    earlier, out = out, tmp_path / "again"
     result = measure(
         "--toy",
         "--stages",
@@ -79,7 +71,7 @@ def test_a_later_call_goes_on_from_what_an_earlier_one_returned(toy, tmp_path, c
         cache=cache_dir,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert result.stdout.count("finished in an earlier call") == 2  # neither pipeline runs again
+    assert result.stdout.count("finished in an earlier call") == 2
     before = json.loads((earlier / "measure.json").read_text())["compare"]["rows"]
     after = json.loads((out / "measure.json").read_text())["compare"]["rows"]
     assert after == before

@@ -77,15 +77,20 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_one_before(
     _assert_same_run(out, uninterrupted)
 
 
-def test_resuming_with_another_config_is_refused(tmp_path, cache_dir):
+def test_a_resume_with_another_config_is_refused_and_a_key_added_since_is_not_a_change(
+    tmp_path, cache_dir
+):
+    """Another ratio is refused, leaving the checkpoint and the run's .hydra/ files as they were.
+    A run checkpointed by an earlier icep, whose config lacked keys added since (here
+    dense.nesterov), resumes at their defaults; setting such a key on the command line is a
+    change of config and is refused."""
     out = tmp_path / "run"
-    killed = run_icep([*FAST, "pipeline=iterative"], out, cache_dir, kill_in_checkpoint=2)
+    args = [*FAST, "pipeline=iterative"]
+    killed = run_icep(args, out, cache_dir, kill_in_checkpoint=2)
     assert killed.returncode < 0
     before = (out / "checkpoint.pt").read_bytes()  # step 1's
     hydra_files = {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")}
-    result = run_icep(
-        [*FAST, "pipeline=iterative", "pipeline.ratio=0.7", "resume=true"], out, cache_dir
-    )
+    result = run_icep([*args, "pipeline.ratio=0.7", "resume=true"], out, cache_dir)
     assert result.returncode == 2
     line = result.stderr.strip()
     assert line.startswith("icep: error: resume: ") and "\n" not in line
@@ -94,15 +99,6 @@ def test_resuming_with_another_config_is_refused(tmp_path, cache_dir):
     # Hydra rewrote .hydra/ with the refused config before icep ran; icep put the run's back.
     assert {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")} == hydra_files
 
-
-def test_a_checkpoint_from_before_a_key_existed_resumes_unless_the_key_is_set(tmp_path, cache_dir):
-    """A run checkpointed by an earlier icep, whose config lacked keys added since (here
-    dense.nesterov), resumes at their defaults; setting such a key on the command line is a
-    change of config and is refused."""
-    out = tmp_path / "run"
-    args = [*FAST, "pipeline=iterative"]
-    killed = run_icep(args, out, cache_dir, kill_in_checkpoint=2)
-    assert killed.returncode < 0
     blob = torch.load(out / "checkpoint.pt", weights_only=True)
     del blob["config"]["dense.nesterov"]  # as an icep before that key wrote it
     torch.save(blob, out / "checkpoint.pt")
