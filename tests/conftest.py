@@ -153,20 +153,24 @@ def trained_on_digits(digits, depth: int, epochs: int, min_val_acc: float) -> di
     return model.state_dict()
 
 
+def wait_for_steps(metrics: Path, steps: int, proc, timeout: float = 240) -> None:
+    """Wait until the icep run ``proc`` has written ``steps`` rows to ``metrics``."""
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {steps}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no step {steps} within {timeout}s")
+        time.sleep(0.02)
+
+
 def kill_after(out: Path, steps: int, proc, timeout: float = 240) -> None:
     """SIGKILL the icep run ``proc`` (from :func:`start_icep`) once its metrics.jsonl in ``out``
     holds ``steps`` rows."""
-    deadline = time.monotonic() + timeout
-    metrics = out / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-            proc.kill()
-            proc.wait()
-            return
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
+    wait_for_steps(out / "metrics.jsonl", steps, proc, timeout)
     proc.kill()
-    raise AssertionError(f"no step {steps} within {timeout}s")
+    proc.wait()
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -16,11 +16,10 @@ import os
 import resource
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
-from conftest import FAST, _icep_command, run_icep
+from conftest import FAST, _icep_command, run_icep, wait_for_steps
 from places import call_main, one_line, resolve
 
 from icep.locks import locked
@@ -388,10 +387,7 @@ def test_a_signal_to_the_process_group_stops_a_run_with_loader_workers_in_one_li
         text=True,
         start_new_session=True,  # its own process group, as a scheduler's job
     )
-    rows, deadline = out / "metrics.jsonl", time.monotonic() + 240
-    while not (rows.is_file() and rows.read_text().strip()):
-        assert proc.poll() is None and time.monotonic() < deadline, "no pruning step"
-        time.sleep(0.02)
+    wait_for_steps(out / "metrics.jsonl", 1, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err

@@ -7,11 +7,18 @@ import json
 import random
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
-from conftest import FAST, _icep_command, kill_after, read_jsonl, run_icep, start_icep
+from conftest import (
+    FAST,
+    _icep_command,
+    kill_after,
+    read_jsonl,
+    run_icep,
+    start_icep,
+    wait_for_steps,
+)
 
 # ICE with every component on and a low threshold, so steps differ in what they do.
 ARGS = [*FAST, "pipeline=ice", "pipeline.thre=0.5", "dataset.train_subset=600"]
@@ -125,10 +132,7 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_resume(
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() or len(read_jsonl(out / "metrics.jsonl")) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, "no step 2"
-        time.sleep(0.02)
+    wait_for_steps(out / "metrics.jsonl", 2, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     name = signal.Signals(signum).name

@@ -8,13 +8,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from conftest import FAST, ROOT, icep_env
+from conftest import FAST, ROOT, icep_env, wait_for_steps
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -442,11 +441,7 @@ def test_a_stopped_sweep_records_the_job_interrupted_and_a_rerun_runs_its_point_
         stderr=subprocess.PIPE,
         text=True,
     )
-    rows = sweep_dir / "1" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (rows.is_file() and rows.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, "trial 1 never ran"
-        time.sleep(0.02)
+    wait_for_steps(sweep_dir / "1" / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
