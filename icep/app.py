@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # Imports here keep `python -m icep --help` and config errors fast.
     from icep.data import data_from_config
-    from icep.dense import arch_spec, dense_model
+    from icep.dense import arch_spec, dense_model, model_meta
     from icep.loggers import RunInfo
     from icep.pipelines import PruningRun
     from icep.serialization import save_model
@@ -158,7 +158,13 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                         summary["time_total_s"], summary["flops_total"], summary["time_wall_s"]
                     )
                 )
-        save_model(model, arch_spec(cfg, data), out / "model.pt", summary=scalars(summary))
+        save_model(
+            model,
+            arch_spec(cfg, data),
+            out / "model.pt",
+            **model_meta(cfg, data),
+            summary=scalars(summary),
+        )
         summary["model_path"] = str(out / "model.pt")
         summary["output_dir"] = str(out)
         logger.log_summary(summary)

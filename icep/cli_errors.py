@@ -156,3 +156,22 @@ def describe_error(exc: BaseException) -> str | None:
             text.append(str(cause).strip().splitlines()[0])
         return " ".join(text)
     return None
+
+
+def run_command(body, *args) -> None:
+    """``body(*args)`` as a command-line tool (``python -m icep.eval``, ``icep.export``):
+    errors the user can fix end as one line and exit code 2, a signal as one line and 128 + its
+    number."""
+    from icep.interrupts import Interrupted, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            body(*args)
+    except Interrupted as exc:
+        print(f"icep: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        message = describe_error(exc)
+        if message is None:
+            raise
+        exit_with(message)

@@ -23,9 +23,9 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -67,6 +67,13 @@ class Data:
     test: DataLoader | DeviceLoader  # only reported
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W)
+    classes: list[str] = field(default_factory=list)  # class names, by label
+    # How a raw image becomes the model's input (saved with a model, for users of the file):
+    # ``scale`` the raw pixel values (uint8 0..255; digits 0..16), subtract ``mean``, divide by
+    # ``std`` (null: not normalized); images read from files are first resized so their short
+    # side is ``resize``, then center-cropped to ``crop`` (``fit: stretch``: resized to
+    # ``crop`` x ``crop``).
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +97,8 @@ class _Source:
     # The train augmentation on the device, (crop padding, flip); None: only the transforms do it.
     device_augment: tuple[int, bool] | None = (0, False)
     sample_bytes: int = 0  # one sample's pixels as the device path holds them
+    classes: Sequence[str] | None = None  # class names by label; None: the labels as text
+    resize: dict[str, Any] | None = None  # images from files: resize, crop, fit (Data)
 
 
 class _Split(Dataset):
@@ -219,6 +228,14 @@ def build_data(
         **splits,
         num_classes=source.num_classes,
         input_shape=input_shape,
+        classes=[str(c) for c in source.classes or range(source.num_classes)],
+        preprocessing={
+            "input_shape": list(input_shape),
+            "scale": source.scale,
+            "mean": None if source.mean is None else [float(m) for m in source.mean],
+            "std": None if source.std is None else [float(s) for s in source.std],
+            **(source.resize or {"resize": None, "crop": None, "fit": None}),
+        },
     )
 
 
@@ -408,13 +425,11 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
         )
 
     generator = torch.Generator().manual_seed(seed)
-    return Data(
-        name=data.name,
+    return replace(
+        data,
         train=shrink(data.train, train_fraction, shuffle=True),
         val=None if data.val is None else shrink(data.val, eval_fraction, shuffle=False),
         test=shrink(data.test, eval_fraction, shuffle=False),
-        num_classes=data.num_classes,
-        input_shape=data.input_shape,
     )
 
 
@@ -504,6 +519,10 @@ class _Images(DatasetSpec):
         """A _Source of RGB images of ``image_size`` with this dataset's normalization and both
         paths' augmentation."""
         train_tf, eval_tf = self._transforms(image_size, center_crop, fit)
+        if self.augment == "imagenet":
+            resize = {"resize": int(image_size / center_crop), "crop": image_size, "fit": "crop"}
+        else:
+            resize = {"resize": image_size, "crop": image_size, "fit": fit}
         return _Source(
             train_transform=train_tf,
             eval_transform=eval_tf,
@@ -511,6 +530,8 @@ class _Images(DatasetSpec):
             std=list(self.std),
             device_augment=self._device_augment(),
             sample_bytes=3 * image_size * image_size,
+            classes=getattr(fields["train_pool"], "classes", None),
+            resize=resize,
             **fields,
         )
 

@@ -36,6 +36,22 @@ def arch_spec(cfg: DictConfig, data: Data) -> dict[str, Any]:
     return {**arch, "num_classes": data.num_classes, "in_channels": data.input_shape[0]}
 
 
+def model_meta(cfg: DictConfig, data: Data) -> dict[str, Any]:
+    """What a model file of this run says besides its weights (icep.serialization): how inputs
+    are prepared, the class names, and the dataset config and seed it was trained and pruned on
+    (``python -m icep.eval`` evaluates on it by default; a relative ``root`` is made absolute)."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    if isinstance(dataset.get("root"), str):
+        dataset["root"] = str(Path(hydra.utils.to_absolute_path(dataset["root"])))
+    return {
+        "model": cfg.model.name,
+        "preprocessing": data.preprocessing,
+        "classes": data.classes,
+        "dataset": dataset,
+        "seed": cfg.seed,
+    }
+
+
 def build_model(cfg: DictConfig, data: Data) -> nn.Module:
     return hydra.utils.instantiate(arch_spec(cfg, data))
 
@@ -170,7 +186,8 @@ def train_dense(
 def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Module, dict[str, Any]]:
     """The unpruned model on the trainer's device, and where it came from."""
     if cfg.model.checkpoint is not None:
-        model = load_checkpoint(build_model(cfg, data), cfg.model.checkpoint)
+        spec = arch_spec(cfg, data)
+        model = load_checkpoint(hydra.utils.instantiate(spec), cfg.model.checkpoint, spec)
         return trainer.prepare(model), {"source": str(cfg.model.checkpoint)}
     path = cache_path(cfg, data, trainer.amp and trainer.amp_dtype)
     if not cfg.dense.cache:
@@ -208,7 +225,14 @@ def _cached_or_trained(
         train_dense(model, data, trainer, cfg.dense, progress)
     acc = trainer.evaluate(model, data.val) if data.val is not None else None
     if cfg.dense.cache:
-        save_model(model, arch_spec(cfg, data), path, val_acc=acc, seconds=t["seconds"])
+        save_model(
+            model,
+            arch_spec(cfg, data),
+            path,
+            **model_meta(cfg, data),
+            val_acc=acc,
+            seconds=t["seconds"],
+        )
         progress.unlink(missing_ok=True)
     return model, {
         "source": str(path) if cfg.dense.cache else "trained",

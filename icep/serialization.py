@@ -1,8 +1,10 @@
 """Save and load (pruned) models without pickle.
 
 A saved model is a plain dict: the architecture's builder and arguments, the shape-bearing
-attributes of every layer, and the state dict. Loading builds the unpruned architecture, resizes
-its layers to the recorded shapes and loads the weights, so it works with
+attributes of every layer, the state dict, and what a user of the file needs besides the weights
+(``meta``: the preprocessing, the class names, the dataset it was trained on, the run's summary
+and the versions of the libraries that made it). Loading builds the unpruned architecture,
+resizes its layers to the recorded shapes and loads the weights, so it works with
 ``torch.load(weights_only=True)`` and needs no Hydra config (the approach of timm's ``_prune.py``).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -118,8 +121,34 @@ def cpu_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     return plain
 
 
-def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, **meta: Any) -> None:
-    """Save ``model`` (pruned or not) with the builder call ``arch`` that made its unpruned form."""
+def versions() -> dict[str, str | None]:
+    """The versions of Python and of the libraries a saved model depends on (None: not
+    installed)."""
+    import platform
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for package, module in (
+        ("icep", "icep"),
+        ("torch", "torch"),
+        ("torchvision", "torchvision"),
+        ("timm", "timm"),
+        ("torch-pruning", "torch_pruning"),
+    ):
+        # An imported module's own version names its build too (2.14.1+cu130); else the
+        # installed package's, without importing it.
+        version = getattr(sys.modules.get(module), "__version__", None)
+        try:
+            found[package] = str(version) if version else metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, /, **meta: Any) -> None:
+    """Save ``model`` (pruned or not) with the builder call ``arch`` that made its unpruned form
+    and ``meta`` (plain data: :func:`icep.dense.model_meta` describes a run's model); the
+    library versions are added."""
     if arch.get("_target_") not in BUILDERS:
         raise ValueError(f"cannot save a model built by {arch.get('_target_')!r}")
     state = cpu_state_dict(model)
@@ -129,27 +158,61 @@ def save_model(model: nn.Module, arch: dict[str, Any], path: str | Path, **meta:
             "arch": arch,
             "layers": layer_shapes(model),
             "state_dict": state,
-            "meta": meta,
+            "meta": {**meta, "versions": versions()},
         },
         path,
     )
 
 
+def is_model_file(blob: Any) -> bool:
+    """Whether ``blob`` (what ``torch.load`` gave) is a model saved by :func:`save_model`."""
+    return isinstance(blob, dict) and blob.get("format") == FORMAT
+
+
 def read_model_file(path: str | Path) -> dict[str, Any]:
+    """What :func:`save_model` wrote to ``path``, or its ``.safetensors`` export
+    (``python -m icep.export``), as a dict."""
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise IcepError(
             f"{path} is not a readable icep model file ({type(exc).__name__}); it may be truncated"
         ) from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not is_model_file(blob):
         raise IcepError(f"{path} is not an icep model file (no '{FORMAT}' format tag)")
     return blob
 
 
-def _load_pruned(model: nn.Module, blob: dict[str, Any]) -> None:
-    """Give ``model`` the saved layer shapes, then load the saved weights into it."""
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """A model file from a safetensors export: the weights, and the rest from the JSON in its
+    metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = OrderedDict((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118
+        blob = {key: json.loads(value) for key, value in metadata.items()}
+    except Exception as exc:
+        raise IcepError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}); it may be truncated"
+        ) from None
+    if not is_model_file(blob):
+        raise IcepError(
+            f"{path} holds weights only (no '{FORMAT}' metadata): load it into its model with "
+            "model.checkpoint=..."
+        )
+    return {**blob, "state_dict": state}
+
+
+def load_pruned(model: nn.Module, blob: dict[str, Any]) -> None:
+    """Give ``model`` (built by the saved ``arch``) the saved layer shapes, then load the saved
+    weights into it."""
     for name, attrs in blob["layers"].items():
         module = model.get_submodule(name)
         for attr, value in attrs.items():
@@ -175,7 +238,7 @@ def load_model(path: str | Path) -> nn.Module:
         raise IcepError(f"{path} names builder {arch.get('_target_')!r}, which icep does not load")
     model = hydra.utils.instantiate(arch)
     try:
-        _load_pruned(model, blob)
+        load_pruned(model, blob)
     except (RuntimeError, ValueError, KeyError, AttributeError) as exc:
         said = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
         raise IcepError(

@@ -16,6 +16,7 @@ from PIL import Image
 
 from icep import app
 from icep.models import cifar_resnet
+from icep.serialization import save_model
 
 # --- where a case writes, and the earlier results beside it ---------------------------------
 
@@ -129,6 +130,10 @@ def checkpoint(place: Place, kind: str) -> Path:
         torch.save(cifar_resnet(32, num_classes=10, in_channels=1).state_dict(), path)
     elif kind == "other_classes":
         torch.save(cifar_resnet(20, num_classes=100, in_channels=1).state_dict(), path)
+    elif kind == "icep_other_architecture":  # a model file icep saved, of ResNet-32
+        arch = {"_target_": "icep.models.cifar_resnet", "depth": 32, "shortcut": "B"}
+        arch.update(num_classes=10, in_channels=1)
+        save_model(cifar_resnet(32, num_classes=10, in_channels=1), arch, path, model="resnet32")
     elif kind == "truncated":
         torch.save(cifar_resnet(20, num_classes=10, in_channels=1).state_dict(), path)
         path.write_bytes(path.read_bytes()[:5000])

@@ -43,7 +43,10 @@ def test_checkpoint_for_another_class_count_is_refused(tmp_path, cache_dir):
         cache_dir,
     )
     assert result.returncode == 2
-    assert "another architecture or class count" in result.stderr
+    assert (
+        "model.pt is an icep model of another architecture (num_classes=10 there, 4 here); "
+        "run with model=resnet20 and the dataset= it was trained on"
+    ) in result.stderr
     assert "Traceback" not in result.stderr
 
 

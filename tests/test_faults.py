@@ -63,6 +63,13 @@ FAULTS = {
         ["model.checkpoint={checkpoint:folder}"],
         ["folder.pt is a folder; give the path of a trained model file in it"],
     ),
+    "checkpoint an icep model of another architecture": (
+        ["model.checkpoint={checkpoint:icep_other_architecture}"],
+        [
+            "icep_other_architecture.pt is an icep model of another architecture "
+            "(depth=32 there, 20 here); run with model=resnet32"
+        ],
+    ),
     "mean for other channels": (
         ["dataset.mean=[0.5,0.5]"],
         ["dataset.mean: has 2 values, but the images have 1 channel; give one value per channel"],

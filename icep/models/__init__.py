@@ -7,6 +7,7 @@ config only names the architecture.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from icep.errors import ConfigError
 from icep.models.cifar_resnet import DEPTHS, SHORTCUTS, CifarResNet
+from icep.serialization import FORMAT, is_model_file, load_pruned, read_model_file
 
 
 def cifar_resnet(
@@ -164,12 +166,16 @@ def missing_file(path: Path, what: str) -> str:
     return f"{path} does not exist; give the path of {what}"
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module, path: str | Path, arch: dict[str, Any] | None = None
+) -> nn.Module:
     """Load trained weights into ``model`` without unpickling anything.
 
-    Accepts a ``.safetensors`` file, a plain state dict saved with ``torch.save``, or a dict that
-    holds one under ``state_dict`` / ``model`` (the usual training-script layouts), with the
-    ``module.`` prefix of a DataParallel model or not. A model may rename foreign keys with a
+    Accepts a model file icep saved (a run's ``model.pt``, pruned or not: ``model`` takes its
+    layer shapes; ``arch``, the builder call that made ``model``, must be the file's), a
+    ``.safetensors`` file, a plain state dict saved with ``torch.save``, or a dict that holds one
+    under ``state_dict`` / ``model`` (the usual training-script layouts), with the ``module.``
+    prefix of a DataParallel model or not. A model may rename foreign keys with a
     ``state_dict_aliases`` mapping of prefixes (the CIFAR ResNet reads the ICE reference code's
     ``linear.`` classifier as its ``fc.``).
     """
@@ -182,6 +188,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         )
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                icep_export = (f.metadata() or {}).get("format") == json.dumps(FORMAT)
+            if icep_export:  # python -m icep.export's: layer shapes and all
+                return _load_model_file(model, path, read_model_file(path), arch)
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -193,6 +205,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path} cannot be read ({type(exc).__name__}: "
             f"{(str(exc).splitlines() or [''])[0][:120]}); give a state dict or .safetensors file",
         ) from None
+    if is_model_file(state):
+        return _load_model_file(model, path, state, arch)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -226,4 +240,37 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             "count: check model= and dataset=",
         )
     model.load_state_dict(state)
+    return model
+
+
+# Builder keys that only say how the unpruned model was initialised, not what it is.
+_INIT_KEYS = ("weights", "pretrained")
+
+
+def _load_model_file(
+    model: nn.Module, path: Path, blob: dict[str, Any], arch: dict[str, Any] | None
+) -> nn.Module:
+    """Load an icep model file into ``model``: its layer shapes (a pruned model stays pruned),
+    then its weights, once its builder call is known to be ``arch``'s."""
+    if arch is not None:
+        theirs = {k: v for k, v in blob["arch"].items() if k not in _INIT_KEYS}
+        ours = {k: v for k, v in arch.items() if k not in _INIT_KEYS}
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        if differ:
+            said = ", ".join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+            saved_as = blob.get("meta", {}).get("model")
+            hint = f"model={saved_as}" if saved_as else "the model= it was saved with"
+            if "num_classes" in differ or "in_channels" in differ:
+                hint += " and the dataset= it was trained on"
+            raise ConfigError(
+                "model.checkpoint",
+                f"{path} is an icep model of another architecture ({said}); run with {hint}",
+            )
+    try:
+        load_pruned(model, blob)
+    except (RuntimeError, ValueError, KeyError, AttributeError) as exc:
+        said = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise ConfigError(
+            "model.checkpoint", f"{path} does not load ({said[:200] or type(exc).__name__})"
+        ) from None
     return model
