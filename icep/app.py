@@ -57,8 +57,10 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # Imports here keep `python -m icep --help` and config errors fast.
     from icep.data import data_from_config
     from icep.dense import arch_spec, dense_model, model_meta
+    from icep.latency import latency_fields
     from icep.loggers import RunInfo
     from icep.pipelines import PruningRun
+    from icep.pruning.budget import meet as meet_budget
     from icep.serialization import save_model
     from icep.train import Trainer
 
@@ -122,6 +124,7 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             }
         else:
             pipeline_cfg, tuning = cfg.pipeline, None
+            latency_before = latency(cfg, model, data, trainer, "before pruning")
             if cfg.get("tune") is not None:
                 from icep.tune.stage import tune_pipeline
 
@@ -138,7 +141,9 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 ignored_layers=cfg.model.get("ignored_layers", ()),
                 ties=cfg.get("ties", "stable"),
                 step_data=step_data(pipeline_cfg, data, cfg.seed),
+                round_to=pipeline.round_to,
             )
+            budget = meet_budget(pipeline, pruning)  # pipeline.target={macs: ...}
             if cfg.optuna.trial is not None:
                 pruning.on_step.append(_sweep_reporter(cfg))
             # The pruning run must not depend on whether dense training ran or came from a cache.
@@ -148,10 +153,16 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             summary = {
                 **head,
                 "status": "completed",
-                "ratio": pipeline_cfg.ratio if uses_ratio(pipeline_cfg) else None,
+                "ratio": pipeline.ratio if uses_ratio(pipeline_cfg) else None,
                 **pipeline(pruning),
-                "dense": origin,
             }
+            if budget is not None:
+                what = summary[f"{budget['kind']}_ratio"]
+                summary["budget"] = {**budget, "reached": what, "met": what <= budget["share"]}
+            summary.update(
+                latency_fields(latency_before, latency(cfg, model, data, trainer, "pruned")),
+                dense=origin,
+            )
             if tuning is not None:
                 summary.update(
                     tuning.summary_fields(
@@ -183,6 +194,30 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         logger.close(failed=failed)
     print(format_table(summary), flush=True)
     return summary
+
+
+def latency(cfg: DictConfig, model: Any, data: Any, trainer: Any, what: str) -> dict[int, float]:
+    """The model's measured latency per batch size (``latency:``, icep.latency), logged."""
+    from icep.latency import measure_latency
+
+    sizes = list(cfg.latency.batch_sizes) if cfg.get("latency") is not None else []
+    if not sizes:
+        return {}
+    found = measure_latency(
+        model,
+        data.input_shape,
+        trainer,
+        sizes,
+        min_run_time=cfg.latency.min_run_time,
+        warmup=cfg.latency.warmup,
+    )
+    log.info(
+        "latency %s on %s: %s",
+        what,
+        trainer.device,
+        ", ".join(f"batch {size} {ms:.3g} ms" for size, ms in found.items()),
+    )
+    return found
 
 
 def check_model(cfg: DictConfig, data: Any) -> Any:

@@ -20,6 +20,38 @@ from omegaconf import DictConfig, OmegaConf
 
 from icep.errors import ConfigError, IcepError
 
+BUDGET_KINDS = ("macs", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """At most ``share`` of the unpruned model's ``kind`` (macs | params) may remain
+    (``pipeline.target={macs: 0.5}``; solved in icep.pruning.budget)."""
+
+    kind: str
+    share: float
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.share:g}"
+
+
+def parse_budget(target: Any) -> Budget | None:
+    """The budget a ``pipeline.target`` names ({macs: 0.5}), or None for a plain share."""
+    if not (OmegaConf.is_dict(target) or isinstance(target, dict)):
+        return None
+    if len(target) != 1 or next(iter(target)) not in BUDGET_KINDS:
+        raise ConfigError(
+            "pipeline.target",
+            f"got {dict(target)}; a budget names one of {', '.join(BUDGET_KINDS)} with the share "
+            "of the unpruned model's count that may remain, e.g. pipeline.target={macs: 0.5}",
+        )
+    kind, share = next(iter(target.items()))
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise ConfigError(
+            f"pipeline.target.{kind}", f"got {share!r}; must be a number strictly between 0 and 1"
+        )
+    return Budget(str(kind), float(share))
+
 
 def uses_ratio(pipeline: Any) -> bool:
     """Whether a pipeline config prunes by a per-unit ``ratio`` (ICE, the block-wise baseline)
@@ -29,9 +61,12 @@ def uses_ratio(pipeline: Any) -> bool:
     )
 
 
-def pruned_share(pipeline: Any) -> float | None:
+def pruned_share(pipeline: Any) -> float | str | None:
     """How much a pipeline config prunes: its ``ratio`` or its ``target`` (None: the dense
     model). Names runs, tags them and groups them in the comparison report."""
+    budget = parse_budget(pipeline.get("target"))
+    if budget is not None:  # the ratio or share is found at the start of the run
+        return f"{budget.kind}{budget.share:g}"
     return pipeline.get("ratio") if uses_ratio(pipeline) else pipeline.get("target")
 
 
@@ -170,7 +205,11 @@ RULES: dict[str, Rule] = {
     "model.shortcut": _one_of("A", "B"),
     # pipelines (conf/pipeline/)
     "pipeline.ratio": _open_share(),
-    "pipeline.target": _open_share(),
+    "pipeline.target": (
+        (lambda v: v is None or OmegaConf.is_dict(v) or (_number(v) and 0 < v < 1)),
+        "a number strictly between 0 and 1, or a budget such as {macs: 0.5} or {params: 0.3}",
+    ),
+    "pipeline.round_to": _int_at_least(1),
     "pipeline.steps": _int_at_least(1),
     "pipeline.one_shot": _open_share(),
     "pipeline.initial": _share_below_one(),
@@ -293,6 +332,13 @@ RULES: dict[str, Rule] = {
     "dataset.channels": _int_at_least(1),
     "dataset.pattern_size": _int_at_least(1),
     "dataset.noise": _number_at_least(0),
+    # latency measurement
+    "latency.batch_sizes": (
+        (lambda v: OmegaConf.is_list(v) and all(_int(b) and b >= 1 for b in v)),
+        "a list of batch sizes >= 1, e.g. [1, 32, 256] ([] measures nothing)",
+    ),
+    "latency.min_run_time": _positive(),
+    "latency.warmup": _int_at_least(0),
     # loggers (conf/logger/)
     "logger.mode": _one_of("online", "offline", "disabled"),
     # the tuning stage (conf/tune/)
@@ -359,11 +405,15 @@ def _check_pipeline(p: DictConfig) -> None:
                     f"is for schedule=blockwise (units pruned one at a time); schedule="
                     f"{p.schedule} prunes every unit at each step: leave {key} out",
                 )
-    if p.get("one_shot") is not None and p.one_shot >= p.target:
+    budget = parse_budget(p.get("target"))
+    if budget is not None:
+        _check_budget(p)
+    numeric_target = p.get("target") is not None and budget is None
+    if p.get("one_shot") is not None and numeric_target and p.one_shot >= p.target:
         raise ConfigError(
             "pipeline.one_shot", f"got {p.one_shot}; must be below pipeline.target ({p.target})"
         )
-    if p.get("initial") is not None and p.initial >= p.target:
+    if p.get("initial") is not None and numeric_target and p.initial >= p.target:
         raise ConfigError(
             "pipeline.initial", f"got {p.initial}; must be below pipeline.target ({p.target})"
         )
@@ -381,7 +431,7 @@ def _check_pipeline(p: DictConfig) -> None:
             "unstructured pruning needs a schedule; set pipeline.schedule=constant or geometric",
         )
     # The global scope's floor caps how much it can prune.
-    target = p.get("alpha", p.get("target"))
+    target = p.get("alpha", p.get("target") if numeric_target else None)
     global_scope = p.get("scope", "global") == "global" and p.get("structure") != "unstructured"
     if target is not None and "min_channels_share" in p and global_scope and not uses_ratio(p):
         floor = p.min_channels_share
@@ -391,3 +441,22 @@ def _check_pipeline(p: DictConfig) -> None:
                 f"got {floor}; every layer keeps that share, so the target {target} cannot be "
                 f"reached: lower it below {1 - target:.4g}",
             )
+
+
+def _check_budget(p: DictConfig) -> None:
+    """A budget (``pipeline.target={macs: S}``) is solved on the widths a prune gives, which only
+    block-wise pipelines and uniform, structured schedules know before pruning."""
+    if uses_ratio(p):
+        return
+    if p.get("structure") == "unstructured":
+        raise ConfigError(
+            "pipeline.target",
+            "a MACs or params budget needs structured pruning (masks remove neither); set "
+            "pipeline.structure=structured, or a plain share",
+        )
+    if p.get("scope") != "uniform":
+        raise ConfigError(
+            "pipeline.target",
+            f"a MACs or params budget needs pipeline.scope=uniform (got {p.get('scope')}: the "
+            "global scope's widths depend on the scores at each step); or give a plain share",
+        )

@@ -30,7 +30,13 @@ def _count(n: float) -> str:
 
 
 def _share(s: dict[str, Any]) -> str:
-    """How much the run pruned: a per-unit ratio, or a schedule's target and where it ended."""
+    """How much the run pruned: a per-unit ratio, or a schedule's target and where it ended; a
+    budget and what met it."""
+    budget = s.get("budget")
+    if budget:
+        how = "ratio" if "ratio" in budget else "target"
+        found = f"{how} {budget[how]:.4g}"
+        return f"budget {budget['kind']} {budget['share']:g}: {budget['reached']:.4f} left, {found}"
     if s.get("target") is None:
         return f"ratio {s.get('ratio')}"
     if "sparsity" in s:
@@ -46,6 +52,15 @@ _PHASE_LABELS = (
 )
 
 
+def _latencies(s: dict[str, Any]) -> list[tuple[int, float]]:
+    """(batch size, ms after pruning) of each size the summary holds a latency for."""
+    found = []
+    for key, value in s.items():
+        if key.startswith("latency_b") and key.endswith("_after_ms"):
+            found.append((int(key[len("latency_b") : -len("_after_ms")]), value))
+    return sorted(found)
+
+
 def format_table(s: dict[str, Any]) -> str:
     """The closing report: accuracy, size, fine-tunes, time per phase, where the outputs are."""
     if s["pipeline"] == "dense":
@@ -59,6 +74,10 @@ def format_table(s: dict[str, Any]) -> str:
         ("test accuracy (%)", _pct(s["acc_original_test"]), _pct(s["acc_final_test"])),
         ("params", _count(s["params_before"]), _count(s["params_after"])),
         ("MACs", _count(s["macs_before"]), _count(s["macs_after"])),
+        *(
+            (f"latency b{size} (ms)", f"{s[f'latency_b{size}_before_ms']:.3g}", f"{after:.3g}")
+            for size, after in _latencies(s)
+        ),
     ]
     width = max(len(r[0]) for r in rows) + 2
     lines = [
@@ -70,6 +89,12 @@ def format_table(s: dict[str, Any]) -> str:
     finetuned = f"{s['finetunes'] - bool(final)} of {s['steps']} steps"
     if final:
         finetuned += f", then {final['epochs']} recovery epochs"
+    if "params_ratio" in s:  # summaries written before icep measured latency have none
+        left = [f"params x{s['params_ratio']:.3f}", f"MACs x{s['macs_ratio']:.3f}"]
+        speedups = [f"b{size} {s[f'inference_speedup_b{size}']:.2f}x" for size, _ in _latencies(s)]
+        if speedups:
+            left.append(f"measured speed-up {', '.join(speedups)}")
+        lines.append(f"  {'left':<{width}}" + ", ".join(left))
     lines.append(f"  {'fine-tuned':<{width}}{finetuned}")
     if s.get("step_data"):
         step = s["step_data"]

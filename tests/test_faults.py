@@ -70,6 +70,34 @@ FAULTS = {
             "(depth=32 there, 20 here); run with model=resnet32"
         ],
     ),
+    "budget of an unknown count": (
+        ["pipeline.target={flops: 0.5}"],
+        ["pipeline.target: got {'flops': 0.5}; a budget names one of macs, params with the share"],
+    ),
+    "budget share above 1": (
+        ["pipeline.target={macs: 1.5}"],
+        ["pipeline.target.macs: got 1.5; must be a number strictly between 0 and 1"],
+    ),
+    "budget with the global scope": (
+        ["pipeline=one_shot", "pipeline.scope=global", "pipeline.target={macs: 0.5}"],
+        ["a MACs or params budget needs pipeline.scope=uniform (got global"],
+    ),
+    "budget with masks": (
+        ["pipeline=one_shot", "pipeline.structure=unstructured", "pipeline.target={params: 0.5}"],
+        ["a MACs or params budget needs structured pruning (masks remove neither)"],
+    ),
+    "budget beyond reach": (
+        ["pipeline.target={macs: 0.01}", "dense.epochs=1", "dataset.train_subset=100"],
+        ["pipeline.target: macs 0.01 cannot be met: pruning every unit as far as it goes keeps"],
+    ),
+    "round_to zero": (
+        ["pipeline.round_to=0"],
+        ["pipeline.round_to: got 0; must be an integer >= 1"],
+    ),
+    "latency batch size zero": (
+        ["latency.batch_sizes=[1,0]"],
+        ["latency.batch_sizes: got [1, 0]; must be a list of batch sizes >= 1"],
+    ),
     "mean for other channels": (
         ["dataset.mean=[0.5,0.5]"],
         ["dataset.mean: has 2 values, but the images have 1 channel; give one value per channel"],

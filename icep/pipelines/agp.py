@@ -24,7 +24,7 @@ from icep.pruning.schedules import agp
 
 @dataclass(kw_only=True)
 class AGP(PruneTo, Training):
-    target: float  # s_f: the final pruned share
+    target: Any  # s_f: the final pruned share, or a budget
     initial: float  # s_i: the share before the first step
     steps: int  # n: pruning steps
     start_epoch: int  # epoch of the first step (1-based)

@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,16 @@ WORK_PHASES = (*COST_PHASES, "report")
 CHECKPOINT_FORMAT = "icep.checkpoint/1"
 
 
+@dataclass(kw_only=True)
+class Shaping:
+    """The keys every pipeline takes about the pruned model's shape."""
+
+    round_to: int = 1  # every pruned width a multiple of this (GPUs like 8); 1: any width
+    # A budget instead of a ratio: {macs: S} or {params: S}, the share of the unpruned model's
+    # count that may remain (icep.pruning.budget); a schedule's plain share, or None.
+    target: Any = None
+
+
 class PruningRun:
     def __init__(
         self,
@@ -57,6 +68,7 @@ class PruningRun:
         ignored_layers: Sequence[str] = (),
         step_data: Data | None = None,
         ties: str = "stable",
+        round_to: int = 1,
     ):
         """``checkpoint``: where to write the run's state after every step (None: nowhere), with
         ``config``, the run's resolved config, so a resume with another config is refused.
@@ -65,6 +77,9 @@ class PruningRun:
         steps fine-tune, score and decide on, as the reference's DenseNet run does, until
         :meth:`use_full_data`; the report split and the summary's accuracies use all of ``data``.
         ``ties``: how equal scores are ordered at a cut (``stable`` | ``sort``: PruningEngine).
+        ``round_to``: every width a prune gives is a multiple of it (``pipeline.round_to``:
+        :meth:`PruningEngine.rounded`). ``plan``, set before the pipeline runs (a budget's
+        solution, :mod:`icep.pruning.budget`): the narrowest each unit layer may become.
         """
         self.model = model
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
@@ -80,6 +95,8 @@ class PruningRun:
         self.example_inputs = torch.zeros(1, *data.input_shape, device=trainer.device)
         self.ignored_layers = list(ignored_layers)
         self.ties = ties
+        self.round_to = round_to
+        self.plan: dict[str, int] = {}
         self.engine = self.new_engine(model)
         self.macs_before, self.params_before = count_macs_params(model, self.example_inputs)
         self.rows: list[dict[str, Any]] = []
@@ -111,7 +128,9 @@ class PruningRun:
         """A pruning engine on ``model`` (the run's, or a copy), with the run's ignored layers."""
         name = type(model).__name__
         ignored = ignored_modules(model, self.ignored_layers, name)
-        return PruningEngine(model, self.example_inputs, ignored, ties=self.ties)
+        return PruningEngine(
+            model, self.example_inputs, ignored, ties=self.ties, round_to=self.round_to
+        )
 
     @property
     def units(self) -> list[Unit]:
@@ -266,12 +285,20 @@ class PruningRun:
         )
 
     def prune_channels(self, removal: dict[str, list[int]]) -> None:
-        """Remove the given channels of each unit conv."""
+        """Remove the given channels of each unit conv; with ``round_to``, as many of its
+        lowest-scored channels as make its width a multiple, the nearest to that many."""
+        now = self.engine.unit_widths()
+        widths = {n: self.engine.rounded(n, now[n] - len(idxs)) for n, idxs in removal.items()}
+        if any(widths[n] != now[n] - len(idxs) for n, idxs in removal.items()):
+            self.prune_to_widths(widths)
+            return
         self.engine.prune_channels(removal)
         self.trainer.prepare(self.model)  # pruned weights come back in the default layout
 
     def prune_to_widths(self, widths: dict[str, int]) -> None:
-        """Cut each unit conv to its width, the criterion's lowest channels first."""
+        """Cut each unit conv to its width (rounded to ``round_to``, never below the
+        ``plan``), the criterion's lowest channels first."""
+        widths = {n: max(self.engine.rounded(n, w), self.plan.get(n, 0)) for n, w in widths.items()}
         self.prepare_criterion(list(widths))
         self.engine.prune_to_widths(widths, self.criterion)
         self.trainer.prepare(self.model)
@@ -281,7 +308,9 @@ class PruningRun:
         with self.timer.phase("prune"):
             # What a criterion looks at first (gradients, activations) is pruning cost too.
             self.prepare_criterion(unit.convs)
-            self.engine.prune_unit(unit.index, ratio, self.criterion)
+            widths = self.engine.unit_widths_after(unit.index, ratio)
+            widths = {n: max(w, self.plan.get(n, 0)) for n, w in widths.items()}
+            self.engine.prune_to_widths(widths, self.criterion)
             self.trainer.prepare(self.model)  # pruned weights come back in the default layout
 
     # --- training: a fine-tune policy (icep.pipelines.finetune) or a pipeline's own epochs ---
@@ -510,6 +539,8 @@ class PruningRun:
             "params_after": params,
             "macs_before": self.macs_before,
             "macs_after": macs,
+            "params_ratio": params / self.params_before,  # the share left
+            "macs_ratio": macs / self.macs_before,
             "remaining": self.remaining(),
             "channels_pruned_share": self.engine.pruned_share(),
             "steps": len(self.rows),

@@ -18,13 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from icep.pipelines.base import PruningRun
+from icep.pipelines.base import PruningRun, Shaping
 from icep.pipelines.finetune import FineTune
 from icep.pruning import MagnitudePruner, uniform_widths
 
 
 @dataclass(kw_only=True)
-class PruneTo:
+class PruneTo(Shaping):
     """How a schedule pipeline prunes to a share: the ``scope``, ``min_channels_share`` and
     ``structure`` keys of its config, and the split its evaluations use (``decision_split``)."""
 
@@ -78,7 +78,7 @@ class SchedulePipeline(PruneTo):
     """Prune to each share of :meth:`cumulative` in turn, fine-tuning after every step. A
     schedule pipeline is this plus its :meth:`cumulative`."""
 
-    target: float  # the share of the original channels (or weights) pruned at the end
+    target: Any  # the share of the original channels (or weights) pruned at the end, or a budget
     finetune: FineTune  # after every step (pipeline/finetune=fixed|patience)
     name: str  # the label of reports, W&B tags and run names
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from icep.pipelines.base import PruningRun
+from icep.pipelines.base import PruningRun, Shaping
 from icep.pipelines.finetune import Training
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def fires(values: Sequence[float | None], tau: float, window: int) -> bool:
 
 
 @dataclass(kw_only=True)
-class EPI(Training):
+class EPI(Training, Shaping):
     alpha: float  # share of the unit channels pruned when EPI fires
     tau: float  # threshold
     window: int  # r: counts averaged over, and earlier EPI values to match

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from icep.pipelines.base import PruningRun
+from icep.pipelines.base import PruningRun, Shaping
 from icep.pipelines.finetune import FineTune, Recovery
 from icep.pruning import PruningEngine
 from icep.train import Distillation
@@ -110,7 +110,7 @@ def analyse_freezing(run: PruningRun, ice: ICE, distill: Distillation | None) ->
 
 # --- The loop ----------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class ICE(Recovery):
+class ICE(Recovery, Shaping):
     """ICE-Pruning: every unit pruned once by ``ratio`` in forward order; after each prune the
     trigger decides whether to fine-tune, at the pruning-aware lr, with the least-changing
     layers frozen. Built from conf/pipeline/ice.yaml; with ``trigger``, ``freeze`` and

@@ -116,12 +116,17 @@ class PruningEngine:
         example_inputs: torch.Tensor | Sequence[torch.Tensor],
         ignored_layers: list[nn.Module] | None = None,
         ties: str = "stable",
+        round_to: int = 1,
     ):
         """``ties``: how equal scores are ordered where a cut falls among them: ``stable`` (the
         lower channel index is cut first) or ``sort`` (``torch.sort``'s order, not stable, on
-        the scores' device: the reference code's)."""
+        the scores' device: the reference code's). ``round_to``: the widths a ratio gives are
+        rounded to multiples of it (:meth:`rounded`)."""
         if ties not in ("stable", "sort"):
             raise ValueError(f"ties must be stable or sort, not {ties!r}")
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1, not {round_to}")
+        self.round_to = round_to
         self.model = model
         self.example_inputs = example_inputs
         self.ties = ties
@@ -236,10 +241,28 @@ class PruningEngine:
             raise IndexError(f"unit {index} does not exist; the model has {len(self.units)} units")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"pruning ratio must lie in [0, 1], got {ratio}")
+        return self.prune_to_widths(self.unit_widths_after(index, ratio), criterion)
+
+    def unit_widths_after(self, index: int, ratio: float) -> dict[str, int]:
+        """The widths :meth:`prune_unit` gives unit ``index``'s layers for ``ratio`` now."""
         widths = {}
         for name in self.units[index].convs:
-            widths[name] = out_width(self.model.get_submodule(name)) - self.cut(name, ratio)
-        return self.prune_to_widths(widths, criterion)
+            current = out_width(self.model.get_submodule(name))
+            widths[name] = self.rounded(name, current - self.cut(name, ratio))
+        return widths
+
+    def rounded(self, name: str, width: int) -> int:
+        """``width`` for unit layer ``name`` as a multiple of ``round_to`` (GPUs run channel
+        counts that are multiples of 8 faster): the nearest one (halves up), at least one
+        multiple and at most the layer's current width; a layer no wider than one multiple keeps
+        its width. A grouped layer rounds to a multiple of both ``round_to`` and its groups."""
+        step = math.lcm(self.round_to, self.channel_groups.get(name, 1))
+        if self.round_to == 1:
+            return width
+        current = out_width(self.model.get_submodule(name))
+        if current <= step:
+            return current
+        return min(current, max(step, step * math.floor(width / step + 0.5)))
 
     def prune_to_widths(
         self,

@@ -121,6 +121,7 @@ def tune_pipeline(
     from icep.config import validate
     from icep.data import subsample
     from icep.pipelines import PruningRun
+    from icep.pruning.budget import meet as meet_budget
     from icep.seeding import seed_everything
 
     tcfg = cfg.tune
@@ -191,6 +192,7 @@ def tune_pipeline(
         failed = True
         trial_trainer = dataclasses.replace(trainer)  # its own timer: this trial's time and work
         try:
+            pipeline = instantiate(pipeline_cfg)
             run = PruningRun(
                 copy.deepcopy(model),
                 small,
@@ -199,11 +201,13 @@ def tune_pipeline(
                 logger,
                 ignored_layers=cfg.model.get("ignored_layers", ()),
                 ties=cfg.get("ties", "stable"),
+                round_to=pipeline.round_to,
             )
+            meet_budget(pipeline, run)  # a trial prunes to the run's budget too
             if pruner_enabled(pruner):
                 run.on_step.append(StepReporter(trial))
             seed_everything(cfg.seed, small)
-            summary = instantiate(pipeline_cfg)(run)
+            summary = pipeline(run)
             logger.log_summary({**head, "status": "completed", **summary})
             failed = False
         except optuna.TrialPruned as exc:
