@@ -141,7 +141,7 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 ignored_layers=cfg.model.get("ignored_layers", ()),
                 ties=cfg.get("ties", "stable"),
                 step_data=step_data(pipeline_cfg, data, cfg.seed),
-                round_to=pipeline.round_to,
+                round_to=getattr(pipeline, "round_to", 1),  # a pipeline of your own may not say
             )
             budget = meet_budget(pipeline, pruning)  # pipeline.target={macs: ...}
             if cfg.optuna.trial is not None:

@@ -42,6 +42,13 @@ PHASES = {
 }
 SETTING = ("model", "dataset", "criterion", "ratio")  # what a baseline must share, with the seed
 # report.csv: one row per run. Optional columns appear only when some run has them.
+# The measured latency (icep.latency) at the default batch sizes: ms after pruning, and the
+# inference speed-up over the unpruned model.
+LATENCY_COLUMNS = [
+    f"{key}_b{size}{unit}"
+    for size in (1, 32, 256)
+    for key, unit in (("latency", "_after_ms"), ("inference_speedup", ""))
+]
 CSV_COLUMNS = [
     "run",
     "status",
@@ -71,13 +78,19 @@ CSV_COLUMNS = [
     "remaining",
     "params_pruned",
     "macs_pruned",
+    *LATENCY_COLUMNS,
     *PHASES.values(),
     "time_total_with_search_s",
     "flops_total_with_search",
     "overrides",
     "path",
 ]
-OPTIONAL_COLUMNS = {"remaining", "time_total_with_search_s", "flops_total_with_search"}
+OPTIONAL_COLUMNS = {
+    "remaining",
+    "time_total_with_search_s",
+    "flops_total_with_search",
+    *LATENCY_COLUMNS,
+}
 PLOTS = {
     "accuracy_vs_step.png": "Accuracy after each pruning step",
     "time_vs_step.png": "Cumulative pipeline time per step (filled: fine-tuned, open: not)",
@@ -354,6 +367,7 @@ def run_record(run: Run, root: Path) -> dict[str, Any]:
         "macs_before",
         "macs_after",
         "remaining",
+        *LATENCY_COLUMNS,
         *PHASES.values(),
     ):
         record[key] = _number(s.get(key))
@@ -415,9 +429,11 @@ def aggregate(
             "speedup",
             "flops_total",
             "compute_speedup",
+            "inference_speedup_b1",
+            "inference_speedup_b256",
             "finetunes",
         ):
-            values = [r[key] for r in done if r[key] is not None]
+            values = [r[key] for r in done if r.get(key) is not None]
             row[f"{key}_mean"] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         table.append(row)
@@ -457,6 +473,8 @@ RUN_TABLE = [
     ("fine-tunes", "finetunes", "{:.0f}"),
     ("params", "params_after", "count"),
     ("MACs", "macs_after", "count"),
+    ("measured speed-up b1", "inference_speedup_b1", "{:.2f}x"),
+    ("b256", "inference_speedup_b256", "{:.2f}x"),
     ("remaining", "remaining", "{:.3f}"),
     ("other overrides", "overrides_varying", "{}"),
 ]
@@ -476,6 +494,8 @@ AGGREGATE_TABLE = [
     ("speed-up", "speedup", "{:.2f}x"),
     ("compute", "flops_total", "flops"),
     ("compute speed-up", "compute_speedup", "{:.2f}x"),
+    ("measured speed-up b1", "inference_speedup_b1", "{:.2f}x"),
+    ("b256", "inference_speedup_b256", "{:.2f}x"),
     ("fine-tunes", "finetunes", "{:.1f}"),
 ]
 
@@ -512,7 +532,9 @@ def _notes(runs: Sequence[Run], baseline: str) -> list[str]:
         f"of a tuned run (time_total_with_search_s). Compute speed-up: the same ratio of the "
         f"counted work, flops_total (forward 2 FLOPs per conv/linear MAC, backward twice that "
         f"less the weight gradients of frozen layers; README, Compute accounting), which does not "
-        f"depend on the machine or its load."
+        f"depend on the machine or its load. Measured speed-up: the unpruned model's inference "
+        f"latency over the pruned one's, at batch 1 and 256 on the run's device (median of "
+        f"timed calls; latency_b<N>_after_ms in the CSV)."
     ]
     if any(r.speedup_basis == "seed mean" for r in runs):
         notes.append(

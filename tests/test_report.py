@@ -86,6 +86,8 @@ def test_report_of_a_multirun_of_two_pipelines(multirun):
         assert float(row["acc_final_test"]) == pytest.approx(summary["acc_final_test"])
         assert int(row["finetunes"]) == summary["finetunes"]
         assert int(row["params_after"]) == summary["params_after"]
+        for key in ("latency_b1_after_ms", "inference_speedup_b1", "inference_speedup_b256"):
+            assert float(row[key]) == pytest.approx(summary[key])
     base, ice = rows["iterative"], rows["ice"]
     assert float(base["speedup"]) == 1.0
     assert float(ice["speedup"]) == pytest.approx(
@@ -95,6 +97,7 @@ def test_report_of_a_multirun_of_two_pipelines(multirun):
     md = (multirun / "report.md").read_text()
     assert "| iterative | resnet20 | digits | l1 | 0.5 | 0 | completed |" in md
     assert "## Mean ± std over seeds" in md
+    assert "| measured speed-up b1 | b256 |" in md
     page = (multirun / "report.html").read_text()
     for name in PNGS:
         assert f'src="{name}"' in page

@@ -58,6 +58,7 @@ def _main(module, argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow  # two runs and two evaluations: 30 s
 def test_a_runs_model_describes_itself_is_evaluated_and_pruned_further(
     tmp_path, cache_dir, capsys, monkeypatch
 ):

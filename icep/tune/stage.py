@@ -201,7 +201,7 @@ def tune_pipeline(
                 logger,
                 ignored_layers=cfg.model.get("ignored_layers", ()),
                 ties=cfg.get("ties", "stable"),
-                round_to=pipeline.round_to,
+                round_to=getattr(pipeline, "round_to", 1),  # a pipeline of your own may not say
             )
             meet_budget(pipeline, run)  # a trial prunes to the run's budget too
             if pruner_enabled(pruner):
