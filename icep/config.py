@@ -20,37 +20,48 @@ from omegaconf import DictConfig, OmegaConf
 
 from icep.errors import ConfigError, IcepError
 
-BUDGET_KINDS = ("macs", "params")
+BUDGET_KINDS = ("macs", "params", "latency")
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """At most ``share`` of the unpruned model's ``kind`` (macs | params) may remain
-    (``pipeline.target={macs: 0.5}``; solved in icep.pruning.budget)."""
+    """At most ``share`` of the unpruned model's ``kind`` (macs | params | latency, the last
+    measured at ``batch``) may remain (``pipeline.target={macs: 0.5}``; solved in
+    icep.pruning.budget)."""
 
     kind: str
     share: float
+    batch: int = 1
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.share:g}"
+        at = f" at batch {self.batch}" if self.kind == "latency" else ""
+        return f"{self.kind} {self.share:g}{at}"
 
 
 def parse_budget(target: Any) -> Budget | None:
-    """The budget a ``pipeline.target`` names ({macs: 0.5}), or None for a plain share."""
+    """The budget a ``pipeline.target`` names ({macs: 0.5}, {latency: 0.5, batch: 32}), or None
+    for a plain share."""
     if not (OmegaConf.is_dict(target) or isinstance(target, dict)):
         return None
-    if len(target) != 1 or next(iter(target)) not in BUDGET_KINDS:
+    kinds = [k for k in target if k in BUDGET_KINDS]
+    others = [k for k in target if k not in (*BUDGET_KINDS, "batch")]
+    if len(kinds) != 1 or others or ("batch" in target and kinds != ["latency"]):
         raise ConfigError(
             "pipeline.target",
             f"got {dict(target)}; a budget names one of {', '.join(BUDGET_KINDS)} with the share "
-            "of the unpruned model's count that may remain, e.g. pipeline.target={macs: 0.5}",
+            "of the unpruned model's count (or latency) that may remain, e.g. "
+            "pipeline.target={macs: 0.5} or {latency: 0.5, batch: 32}",
         )
-    kind, share = next(iter(target.items()))
+    kind = kinds[0]
+    share = target[kind]
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
         raise ConfigError(
             f"pipeline.target.{kind}", f"got {share!r}; must be a number strictly between 0 and 1"
         )
-    return Budget(str(kind), float(share))
+    batch = target.get("batch", 1)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError("pipeline.target.batch", f"got {batch!r}; must be an integer >= 1")
+    return Budget(str(kind), float(share), batch)
 
 
 def uses_ratio(pipeline: Any) -> bool:
@@ -80,6 +91,11 @@ def pipeline_label(pipeline: Any) -> str:
     return f"{pipeline.get('name')}_{schedule}"
 
 
+def _share_word(share: float | str) -> str:
+    """A tag's key for :func:`pruned_share`: ``ratio``, or ``budget`` (macs0.5)."""
+    return "budget" if isinstance(share, str) else "ratio"
+
+
 def run_tags(cfg: DictConfig, criterion: str) -> list[str]:
     """W&B tags that tell runs of one experiment apart in filters and grouped views
     (``criterion``: the criterion's name)."""
@@ -89,19 +105,20 @@ def run_tags(cfg: DictConfig, criterion: str) -> list[str]:
         cfg.model.name,
         cfg.dataset.name,
         criterion,
-        *([f"ratio={share}"] if share is not None else []),
+        *([f"{_share_word(share)}={share}"] if share is not None else []),
         f"seed={cfg.seed}",
     ]
 
 
 def run_name(cfg: DictConfig, criterion: str) -> str:
-    """The W&B run name: pipeline, criterion, ratio and seed, e.g. ``ice-l1-r0.6-s0``."""
+    """The W&B run name: pipeline, criterion, ratio (or budget) and seed, e.g. ``ice-l1-r0.6-s0``,
+    ``ice-l1-macs0.5-s0``."""
     share = pruned_share(cfg.pipeline)
     return "-".join(
         [
             pipeline_label(cfg.pipeline),
             criterion,
-            *([f"r{share}"] if share is not None else []),
+            *([share if isinstance(share, str) else f"r{share}"] if share is not None else []),
         ]
         + [f"s{cfg.seed}"]
     )
@@ -334,7 +351,12 @@ RULES: dict[str, Rule] = {
     "dataset.noise": _number_at_least(0),
     # latency measurement
     "latency.batch_sizes": (
-        (lambda v: OmegaConf.is_list(v) and all(_int(b) and b >= 1 for b in v)),
+        # a list, or the one $ICEP_LATENCY_BATCH_SIZES decodes to
+        (
+            lambda v: (
+                (OmegaConf.is_list(v) or isinstance(v, list)) and all(_int(b) and b >= 1 for b in v)
+            )
+        ),
         "a list of batch sizes >= 1, e.g. [1, 32, 256] ([] measures nothing)",
     ),
     "latency.min_run_time": _positive(),
@@ -451,12 +473,12 @@ def _check_budget(p: DictConfig) -> None:
     if p.get("structure") == "unstructured":
         raise ConfigError(
             "pipeline.target",
-            "a MACs or params budget needs structured pruning (masks remove neither); set "
+            "a MACs, params or latency budget needs structured pruning (masks remove none); set "
             "pipeline.structure=structured, or a plain share",
         )
     if p.get("scope") != "uniform":
         raise ConfigError(
             "pipeline.target",
-            f"a MACs or params budget needs pipeline.scope=uniform (got {p.get('scope')}: the "
+            f"a MACs, params or latency budget needs pipeline.scope=uniform (got {p.get('scope')}: the "
             "global scope's widths depend on the scores at each step); or give a plain share",
         )

@@ -17,6 +17,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # Latency is measured in every pruning run (conf/config.yaml, latency:): briefly in the tests,
 # in their runs too (inherited by subprocesses).
 os.environ.setdefault("ICEP_LATENCY_MIN_RUN_TIME", "0.01")
+os.environ.setdefault("ICEP_LATENCY_BATCH_SIZES", "[1, 8]")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -83,6 +83,7 @@ def test_latency_is_a_median_per_batch_size_and_leaves_the_model_as_it_was():
     }
 
 
+@pytest.mark.slow  # 30 s; the quick suite runs a budget through the app in process (below)
 def test_ice_meets_a_macs_budget_in_widths_of_four_and_reports_its_speed(tmp_path, cache_dir):
     out = tmp_path / "run"
     args = [*FAST, "pipeline=ice", "pipeline.target={macs: 0.5}", "pipeline.round_to=4"]
@@ -102,3 +103,67 @@ def test_ice_meets_a_macs_budget_in_widths_of_four_and_reports_its_speed(tmp_pat
     assert all(w % 4 == 0 for w in pruned.values()) and min(pruned.values()) < 16
     assert "budget macs 0.5: 0.4" in done.stdout and "latency b8 (ms)" in done.stdout
     assert "measured speed-up b1 " in done.stdout
+
+
+def test_a_latency_budget_is_searched_on_measurements(monkeypatch):
+    """The search takes any measure of a model (here a stand-in for timing: its parameter count,
+    so the test does not hinge on this machine's speed) and skips the per-unit finish."""
+    engine = _engine()
+    calls = []
+
+    def fake_latency(model):
+        calls.append(1)
+        return float(sum(p.numel() for p in model.parameters()))
+
+    solution = solve(engine, X, Budget("latency", 0.5), blockwise_widths, fake_latency)
+    ratio_only = blockwise_widths(engine, solution.ratio)
+    assert solution.plan == ratio_only  # no finish on noisy measurements
+    assert solution.reached <= 0.5 and len(calls) < 20
+
+
+def test_a_run_with_a_latency_budget_judges_it_by_its_own_measurement(place, monkeypatch, capsys):
+    from places import call_main
+
+    import icep.latency
+
+    def fake(model, input_shape, trainer, batch_sizes, min_run_time=0.5, warmup=3):
+        params = sum(p.numel() for p in model.parameters())
+        return {size: params * size / 1e5 for size in batch_sizes}
+
+    monkeypatch.setattr(icep.latency, "measure_latency", fake)
+    args = [*FAST, "pipeline=one_shot", "pipeline.target={latency: 0.6, batch: 4}"]
+    args += ["latency.batch_sizes=[1]", "pipeline.round_to=4"]
+    code, out, err = call_main(args, place, monkeypatch, capsys)
+    assert code == 0, err
+    summary = json.loads((place.run_dir / "summary.json").read_text())
+    budget = summary["budget"]
+    assert (budget["kind"], budget["share"], budget["batch"]) == ("latency", 0.6, 4)
+    assert budget["reached"] == pytest.approx(1 / summary["inference_speedup_b4"])
+    assert budget["reached"] == pytest.approx(budget["planned"]) and budget["met"]
+    assert summary["target"] == budget["target"] and 0 < budget["target"] < 1
+    assert "latency_b1_after_ms" in summary and "latency_b4_after_ms" in summary
+    layers = torch.load(place.run_dir / "model.pt", weights_only=True)["layers"]
+    widths = [a["out_channels"] for n, a in layers.items() if n.endswith(".conv1") and "." in n]
+    assert all(w % 4 == 0 for w in widths) and min(widths) < 16
+    assert "(budget latency 0.6: 0.5" in out and "latency b4 (ms)" in out
+
+
+def test_a_resumed_run_keeps_the_solution_its_checkpoint_holds():
+    """A latency budget measured again could come out otherwise: a resumed run takes the plan
+    from its checkpoint's state (``run.state["budget"]``) and measures nothing."""
+    from types import SimpleNamespace
+
+    from icep.pipelines.iterative import Iterative
+    from icep.pruning.budget import meet
+
+    engine = _engine()
+    run = SimpleNamespace(engine=engine, example_inputs=X, state={}, plan={}, trainer=None)
+    pipeline = Iterative.__new__(Iterative)  # the keys meet() reads, no fine-tune policy
+    pipeline.schedule, pipeline.ratio = "blockwise", 0.6
+    pipeline.target = {"latency": 0.5, "batch": 4}
+    plan = blockwise_widths(engine, 0.25)
+    saved = {"ratio": 0.25, "plan": plan, "reached": 0.48}
+    entry = meet(pipeline, run, solved=saved)  # run.trainer=None: any measurement would fail
+    assert pipeline.ratio == 0.25 and run.plan == plan
+    assert run.state["budget"] == saved
+    assert entry == {"kind": "latency", "share": 0.5, "ratio": 0.25, "batch": 4, "planned": 0.48}

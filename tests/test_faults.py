@@ -72,7 +72,7 @@ FAULTS = {
     ),
     "budget of an unknown count": (
         ["pipeline.target={flops: 0.5}"],
-        ["pipeline.target: got {'flops': 0.5}; a budget names one of macs, params with the share"],
+        ["pipeline.target: got {'flops': 0.5}; a budget names one of macs, params, latency with"],
     ),
     "budget share above 1": (
         ["pipeline.target={macs: 1.5}"],
@@ -80,15 +80,23 @@ FAULTS = {
     ),
     "budget with the global scope": (
         ["pipeline=one_shot", "pipeline.scope=global", "pipeline.target={macs: 0.5}"],
-        ["a MACs or params budget needs pipeline.scope=uniform (got global"],
+        ["a MACs, params or latency budget needs pipeline.scope=uniform (got global"],
     ),
     "budget with masks": (
         ["pipeline=one_shot", "pipeline.structure=unstructured", "pipeline.target={params: 0.5}"],
-        ["a MACs or params budget needs structured pruning (masks remove neither)"],
+        ["a MACs, params or latency budget needs structured pruning (masks remove none)"],
     ),
     "budget beyond reach": (
         ["pipeline.target={macs: 0.01}", "dense.epochs=1", "dataset.train_subset=100"],
         ["pipeline.target: macs 0.01 cannot be met: pruning every unit as far as it goes keeps"],
+    ),
+    "latency budget at batch 0": (
+        ["pipeline.target={latency: 0.5, batch: 0}"],
+        ["pipeline.target.batch: got 0; must be an integer >= 1"],
+    ),
+    "a batch for a MACs budget": (
+        ["pipeline.target={macs: 0.5, batch: 4}"],
+        ["e.g. pipeline.target={macs: 0.5} or {latency: 0.5, batch: 32}"],
     ),
     "round_to zero": (
         ["pipeline.round_to=0"],

@@ -86,7 +86,7 @@ def test_report_of_a_multirun_of_two_pipelines(multirun):
         assert float(row["acc_final_test"]) == pytest.approx(summary["acc_final_test"])
         assert int(row["finetunes"]) == summary["finetunes"]
         assert int(row["params_after"]) == summary["params_after"]
-        for key in ("latency_b1_after_ms", "inference_speedup_b1", "inference_speedup_b256"):
+        for key in ("latency_b1_after_ms", "inference_speedup_b1"):  # the tests time b1, b8
             assert float(row[key]) == pytest.approx(summary[key])
     base, ice = rows["iterative"], rows["ice"]
     assert float(base["speedup"]) == 1.0

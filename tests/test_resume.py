@@ -84,6 +84,7 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_one_before(
     _assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow  # a killed run and two resumes: 60 s
 def test_a_resume_with_another_config_is_refused_and_a_key_added_since_is_not_a_change(
     tmp_path, cache_dir
 ):

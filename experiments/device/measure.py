@@ -19,7 +19,8 @@ Stages (``--stages`` picks and orders them; each plan has its own list):
   committed checkpoint (``experiments/checkpoints/``) makes the stage say so and skip.
 - ``compare``: ICE (the paper's ResNet values) and the baseline iterative pipeline at r = 0.6
   from that dense model: test accuracy, time, counted compute, fine-tunes, ICE's speed-ups in time
-  and compute, and the goals (accuracy within 1 point; speed-up >= 4x on ResNet-56, >= 9.6x on
+  and compute, each pruned model's measured inference latency and speed-up (batch 1 and 256,
+  CUDA events), and the goals (accuracy within 1 point; speed-up >= 4x on ResNet-56, >= 9.6x on
   ResNet-152).
 
 Time: the command stops itself at ``--time-cap`` seconds (default 540, inside a device call's
@@ -444,6 +445,11 @@ def stage_compare(out: Path, budget: float) -> dict:
                     "steps",
                     "speedup",
                     "compute_speedup",
+                    "macs_ratio",  # the measured inference latency, pruned over unpruned
+                    "latency_b1_after_ms",
+                    "inference_speedup_b1",
+                    "latency_b256_after_ms",
+                    "inference_speedup_b256",
                 )
             }
             for r in rows

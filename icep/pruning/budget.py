@@ -1,5 +1,6 @@
 """Pruning to a budget instead of a ratio: ``pipeline.target={macs: 0.5}`` (or ``params``) keeps
-at most that share of the unpruned model's MACs (parameters).
+at most that share of the unpruned model's MACs (parameters); ``{latency: 0.5, batch: 32}`` at
+most that share of its measured inference latency at that batch size (icep.latency).
 
 The pruned widths, not the weights, set both counts, and a ratio (or a schedule's share) gives
 the same widths whatever the criterion picks, so the budget is solved before any pruning, on
@@ -11,21 +12,30 @@ percent of the MACs; the per-unit finish lands the count within one unit's step 
 under it. The result is a ``plan``, the width each unit layer ends at
 (:class:`~icep.pipelines.base.PruningRun` never cuts below it), and the ratio a block-wise
 pipeline prunes by (or the share a schedule ends at).
+
+Latency is measured, not counted: each candidate's pruned copy is timed on the run's device
+(``latency:`` settings) against the unpruned model timed the same way, and measurements are
+noisy, so a latency budget takes the binary search's ratio without the per-unit finish; the
+summary's ``reached`` is then the pruned model's own measurement.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from icep.config import Budget, parse_budget
 from icep.errors import ConfigError
 from icep.pruning.engine import PruningEngine, count_macs_params, uniform_widths
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["Budget", "Solution", "meet", "parse_budget", "solve"]
 
@@ -41,8 +51,11 @@ class Solution:
     plan: dict[str, int]
     reached: float
 
-    def summary(self, budget: Budget) -> dict[str, Any]:
-        return {"kind": budget.kind, "share": budget.share, "reached": self.reached}
+
+def counter(budget: Budget, example_inputs: Any) -> Callable[[nn.Module], float]:
+    """What a MACs or params budget counts of a model."""
+    index = 0 if budget.kind == "macs" else 1
+    return lambda model: float(count_macs_params(model, example_inputs)[index])
 
 
 def solve(
@@ -50,11 +63,15 @@ def solve(
     example_inputs: Any,
     budget: Budget,
     widths_for: Callable[[PruningEngine, float], dict[str, int]],
+    measure: Callable[[nn.Module], float] | None = None,
 ) -> Solution:
     """The smallest ratio (over ``widths_for(engine, ratio)``, the widths a pipeline's prune
-    gives every unit layer) whose widths keep at most ``budget.share``, finished per unit."""
-    macs0, params0 = count_macs_params(engine.model, example_inputs)
-    total = macs0 if budget.kind == "macs" else params0
+    gives every unit layer) whose widths keep at most ``budget.share`` of what ``measure`` gives
+    for the unpruned model (by default its MACs or params: :func:`counter`), finished per unit
+    when ``measure`` counts."""
+    counts = measure is None
+    measure = counter(budget, example_inputs) if measure is None else measure
+    total = measure(engine.model)
     counted: dict[tuple, float] = {}
 
     def share_of(widths: dict[str, int]) -> float:
@@ -63,8 +80,8 @@ def solve(
             model = copy.deepcopy(engine.model)
             twin = PruningEngine(model, example_inputs, _twin_ignored(engine, model))
             twin.prune_to_widths(widths)
-            macs, params = count_macs_params(model, example_inputs)
-            counted[key] = (macs if budget.kind == "macs" else params) / total
+            counted[key] = measure(model) / total
+            del model, twin
         return counted[key]
 
     ratios = _breakpoints(engine)
@@ -87,7 +104,7 @@ def solve(
             low = middle
     ratio = ratios[high]
     plan = widths_for(engine, ratio)
-    if high > 0:
+    if high > 0 and counts:
         # Units that the ratio below would leave wider take that width, one unit after another
         # in forward order, while the budget holds.
         wider = widths_for(engine, ratios[low])
@@ -95,7 +112,7 @@ def solve(
             trial = {**plan, **{n: wider[n] for n in unit.convs if wider[n] != plan[n]}}
             if trial != plan and share_of(trial) <= budget.share:
                 plan = trial
-    if engine.round_to > 1:
+    if engine.round_to > 1 and counts:
         # Rounded widths move in large steps: a unit may still take one more step.
         original = engine.unit_widths()
         for unit in engine.units:
@@ -139,22 +156,36 @@ def schedule_widths(engine: PruningEngine, share: float) -> dict[str, int]:
     return {n: engine.rounded(n, w) for n, w in widths.items()}
 
 
-def meet(pipeline: Any, run: Any) -> dict[str, Any] | None:
+def meet(
+    pipeline: Any, run: Any, latency: Any = None, solved: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """If ``pipeline.target`` is a budget: solve it on ``run``'s model (before any pruning, or
     before a resumed run restores its checkpoint) and set what the pipeline prunes by, its
     ``ratio`` (block-wise) or its final ``target`` share (a uniform schedule), and ``run.plan``.
-    Returns the summary's ``budget`` entry, or None without a budget."""
+    ``latency``: the ``latency:`` settings a latency budget is measured with. ``solved``: the
+    solution a resumed run's checkpoint holds (``run.state["budget"]``), taken as it is: a
+    latency budget measured again could come out otherwise. Returns the summary's ``budget``
+    entry, or None without a budget."""
     budget = parse_budget(getattr(pipeline, "target", None))
     if budget is None:
         return None
+    measure = None
+    if budget.kind == "latency":
+        measure = _timer(run, budget.batch, latency)
     blockwise = hasattr(pipeline, "ratio") and getattr(pipeline, "schedule", "blockwise") == (
         "blockwise"
     )
+
+    def solution_for(widths_for: Callable[[PruningEngine, float], dict[str, int]]) -> Solution:
+        if solved is not None:
+            return Solution(solved["ratio"], dict(solved["plan"]), solved["reached"])
+        return solve(run.engine, run.example_inputs, budget, widths_for, measure)
+
     if blockwise:
-        solution = solve(run.engine, run.example_inputs, budget, blockwise_widths)
+        solution = solution_for(blockwise_widths)
         pipeline.ratio = solution.ratio
     elif getattr(pipeline, "scope", None) == "uniform" and pipeline.structure == "structured":
-        solution = solve(run.engine, run.example_inputs, budget, schedule_widths)
+        solution = solution_for(schedule_widths)
         pipeline.target = solution.ratio
         for key in ("one_shot", "initial"):  # hybrid's first slice, AGP's starting share
             below = getattr(pipeline, key, None)
@@ -167,9 +198,10 @@ def meet(pipeline: Any, run: Any) -> dict[str, Any] | None:
     else:
         raise ConfigError(
             "pipeline.target",
-            f"{type(pipeline).__name__} cannot prune to a MACs or params budget; give a share",
+            f"{type(pipeline).__name__} cannot prune to a budget; give a share",
         )
     run.plan = solution.plan
+    run.state["budget"] = dataclasses.asdict(solution)  # kept in every checkpoint
     what = "ratio" if blockwise else "target"
     log.info(
         "budget %s: %s %.4g, then %d unit layers one step wider: %.4f of the %s planned",
@@ -180,7 +212,31 @@ def meet(pipeline: Any, run: Any) -> dict[str, Any] | None:
         solution.reached,
         budget.kind,
     )
-    return {"kind": budget.kind, "share": budget.share, what: solution.ratio}
+    entry = {"kind": budget.kind, "share": budget.share, what: solution.ratio}
+    if budget.kind == "latency":
+        entry.update(batch=budget.batch, planned=solution.reached)
+    return entry
+
+
+def _timer(run: Any, batch: int, latency: Any) -> Callable[[nn.Module], float]:
+    """The measured latency (ms) of a model at ``batch``, on ``run``'s device as it runs models."""
+    from icep.latency import measure_latency
+
+    min_run_time = 0.5 if latency is None else latency.min_run_time
+    warmup = 3 if latency is None else latency.warmup
+    shape = tuple(run.example_inputs.shape[1:])
+
+    def time_it(model: nn.Module) -> float:
+        model = run.trainer.prepare(model)
+        found = measure_latency(model, shape, run.trainer, [batch], min_run_time, warmup)
+        if batch not in found:
+            raise ConfigError(
+                "pipeline.target.batch",
+                f"batch {batch} does not fit in the device's memory; give a smaller one",
+            )
+        return found[batch]
+
+    return time_it
 
 
 def widths_of(run: Any, pipeline: Any) -> list[int]:

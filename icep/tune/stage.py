@@ -203,7 +203,7 @@ def tune_pipeline(
                 ties=cfg.get("ties", "stable"),
                 round_to=getattr(pipeline, "round_to", 1),  # a pipeline of your own may not say
             )
-            meet_budget(pipeline, run)  # a trial prunes to the run's budget too
+            meet_budget(pipeline, run, cfg.get("latency"))  # a trial prunes to the run's too
             if pruner_enabled(pruner):
                 run.on_step.append(StepReporter(trial))
             seed_everything(cfg.seed, small)
