@@ -18,10 +18,10 @@ run: $(VENV)/.installed
 	$(PY) -m icep
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" --durations=15
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 -m slow --durations=15
+	$(PY) -m pytest -q -n 2 --dist worksteal -m slow --durations=15
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -167,3 +167,13 @@ def test_a_resumed_run_keeps_the_solution_its_checkpoint_holds():
     assert pipeline.ratio == 0.25 and run.plan == plan
     assert run.state["budget"] == saved
     assert entry == {"kind": "latency", "share": 0.5, "ratio": 0.25, "batch": 4, "planned": 0.48}
+
+
+@pytest.mark.cuda
+def test_latency_on_a_gpu_is_timed_with_cuda_events_under_autocast():
+    model = cifar_resnet(20, num_classes=10, in_channels=3)
+    trainer = Trainer(torch.device("cuda"), amp=True, channels_last=True)
+    model = trainer.prepare(model)
+    found = measure_latency(model, (3, 32, 32), trainer, [1, 256], 0.05, 3)
+    assert sorted(found) == [1, 256] and all(ms > 0 for ms in found.values())
+    assert model.training  # eval() only while timed
