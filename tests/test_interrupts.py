@@ -134,9 +134,12 @@ def test_dataloader_workers_leave_signals_to_the_run_and_let_go_of_its_locks(tmp
         "import os, signal, sys\n"
         "from pathlib import Path\n"
         "from icep.locks import locked\n"
+        "forked, child_ready = os.pipe()\n"
         "with locked(Path(sys.argv[1]), 'the run folder', wait=False):\n"
         "    if os.fork() == 0:\n"
+        "        os.write(child_ready, b'x')  # fork() has returned: its at-fork hooks ran\n"
         "        signal.pause()\n"
+        "    os.read(forked, 1)\n"
         "    print(flush=True)\n"
         "    os._exit(0)  # as SIGKILL: no unlock\n"
     )
