@@ -73,9 +73,9 @@ def compose_eval(meta: dict[str, Any], overrides: list[str]):
     return cfg
 
 
-def evaluate_file(path: Path, overrides: list[str]) -> dict[str, Any]:
-    """The accuracy of the model file ``path`` on the split ``overrides`` choose, and what it
-    was measured on."""
+def evaluate_file(path: Path, overrides: list[str]) -> tuple[dict[str, Any], str]:
+    """The accuracy of the model file ``path`` on the split ``overrides`` choose, with what it
+    was measured on, and the output ``format`` they ask for."""
     from icep.data import data_from_config
     from icep.serialization import load_model, read_model_file
     from icep.train import Trainer
@@ -112,15 +112,14 @@ def evaluate_file(path: Path, overrides: list[str]) -> dict[str, Any]:
         "params": params,
         "device": str(trainer.device),
         "recorded": meta.get("summary", {}).get(f"acc_final_{cfg.split}"),
-        "format": cfg.format,
-    }
+    }, cfg.format
 
 
 def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         path, overrides = split_arguments(sys.argv[1:] if argv is None else argv, USAGE)
-        result = evaluate_file(path, overrides)
-        if result.pop("format") == "json":
+        result, output = evaluate_file(path, overrides)
+        if output == "json":
             print(json.dumps(result), flush=True)
             return
         recorded = result["recorded"]

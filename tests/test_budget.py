@@ -10,6 +10,7 @@ import torch
 from conftest import FAST, run_icep
 
 from icep.config import Budget
+from icep.errors import ConfigError
 from icep.latency import latency_fields, measure_latency
 from icep.models import cifar_resnet
 from icep.pruning import L1, PruningEngine, count_macs_params
@@ -47,7 +48,7 @@ def test_a_solved_budget_is_met_within_two_percent(kind, share, round_to, widths
 
 
 def test_a_budget_beyond_reach_is_refused_naming_what_is_left():
-    with pytest.raises(Exception, match=r"macs 0.01 cannot be met: pruning every unit as far"):
+    with pytest.raises(ConfigError, match=r"macs 0.01 cannot be met: pruning every unit as far"):
         solve(_engine(), X, Budget("macs", 0.01), blockwise_widths)
 
 

@@ -85,8 +85,8 @@ def solve(
         return counted[key]
 
     ratios = _breakpoints(engine)
-    if share_of(widths_for(engine, ratios[-1])) > budget.share:
-        lowest = share_of(widths_for(engine, ratios[-1]))
+    lowest = share_of(widths_for(engine, ratios[-1]))
+    if lowest > budget.share:
         raise ConfigError(
             "pipeline.target",
             f"{budget} cannot be met: pruning every unit as far as it goes keeps {lowest:.3f} of "
@@ -176,16 +176,22 @@ def meet(
         "blockwise"
     )
 
-    def solution_for(widths_for: Callable[[PruningEngine, float], dict[str, int]]) -> Solution:
-        if solved is not None:
-            return Solution(solved["ratio"], dict(solved["plan"]), solved["reached"])
-        return solve(run.engine, run.example_inputs, budget, widths_for, measure)
-
     if blockwise:
-        solution = solution_for(blockwise_widths)
-        pipeline.ratio = solution.ratio
+        widths_for = blockwise_widths
     elif getattr(pipeline, "scope", None) == "uniform" and pipeline.structure == "structured":
-        solution = solution_for(schedule_widths)
+        widths_for = schedule_widths
+    else:
+        raise ConfigError(
+            "pipeline.target",
+            f"{type(pipeline).__name__} cannot prune to a budget; give a share",
+        )
+    if solved is not None:
+        solution = Solution(solved["ratio"], dict(solved["plan"]), solved["reached"])
+    else:
+        solution = solve(run.engine, run.example_inputs, budget, widths_for, measure)
+    if blockwise:
+        pipeline.ratio = solution.ratio
+    else:
         pipeline.target = solution.ratio
         for key in ("one_shot", "initial"):  # hybrid's first slice, AGP's starting share
             below = getattr(pipeline, key, None)
@@ -195,11 +201,6 @@ def meet(
                     f"got {below}; the {budget} budget ends the schedule at the share "
                     f"{solution.ratio:.4g}: set {key} below it",
                 )
-    else:
-        raise ConfigError(
-            "pipeline.target",
-            f"{type(pipeline).__name__} cannot prune to a budget; give a share",
-        )
     run.plan = solution.plan
     run.state["budget"] = dataclasses.asdict(solution)  # kept in every checkpoint
     what = "ratio" if blockwise else "target"
@@ -208,7 +209,7 @@ def meet(
         budget,
         what,
         solution.ratio,
-        sum(w > b for w, b in zip(solution.plan.values(), widths_of(run, pipeline), strict=True)),
+        sum(solution.plan[n] > w for n, w in widths_for(run.engine, solution.ratio).items()),
         solution.reached,
         budget.kind,
     )
@@ -237,10 +238,3 @@ def _timer(run: Any, batch: int, latency: Any) -> Callable[[nn.Module], float]:
         return found[batch]
 
     return time_it
-
-
-def widths_of(run: Any, pipeline: Any) -> list[int]:
-    """The widths the solved ratio (share) alone would give, in the plan's order."""
-    if hasattr(pipeline, "ratio") and getattr(pipeline, "schedule", "blockwise") == "blockwise":
-        return list(blockwise_widths(run.engine, pipeline.ratio).values())
-    return list(schedule_widths(run.engine, pipeline.target).values())
