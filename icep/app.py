@@ -24,6 +24,7 @@ from icep.config import (
     pipeline_label,
     run_name,
     run_tags,
+    user_cache,
     uses_ratio,
     validate,
 )
@@ -49,9 +50,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run in the Hydra output folder, which no other run may use meanwhile; returns the
     summary."""
-    if not cfg.paths.cache:  # ICEP_CACHE= (set, but empty) means unset, not the current folder
-        cfg.paths.cache = "outputs/cache"
-        log.warning("ICEP_CACHE is set but empty: caching in outputs/cache")
+    if not cfg.paths.cache or cfg.paths.cache == "/icep":  # ICEP_CACHE= or XDG_CACHE_HOME= (set,
+        cfg.paths.cache = str(user_cache())  # but empty) mean unset, not the current folder or /
+        log.warning("ICEP_CACHE or XDG_CACHE_HOME is set but empty: caching in %s", cfg.paths.cache)
     validate(cfg)  # every key, before the data and the models: a typo fails fast
     if cfg.get("dry_run"):
         return dry_run(cfg)

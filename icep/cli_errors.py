@@ -11,8 +11,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
-
 from icep.errors import IcepError
 
 
@@ -91,12 +89,14 @@ def describe_error(exc: BaseException) -> str | None:
     from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+    torch = sys.modules.get("torch")  # a CUDA out-of-memory error comes with torch loaded
+    out_of_memory = torch.cuda.OutOfMemoryError if torch is not None else ()
     chain = _chain(exc)
     for link in chain:  # e.g. a builder's ConfigError inside Hydra's InstantiationException
         if isinstance(link, IcepError):
             return str(link)
     for link in chain:
-        if isinstance(link, torch.cuda.OutOfMemoryError):  # outside the trainer's loops
+        if isinstance(link, out_of_memory):  # outside the trainer's loops
             what, *detail = (part.rstrip(".") for part in one_line(link).split(". "))
             return (
                 f"{what}{f' ({detail[0]})' if detail else ''}; lower trainer.batch_size and "

@@ -20,12 +20,12 @@ The counts are exact integers: the same run twice gives the same counts on any m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a cost is measured: the report reads counts without it
+    import torch
+    from torch import nn
 
-# Layers whose arithmetic is counted.
-COUNTED = (nn.modules.conv._ConvNd, nn.Linear)
 WORK_KEYS = ("images_fwd", "images_bwd", "flops")
 
 
@@ -49,6 +49,8 @@ class ModelCost:
 
 def _layer_macs(module: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
     """MACs of one call of a conv or linear layer on one image."""
+    from torch import nn
+
     weight = module.weight
     if isinstance(module, nn.Linear):
         return output.numel() * weight.shape[1]
@@ -63,13 +65,17 @@ def measure_cost(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
     """The :class:`ModelCost` of ``model`` for one input of ``input_shape`` (without the batch
     dimension), from one forward pass in eval mode without gradients: BatchNorm statistics and the
     training flag are left as they were."""
+    import torch
+    from torch import nn
+
+    counted = (nn.modules.conv._ConvNd, nn.Linear)  # the layers whose arithmetic is counted
     per_layer: list[tuple[nn.Module, int]] = []
 
     def hook(module: nn.Module, inputs, output) -> None:
         if isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
             per_layer.append((module, _layer_macs(module, inputs[0], output)))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COUNTED)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training

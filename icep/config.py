@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,14 @@ class Budget:
     def __str__(self) -> str:
         at = f" at batch {self.batch}" if self.kind == "latency" else ""
         return f"{self.kind} {self.share:g}{at}"
+
+
+def user_cache() -> Path:
+    """The cache a run uses unless told otherwise (conf/config.yaml, ``paths.cache``):
+    ``$ICEP_CACHE``, else ``$XDG_CACHE_HOME/icep``, else ``~/.cache/icep``; empty means unset."""
+    if os.environ.get("ICEP_CACHE"):
+        return Path(os.environ["ICEP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icep"
 
 
 def parse_budget(target: Any) -> Budget | None:

@@ -26,15 +26,16 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from hydra.errors import HydraException
-from scipy.stats import spearmanr
 
 from icep.errors import IcepError
-from icep.pruning import Criterion, PruningEngine, prepare_criterion
+
+if TYPE_CHECKING:  # torch, scipy and Hydra load when criteria are compared, not for --help
+    import torch
+
+    from icep.pruning import Criterion, PruningEngine
 
 # Must match the engine's rounding of ceil(ratio * C) (icep/pruning/engine.py).
 _CEIL_TOLERANCE = 1e-9
@@ -45,6 +46,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     constant, where it is undefined (checked here, so scipy does not warn)."""
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
+    from scipy.stats import spearmanr
+
     return float(spearmanr(a, b).statistic)
 
 
@@ -67,6 +70,8 @@ def score_layers(
     device: torch.device | str,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{conv name: {criterion name: scores}}`` for every conv the engine's units cut."""
+    from icep.pruning import prepare_criterion
+
     convs = [name for unit in engine.units for name in unit.convs]
     layers: dict[str, dict[str, np.ndarray]] = {name: {} for name in convs}
     for cname, criterion in criteria.items():
@@ -214,6 +219,12 @@ def build_criteria(
     return criteria
 
 
+def _hydra_error() -> type[Exception]:
+    from hydra.errors import HydraException
+
+    return HydraException
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m icep.criteria_agreement",
@@ -240,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         result, out = run(args)
-    except (IcepError, HydraException) as exc:  # a bad option or override: one line, no trace
+    except (IcepError, _hydra_error()) as exc:  # a bad option or override: one line, no trace
         print(f"icep.criteria_agreement: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     names = result["criteria"]
@@ -256,12 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Compose the config, load the model and data, score and compare."""
+    import torch
     from hydra import compose, initialize_config_module
 
     from icep.config import validate
     from icep.data import data_from_config
     from icep.dense import dense_model
     from icep.errors import ConfigError
+    from icep.pruning import PruningEngine
     from icep.seeding import seed_everything
     from icep.train import Trainer
 

@@ -19,15 +19,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from icep.cli_errors import one_line, run_command
 from icep.errors import IcepError
 from icep.eval import split_arguments
-from icep.serialization import atomic_open, load_model, read_model_file
+
+if TYPE_CHECKING:  # torch loads when a model does: `icep export --help` answers at once
+    import torch
+    from torch import nn
 
 FORMATS = ("onnx", "program", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "program": ".pt2", "safetensors": ".safetensors"}
@@ -98,6 +98,8 @@ def _settings(overrides: list[str]) -> dict[str, Any]:
 
 
 def _difference(ours: torch.Tensor, theirs: Any) -> float:
+    import torch
+
     return float((ours - torch.as_tensor(theirs)).abs().max())
 
 
@@ -111,6 +113,10 @@ def export_onnx(model: nn.Module, batches: list[torch.Tensor], path: Path, info:
             "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'icep[export]' "
             "(or formats=program,safetensors)"
         ) from None
+    import torch
+
+    from icep.serialization import atomic_open
+
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
         model,
@@ -138,6 +144,10 @@ def export_onnx(model: nn.Module, batches: list[torch.Tensor], path: Path, info:
 def export_program(model: nn.Module, batches: list[torch.Tensor], path: Path, info: dict) -> Export:
     """``torch.export`` with a dynamic batch, saved with ``torch.export.save`` and checked after
     loading it back."""
+    import torch
+
+    from icep.serialization import atomic_open
+
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (batches[0],), dynamic_shapes=({0: batch},))
     with atomic_open(path) as f:
@@ -154,7 +164,10 @@ def export_safetensors(
 ) -> Export:
     """The weights as safetensors, with what rebuilds the model as JSON metadata; checked by
     loading the model back from the file."""
+    import torch
     from safetensors.torch import save
+
+    from icep.serialization import atomic_open, load_model
 
     state = {k: v.contiguous() for k, v in blob["state_dict"].items()}
     metadata = {
@@ -177,6 +190,10 @@ EXPORTERS: dict[str, Callable[..., Export]] = {
 
 def export_file(path: Path, overrides: list[str]) -> tuple[list[Export], float]:
     """Export the model file ``path`` as ``overrides`` say; the exports and the tolerance."""
+    import torch
+
+    from icep.serialization import load_model, read_model_file
+
     settings = _settings(overrides)
     if not path.is_file():
         raise IcepError(f"{path} is not a file; give a model.pt that icep saved")

@@ -20,6 +20,8 @@ os.environ.setdefault("ICEP_LATENCY_MIN_RUN_TIME", "0.01")
 os.environ.setdefault("ICEP_LATENCY_BATCH_SIZES", "[1, 8]")
 
 ROOT = Path(__file__).resolve().parents[1]
+# A run's default cache is the user's (~/.cache/icep); the tests keep theirs in the checkout.
+os.environ.setdefault("ICEP_CACHE", str(ROOT / "outputs" / "cache"))
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 # Small, fast settings for end-to-end runs on digits.

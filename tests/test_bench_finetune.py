@@ -3,7 +3,6 @@ on the CPU (the measurement itself runs on a GPU; see experiments/RESULTS.md).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -87,9 +86,8 @@ def test_missing_archive_names_the_option(tmp_path):
 def test_cuda_asked_for_but_absent_names_the_fix(tmp_path, capsys):
     # In this process (torch is imported already): the device is checked before anything else
     # happens, so the archive is never read.
-    spec = importlib.util.spec_from_file_location("bench_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from icep.bench import finetune as module
+
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     archive.touch()
     assert module.main(["--data", str(archive), "--device", "cuda"]) == 2

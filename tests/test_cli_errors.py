@@ -301,8 +301,10 @@ def test_nan_loss_fails_the_run_and_wandb_offline_fallback(place):
 
 
 def test_an_empty_icep_cache_means_unset(place, monkeypatch, capsys, tmp_path):
-    """ICEP_CACHE= (set, empty) caches in outputs/cache as if unset, not in the current folder."""
+    """ICEP_CACHE= (set, empty) caches in the user's cache as if unset, not in the current
+    folder."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     real_setenv = monkeypatch.setenv
 
     def setenv(name, value, prepend=None):
@@ -312,5 +314,5 @@ def test_an_empty_icep_cache_means_unset(place, monkeypatch, capsys, tmp_path):
     args = ["pipeline=dense", "dense.epochs=1", "dataset.train_subset=100"]
     code, out, err = call_main(args, place, monkeypatch, capsys)
     assert code == 0, err
-    assert list((tmp_path / "outputs" / "cache" / "dense").glob("resnet20-digits-*.pt"))
+    assert list((tmp_path / "xdg" / "icep" / "dense").glob("resnet20-digits-*.pt"))
     assert not (tmp_path / "dense").exists()

@@ -4,7 +4,7 @@ seed and over seeds, and the scaling table."""
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import subprocess
 import sys
 
@@ -13,10 +13,9 @@ from conftest import FAST, ROOT, icep_env
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """experiments/NAME.py's code, which lives in icep.bench (an installed icep has it)."""
+    module = {"compare_pipelines": "compare", "bench_pipelines": "pipelines"}[name]
+    return importlib.import_module(f"icep.bench.{module}")
 
 
 @pytest.mark.slow

@@ -68,6 +68,11 @@ def test_wheel_ships_configs_and_runs_from_elsewhere(tmp_path):
         (["+experiment=resnet56_cifar10", "--cfg", "job"], "depth: 56"),
         # The sweeper plugin is found from the wheel.
         (["+experiment=ice_optuna_sweep", "--cfg", "hydra"], "IcepOptunaSweeper"),
+        # The help pages read the configs in the wheel; the scripts the README cites are in it.
+        (["run", "--help", "pipeline"], "pipeline.ratio=0.6"),
+        (["compare", "--help"], "usage: icep compare"),
+        (["bench", "pipelines", "--help"], "--seeds"),
+        (["bench", "finetune", "--help"], "--variants"),
     ):
         result = subprocess.run(
             [sys.executable, "-m", "icep", *args],

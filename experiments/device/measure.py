@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -50,11 +49,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 STARTED = time.monotonic()
 
-_spec = importlib.util.spec_from_file_location(
-    "compare_pipelines", ROOT / "experiments" / "compare_pipelines.py"
-)
-compare = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from icep.bench import compare  # noqa: E402
 
 STAGES = ("versions", "tests", "finetune", "dense", "compare")
 GOAL_FINETUNE = 5.0  # icep's loop over the reference loop, images/s
