@@ -69,6 +69,7 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from icep.latency import latency_fields
     from icep.loggers import RunInfo
     from icep.pipelines import PruningRun
+    from icep.provenance import run_git, run_versions
     from icep.pruning.budget import meet as meet_budget
     from icep.serialization import save_model
     from icep.train import Trainer
@@ -119,6 +120,8 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "criterion": criterion.name,
         "seed": cfg.seed,
         "device": str(trainer.device),
+        "versions": run_versions(),
+        "git": run_git(Path(HydraConfig.get().runtime.cwd)),
     }
     failed, pruning = True, None
     try:
@@ -369,3 +372,7 @@ def main() -> None:
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        from icep.sweeps import closing_lines
+
+        for line in closing_lines():  # a multirun, however it ended
+            print(line, flush=True)

@@ -3,6 +3,8 @@ without loading torch, and the per-user cache."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +190,81 @@ def test_the_config_resolves_the_same_cache(monkeypatch, tmp_path):
     with initialize_config_module("icep.conf", version_base="1.3"):
         cfg = compose("config")
     assert Path(cfg.paths.cache) == user_cache() == tmp_path / "xdg" / "icep"
+
+
+# --- what produced a run, and where a multirun's results are -----------------------------------
+
+
+def git(folder: Path, *args: str) -> str:
+    env = {
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(folder), "PATH": os.environ["PATH"],
+    }  # fmt: skip
+    done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode().strip()
+
+
+def test_git_state_names_the_commit_and_whether_tracked_files_changed(tmp_path):
+    from icep.provenance import git_state, run_git
+
+    assert git_state(tmp_path) is None  # not a checkout
+    repo = tmp_path / "mine"
+    (repo / "models").mkdir(parents=True)
+    git(repo, "init", "-q")
+    (repo / "models" / "net.py").write_text("x = 1\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "first")
+    state = git_state(repo / "models")
+    assert state == {
+        "repo": str(repo.resolve()),
+        "commit": git(repo, "rev-parse", "HEAD"),
+        "dirty": False,
+    }
+    (repo / "untracked.txt").write_text("not part of the code\n")
+    assert git_state(repo)["dirty"] is False
+    (repo / "models" / "net.py").write_text("x = 2\n")
+    assert git_state(repo)["dirty"] is True
+    assert run_git(repo)["workdir"]["commit"] == state["commit"]  # a user's own checkout
+
+
+def test_a_multirun_ends_saying_where_its_runs_report_and_logs_are(tmp_path, cache_dir):
+    """Even when every job fails (here: each refuses its config)."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "icep", "-m", "seed=0,1", "pipeline.ratio=1.5",
+         f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, env=icep_env(cache_dir), cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = [line for line in result.stdout.splitlines() if line.startswith("icep: ")]
+    assert lines == [
+        f"icep: 2 runs in {sweep}/ (2 not finished)",
+        f"icep: compare them: icep report {sweep}",
+        f"icep: each run's log: {sweep}/<job>/icep.log",
+    ], result.stdout + result.stderr
+
+
+def test_the_closing_lines_count_each_status_and_name_submitits_logs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from icep import sweeps
+
+    sweep = tmp_path / "sweep"
+    for job, status in enumerate(["completed", "completed", "failed", None]):
+        (sweep / str(job) / ".hydra").mkdir(parents=True)
+        if status:
+            (sweep / str(job) / "summary.json").write_text(json.dumps({"status": status}))
+    (sweep / ".submitit").mkdir()  # not a job
+    launcher = {
+        "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+        "submitit_folder": f"{sweep}/.submitit/%j",
+    }
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "launcher": launcher}})
+    sweeps.NoteSweep().on_multirun_start(config)
+    assert sweeps.closing_lines() == [
+        f"icep: 4 runs in {sweep}/ (2 completed, 1 failed, 1 not finished)",
+        f"icep: compare them: icep report {sweep}",
+        f"icep: launcher logs (submitit): {sweep}/.submitit/",
+    ]
+    assert sweeps.closing_lines() == []  # said once

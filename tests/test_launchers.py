@@ -72,6 +72,8 @@ def test_local_launcher_runs_each_job_and_a_signalled_job_resumes(tmp_path, cach
         os.kill(pid, signal.SIGUSR2)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
+    assert f"icep: 2 runs in {sweep_dir}/ (2 completed)" in output  # the closing lines
+    assert f"icep: launcher logs (submitit): {sweep_dir}/.submitit/" in output
 
     resumed = 0
     for n, pipeline in enumerate(("iterative", "ice")):

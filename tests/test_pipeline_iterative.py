@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
-from conftest import FAST, SHARED_CIFAR, read_jsonl, run_icep
+from conftest import FAST, ROOT, SHARED_CIFAR, read_jsonl, run_icep
 from omegaconf import OmegaConf
 
 from icep.data import build_data
@@ -106,6 +107,14 @@ def test_summary_and_closing_table(digits_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary.keys() >= SUMMARY_KEYS
     assert summary["status"] == "completed"
+    # what produced it: the versions, and the commit of icep's checkout (the folder it was
+    # started from is that checkout, so it is not listed twice)
+    assert summary["versions"]["torch"] == torch.__version__
+    assert summary["versions"]["optuna"] and summary["versions"]["hydra-core"].startswith("1.3")
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True)
+        assert summary["git"]["icep"]["commit"] == head.stdout.decode().strip()
+        assert isinstance(summary["git"]["icep"]["dirty"], bool) and "workdir" not in summary["git"]
     assert summary["steps"] == summary["finetunes"] == 9
     assert summary["params_after"] < summary["params_before"]
     assert summary["macs_after"] < summary["macs_before"]
