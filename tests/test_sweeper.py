@@ -94,6 +94,16 @@ def check_completed_sweep(sweep_dir: Path, n_trials: int) -> list[dict]:
         assert cfg["optuna"]["storage"] == f"sqlite:///{sweep_dir.resolve() / 'optuna.db'}"
     result = json.loads((sweep_dir / "tune_result.json").read_text())
     assert (result["complete"], result["pruned"], result["fail"]) == (n_trials, 0, 0)
+    # optuna-dashboard's view: the objective by name, and each trial's run and results
+    storage = f"sqlite:///{sweep_dir.resolve() / 'optuna.db'}"
+    study = optuna.load_study(study_name="default", storage=storage)  # the experiment name
+    assert study.metric_names == ["acc_drop_val"]
+    for trial in study.trials:
+        folder = sweep_dir / str(trial.number)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert Path(trial.user_attrs["run_folder"]).resolve() == folder.resolve()
+        for key in ("acc_final_test", "finetunes", "time_total_s", "macs_ratio", "status"):
+            assert trial.user_attrs[key] == summary[key], key
     return rows
 
 

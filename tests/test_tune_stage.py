@@ -78,6 +78,19 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
                 assert low <= value <= high
         assert (out / "trials" / f"{int(t['number']):04d}" / "summary.json").is_file()
 
+    # optuna-dashboard's view of the study: named objectives, each trial's folder and results
+    study_name = "tunewb-tune" if wandb else "default-tune"
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'tune.db'}")
+    names = {"drop": "acc_drop_val", "time": "time_total_s"}
+    assert study.metric_names == [names[o] for o in tune["objectives"]]
+    for trial in study.trials:
+        folder = out / "trials" / f"{trial.number:04d}"
+        assert trial.user_attrs["run_folder"] == str(folder)
+        summary = json.loads((folder / "summary.json").read_text())
+        if summary["status"] == "completed":
+            for key in ("acc_final_test", "finetunes", "time_total_s", "macs_ratio"):
+                assert trial.user_attrs[key] == summary[key], key
+
     chosen = tune["chosen"]
     assert chosen["number"] in [p["number"] for p in tune["pareto_front"]]
     best = min(p["drop"] for p in tune["pareto_front"])
@@ -330,3 +343,34 @@ def test_a_search_stopped_mid_trial_resumes_without_repeating_or_counting_a_fail
     assert len(set(points)) == 4  # no point drawn twice
     tune = json.loads((out / "tune_result.json").read_text())
     assert (tune["fail"], tune["interrupted"], tune["complete"]) == (0, 1, 4)
+
+
+def test_a_search_that_decides_on_too_few_samples_is_warned():
+    """With tune=tpe the embedded default decides on 3 val samples: one sample is 33 points, so
+    thre in [0.5, 1.5] cannot tell any two trials apart."""
+    from icep.tune.study import check_decision_samples
+
+    assert check_decision_samples(200, 0.5, "tune: each trial") is None  # a sample: 0.5 points
+    line = check_decision_samples(3, 0.5, "tune: each trial")
+    assert line.startswith(
+        "tune: each trial decides on 3 samples: one sample is 33.3 accuracy points, more than "
+        "thre=0.5"
+    )
+    assert line.endswith("it needs at least 200 samples")
+    assert check_decision_samples(3, None, "tune: each trial") is None
+
+
+def test_the_smallest_threshold_a_search_tries():
+    from icep.tune.stage import smallest_thre
+
+    with initialize_config_module("icep.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["pipeline=ice"])
+    ranges = SearchSpace(OmegaConf.to_container(cfg.pipeline.ranges))
+    grid = SearchSpace({"thre": "choice(1.5, 0.75)", "fr": "choice(0.3, 0.9)"})
+    assert smallest_thre(cfg.pipeline, ranges) == 0.5
+    assert smallest_thre(cfg.pipeline, grid) == 0.75
+    assert (
+        smallest_thre(cfg.pipeline, SearchSpace({"fr": "interval(0.3, 0.9)"})) == cfg.pipeline.thre
+    )
+    cfg.pipeline.trigger = False  # every step fine-tunes: no threshold decides anything
+    assert smallest_thre(cfg.pipeline, ranges) is None

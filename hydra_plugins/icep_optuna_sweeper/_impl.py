@@ -49,6 +49,7 @@ from icep.tune.study import (
     log_trial,
     open_storage,
     quiet_optuna,
+    record_run,
     retry_interrupted,
     storage_url,
     tell,
@@ -212,6 +213,7 @@ class IcepOptunaSweeperImpl:
             sampler,
             pruner,
             key=KEY,
+            metric_names=objectives,  # the summary keys the jobs return
         )
         existing = len(study.get_trials(deepcopy=False))
         sampler_seed = self.sampler.get("seed")
@@ -314,7 +316,13 @@ class IcepOptunaSweeperImpl:
     def _tell_return(
         self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, objectives: list[str]
     ) -> FrozenTrial:
-        if ret.status == JobStatus.COMPLETED:
+        completed = ret.status == JobStatus.COMPLETED
+        # the job's run folder (ret.working_dir is the launch folder when jobs do not chdir)
+        folder = (
+            OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg else None
+        )
+        record_run(trial, folder, ret.return_value if completed else None)
+        if completed:
             flops = (
                 ret.return_value.get("flops_total")
                 if isinstance(ret.return_value, Mapping)

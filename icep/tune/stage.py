@@ -33,6 +33,7 @@ from icep.tune.study import (
     StepReporter,
     build_pruner,
     build_sampler,
+    check_decision_samples,
     check_pruner,
     count_states,
     format_params,
@@ -40,6 +41,7 @@ from icep.tune.study import (
     open_storage,
     pruner_enabled,
     quiet_optuna,
+    record_run,
     storage_url,
     trial_rows,
     write_trials_csv,
@@ -128,8 +130,14 @@ def tune_pipeline(
     space, objectives, sampler, pruner = check_tune(cfg)
     quiet_optuna()
     url = storage_url(tcfg.storage, out / "tune.db")
+    split = cfg.pipeline.decision_split
     study = load_or_create_study(
-        open_storage(url), tcfg.study_name, ["minimize"] * len(objectives), sampler, pruner
+        open_storage(url),
+        tcfg.study_name,
+        ["minimize"] * len(objectives),
+        sampler,
+        pruner,
+        metric_names=[{"drop": f"acc_drop_{split}", "time": "time_total_s"}[o] for o in objectives],
     )
     if study.trials and not isinstance(sampler, optuna.samplers.GridSampler):
         # A continued search must not draw its first points again: the sampler's seed moves on
@@ -145,6 +153,17 @@ def tune_pipeline(
             study.enqueue_trial(OmegaConf.to_container(point, resolve=True))
 
     small = subsample(data, tcfg.train_fraction, tcfg.eval_fraction, seed=cfg.seed)
+    deciding = len((small.val if split == "val" else small.test).dataset)
+    few = check_decision_samples(deciding, smallest_thre(cfg.pipeline, space), "tune: each trial")
+    if few is not None:  # the embedded default with tune=tpe: 3 of digits' 144 val samples
+        total = len((data.val if split == "val" else data.test).dataset)
+        log.warning(
+            "%s: raise tune.eval_fraction (%s of %d %s samples now)",
+            few,
+            tcfg.eval_fraction,
+            total,
+            split,
+        )
     log.info(
         "tune: %s search, %d trials, objectives %s, pruner %s, on %d train / %d %s samples; "
         "study %r in %s",
@@ -189,6 +208,7 @@ def tune_pipeline(
             ),
         )
         head = {"trial": trial.number, "params": params}
+        record_run(trial, out / "trials" / f"{trial.number:04d}")
         failed = True
         trial_trainer = dataclasses.replace(trainer)  # its own timer: this trial's time and work
         try:
@@ -231,7 +251,7 @@ def tune_pipeline(
         seconds = summary["time_total_s"]
         trial.set_user_attr("drop", drop)
         trial.set_user_attr("seconds", seconds)
-        trial.set_user_attr("finetunes", summary["finetunes"])
+        record_run(trial, None, summary)
         values = {"drop": drop, "time": seconds}
         return [values[o] for o in objectives]
 
@@ -290,6 +310,20 @@ def tune_pipeline(
         chosen.seconds,
     )
     return Tuning(OmegaConf.merge(cfg.pipeline, chosen.params), result)
+
+
+def smallest_thre(pipeline_cfg: DictConfig, space: SearchSpace) -> float | None:
+    """The smallest fine-tuning threshold a search tries (the pipeline's own when it is not
+    searched); None for a pipeline without one, or with the trigger off."""
+    if not pipeline_cfg.get("trigger", True):
+        return None
+    dist = space.distributions.get("thre")
+    if dist is None:
+        thre = pipeline_cfg.get("thre")
+        return None if thre is None else float(thre)
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return min(float(c) for c in dist.choices)
+    return float(dist.low)
 
 
 def _results(trials: list[FrozenTrial]) -> list[TrialResult]:

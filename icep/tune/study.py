@@ -17,6 +17,7 @@ import functools
 import inspect
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,21 @@ log = logging.getLogger(__name__)
 REASON = "reason"  # user attribute holding why a trial failed or was pruned
 # User attribute of a trial a signal or a kill stopped: not a failure of its parameters
 INTERRUPTED = "interrupted"
+RUN_FOLDER = "run_folder"  # user attribute: the folder of the trial's run (metrics, summary)
+# Summary entries every trial carries as user attributes (optuna-dashboard shows them per trial).
+SUMMARY_ATTRS = (
+    "status",
+    "acc_final_val",
+    "acc_final_test",
+    "acc_drop_val",
+    "acc_drop_test",
+    "finetunes",
+    "steps",
+    "time_total_s",
+    "flops_total",
+    "params_ratio",
+    "macs_ratio",
+)
 
 
 def storage_url(storage: str | Path | None, default: Path) -> str:
@@ -206,9 +222,11 @@ def load_or_create_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     key: str = "tune",
+    metric_names: Sequence[str] | None = None,
 ) -> optuna.Study:
-    """The study ``study_name`` in ``storage``, created when absent. An existing study must have
-    the same directions: a different objective cannot continue it."""
+    """The study ``study_name`` in ``storage``, created when absent, its objectives named
+    ``metric_names`` (optuna-dashboard and Optuna's plots show these, not "Objective 0"). An
+    existing study must have the same directions: a different objective cannot continue it."""
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -224,7 +242,38 @@ def load_or_create_study(
             f"study {study_name!r} in this storage optimises {have}, not {list(directions)}; "
             "pick another study_name or storage",
         )
+    if metric_names is not None and study.metric_names != list(metric_names):
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged since
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(metric_names))
     return study
+
+
+def record_run(trial: optuna.Trial, folder: Path | str | None, summary: Any = None) -> None:
+    """The trial's run folder and the :data:`SUMMARY_ATTRS` of its summary as user attributes."""
+    if folder is not None:
+        trial.set_user_attr(RUN_FOLDER, str(folder))
+    if isinstance(summary, Mapping):
+        for key in SUMMARY_ATTRS:
+            value = summary.get(key)
+            if isinstance(value, (int, float, str, bool)) and not (
+                isinstance(value, float) and not math.isfinite(value)
+            ):
+                trial.set_user_attr(key, value)
+
+
+def check_decision_samples(samples: int, thre: float | None, where: str) -> str | None:
+    """A warning when one sample of the ``samples`` a trigger decides on moves accuracy by more
+    than ``thre`` points: every drop is then a multiple of 100/samples and the trigger, and a
+    search over thre, cannot tell the points apart."""
+    if thre is None or samples <= 0 or 100.0 / samples <= thre:
+        return None
+    need = math.ceil(100.0 / thre)
+    return (
+        f"{where} decides on {samples} samples: one sample is {100.0 / samples:.3g} accuracy "
+        f"points, more than thre={thre:g}, so every trial sees the same drops and the choice is "
+        f"arbitrary; it needs at least {need} samples"
+    )
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
