@@ -35,6 +35,7 @@ COMMANDS = {
     "export": Command(
         "icep.export", "a saved model as ONNX, torch.export and safetensors, checked"
     ),
+    "views": Command("icep.wandb_views", "save the W&B view that compares the pipelines"),
     "compare": Command("icep.bench.compare", "baseline vs ICE and its ablations, in one table"),
     "paper": Command("icep.bench.paper", "the paper's sweep (baseline vs ICE, 3 ratios x 3 seeds)"),
     "bench": Command(

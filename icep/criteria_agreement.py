@@ -227,7 +227,7 @@ def _hydra_error() -> type[Exception]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m icep.criteria_agreement",
+        prog="icep criteria",
         description="Per-layer agreement of the pruning criteria on one model: Spearman rank "
         "correlation and overlap of the pruned filters, averaged over the layers.",
     )

@@ -17,7 +17,7 @@ from icep.cli_errors import run_command
 from icep.errors import ConfigError, IcepError
 
 USAGE = """\
-usage: python -m icep.eval MODEL [KEY=VALUE ...]
+usage: icep eval MODEL [KEY=VALUE ...]
 
 The accuracy of MODEL (a model.pt icep saved) on a dataset split. Keys (conf/eval.yaml):
   split=test|val            the split (default test)

@@ -40,7 +40,7 @@ KEYS = {
 }
 
 USAGE = f"""\
-usage: python -m icep.export MODEL [KEY=VALUE ...]
+usage: icep export MODEL [KEY=VALUE ...]
 
 Export MODEL (a model.pt icep saved) and check each export against the PyTorch model. Keys:
   formats=onnx,program,safetensors   which files (default: all three)

@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from icep.files import atomic_open
 from icep.interrupts import uninterruptible
-from icep.serialization import atomic_open
 
 log = logging.getLogger(__name__)
+
+# W&B keys of the pruned model's training epochs (RunLogger.log_epoch): the mean loss and the lr,
+# plotted against the epochs trained so far in the run (all fine-tunes together).
+EPOCH_AXIS = "train/epoch"
+EPOCH_METRICS = ("train/loss", "train/lr")
+STEP_TABLE = "steps_table"  # the W&B Table of metrics.jsonl ("steps" is the summary's count)
+MAX_TAG = 64  # characters: wandb.init refuses a longer tag
 
 # W&B server URL -> why online runs cannot start there; checked once per process, so a tuning
 # stage's many runs warn once.
@@ -36,7 +43,7 @@ class RunInfo:
     """What a logger is told about the run it logs (W&B's run page, grouping and filters)."""
 
     config: dict[str, Any] | None = None  # the resolved config
-    group: str | None = None  # the experiment
+    group: str | None = None  # the experiment (W&B's group adds the setting: setting_group)
     job_type: str | None = None  # the pipeline, or trial / final in a tuned run
     tags: list[str] = field(default_factory=list)
     name: str | None = None
@@ -63,6 +70,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if v is not None})
 
+    def log_epoch(self, row: dict[str, float]) -> None:
+        """One training epoch of the pruned model: ``epoch`` (epochs trained so far in the run),
+        its mean ``loss`` and ``lr``. W&B only: locally icep.log has a line per epoch."""
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{key}": value for key, value in row.items()})
+
     def rewrite_steps(self, rows: list[dict[str, Any]]) -> None:
         """Make ``metrics.jsonl`` exactly ``rows`` (a resume drops what came after its
         checkpoint), atomically."""
@@ -85,7 +98,12 @@ class WandbLogger(RunLogger):
     """The local files plus a Weights & Biases run mirroring them (``logger=wandb``). A resumed
     run continues its W&B run (the id kept in ``.wandb-run-id``) instead of starting a second,
     partial one. Each setting left null takes the run's own (group, job type, name); ``tags``
-    are added to the run's."""
+    are added to the run's. The group, when left null, is the run's setting
+    (:func:`setting_group`), so that W&B's grouped view compares the pipelines of one setting.
+
+    Besides the per-step rows and the summary it logs each training epoch's loss and lr
+    (:meth:`log_epoch`), a W&B Table of ``metrics.jsonl`` when the run ends (``steps_table``)
+    and, with ``log_model``, ``model.pt`` as a ``model`` artifact."""
 
     def __init__(
         self,
@@ -101,16 +119,18 @@ class WandbLogger(RunLogger):
         tags: Sequence[str] = (),
         connect_timeout: float = 5.0,
         init_timeout: float | None = None,
+        log_model: bool = False,
     ):
         super().__init__(run_dir, info)
         info = info or RunInfo()
         self.mode, self.connect_timeout, self.init_timeout = mode, connect_timeout, init_timeout
+        self.log_model = log_model
         self.wandb_run = self._start(
             project=project,
             entity=entity,
-            group=group or info.group,
+            group=group or setting_group(info.group, info.config),
             job_type=job_type or info.job_type,
-            tags=[*tags, *info.tags],
+            tags=[*tags, *info.tags, *_experiment_tags(info.group)],
             name=run_name or info.name,
             config=info.config,
             resume=info.resume,
@@ -163,7 +183,44 @@ class WandbLogger(RunLogger):
         run.define_metric("*", step_metric="step")
         run.define_metric("t_total", step_metric="step", summary="max")
         run.define_metric("flops_total", step_metric="step", summary="max")
+        # The epochs have their own axis: a step holds any number of them.
+        run.define_metric(EPOCH_AXIS)
+        for key in EPOCH_METRICS:
+            run.define_metric(key, step_metric=EPOCH_AXIS)
         return run
+
+    def close(self, failed: bool = False) -> None:
+        """Log the per-step rows as a W&B Table (whatever the run's end) and, with
+        ``log_model``, the pruned model of a completed run; then finish the W&B run."""
+        run = self.wandb_run
+        if run is not None:
+            try:
+                rows = self._rows()
+                if rows:
+                    run.log({STEP_TABLE: step_table(rows)})
+                model = self.run_dir / "model.pt"
+                if self.log_model and not failed and model.is_file():
+                    self._log_model(run, model)
+            # The W&B run mirrors the local files: its failure must not end the run, nor hide
+            # the error the run is ending with.
+            except Exception as exc:
+                log.warning("W&B: the steps table or model artifact was not logged: %s", exc)
+        super().close(failed)
+
+    def _rows(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def _log_model(self, run: Any, path: Path) -> None:
+        import wandb
+
+        summary = json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
+        metadata = {k: v for k, v in summary.items() if isinstance(v, (bool, int, float, str))}
+        artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
+        artifact.add_file(str(path), name=path.name)
+        run.log_artifact(artifact)
 
     def _warn_offline(self, reason: str) -> None:
         log.warning(
@@ -172,6 +229,67 @@ class WandbLogger(RunLogger):
             reason,
             self.run_dir / "wandb" / "offline-run-*",
         )
+
+
+def setting_group(experiment: str | None, config: dict[str, Any] | None) -> str | None:
+    """The W&B group of a run: its experiment and the setting at which pipelines are compared,
+    ``<experiment>/<model>-<dataset>-<criterion>-<share>`` (``paper_comparison/resnet152-cifar10-
+    l1-r0.6``, ``default/resnet20-digits-l1-macs0.5``), so that the runs of one group differ only
+    in pipeline (their job type) and seed. ``config``: the resolved config; without a model and
+    dataset in it, the group is ``experiment``."""
+    from icep.config import pruned_share
+
+    config = config or {}
+    model, dataset = config.get("model") or {}, config.get("dataset") or {}
+    if "name" not in model or "name" not in dataset:
+        return experiment
+    share = pruned_share(config.get("pipeline") or {})
+    setting = [
+        str(model["name"]),
+        str(dataset["name"]),
+        *filter(None, [_criterion_name(config.get("criterion") or {})]),
+        *([share if isinstance(share, str) else f"r{share}"] if share is not None else []),
+    ]
+    return "/".join(filter(None, [experiment, "-".join(setting)]))
+
+
+def experiment_tag(experiment: str) -> str:
+    """The W&B tag of an experiment's runs (``experiment:paper_comparison``), which a view
+    filters them by: W&B filters groups by whole name only, not by prefix. Left out of a run
+    when longer than W&B allows (:data:`MAX_TAG`)."""
+    return f"experiment:{experiment}"
+
+
+def _experiment_tags(experiment: str | None) -> list[str]:
+    tag = experiment_tag(experiment) if experiment else None
+    return [tag] if tag is not None and len(tag) <= MAX_TAG else []
+
+
+def _criterion_name(node: dict[str, Any]) -> str | None:
+    """The ``name`` of the criterion class a config node builds (``l1``), or None."""
+    from hydra.utils import get_class
+
+    try:
+        return getattr(get_class(node["_target_"]), "name", None)
+    except (KeyError, ImportError, ValueError):
+        return None
+
+
+def step_table(rows: list[dict[str, Any]]) -> Any:
+    """``rows`` (metrics.jsonl) as a ``wandb.Table``: one column per key, in the order the keys
+    first appear; a list or mapping value as its JSON text."""
+    import wandb
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    data = [
+        [
+            json.dumps(v) if isinstance(v, (list, dict)) else v
+            for v in (row.get(key) for key in columns)
+        ]
+        for row in rows
+    ]
+    # A column may hold numbers in some rows and None or text in others.
+    return wandb.Table(columns=columns, data=data, allow_mixed_types=True)
 
 
 def _first_line(exc: BaseException) -> str:

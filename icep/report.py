@@ -6,12 +6,14 @@
 Reads every run folder under the given paths (a folder holding ``.hydra/config.yaml``) and writes
 ``report.csv`` (one row per run), ``report_aggregate.csv`` and ``report.md`` (the runs, the mean
 and std over seeds per pipeline x ratio x model x dataset, the runs that failed or did not
-finish), four PNG plots and ``report.html``, a page that shows the tables and the plots together.
+finish), the PNG plots (:mod:`icep.report_plots`) and ``report.html``, one self-contained page
+that holds the tables and the plots together (images embedded), so it can be sent on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import html
 import json
@@ -24,7 +26,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -32,7 +34,10 @@ from icep.compute import format_flops
 from icep.config import pipeline_label, pruned_share
 from icep.errors import IcepError
 
-PROG = "python -m icep.report"
+if TYPE_CHECKING:
+    from icep.report_plots import Plot
+
+PROG = "icep report"
 # The phases of time_total_s (icep.pipelines.base.COST_PHASES), as the summary names them.
 PHASES = {
     "prune": "time_prune_s",
@@ -91,14 +96,6 @@ OPTIONAL_COLUMNS = {
     "flops_total_with_search",
     *LATENCY_COLUMNS,
 }
-PLOTS = {
-    "accuracy_vs_step.png": "Accuracy after each pruning step",
-    "time_vs_step.png": "Cumulative pipeline time per step (filled: fine-tuned, open: not)",
-    "accuracy_vs_time.png": "Final test accuracy vs total pipeline time",
-    "time_per_phase.png": "Pipeline time per phase",
-}
-MAX_PHASE_BARS = 30  # more completed runs than this: the phase plot shows group means
-MAX_POINT_LABELS = 12  # more runs in a panel than this: no ratio/seed labels on the points
 PROGRESS_FROM = 10  # more runs than this: one progress line per run read
 
 
@@ -559,7 +556,7 @@ def markdown(
     records: Sequence[dict[str, Any]],
     groups: Sequence[dict[str, Any]],
     baseline: str,
-    plots: Sequence[str],
+    plots: Sequence[Plot],
 ) -> str:
     common = _common_overrides(runs)
     lines = [
@@ -594,8 +591,15 @@ def markdown(
         lines.append("None: every run completed.")
     if plots:
         lines += ["", "## Plots", ""]
-        for name in plots:
-            lines += [f"![{PLOTS[name]}]({name})", ""]
+        for plot in plots:
+            lines += [
+                f"### {plot.title}",
+                "",
+                f"![{plot.title}]({plot.name})",
+                "",
+                plot.caption,
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -604,8 +608,9 @@ def html_page(
     records: Sequence[dict[str, Any]],
     groups: Sequence[dict[str, Any]],
     baseline: str,
-    plots: Sequence[str],
+    plots: Sequence[Plot],
 ) -> str:
+    """The report as one HTML page that holds its plots (PNG data URIs): it links no file."""
     e = html.escape
     common = _common_overrides(runs)
     notes = [
@@ -619,7 +624,8 @@ def html_page(
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;"
         "font-size:90%}th,td{border:1px solid #ccc;padding:2px 6px;text-align:right}"
         "th{background:#eee}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%;display:block;margin:1em 0}</style></head><body>",
+        ".wide{overflow-x:auto}img{max-width:100%;display:block;margin:1em 0 .3em}"
+        "figcaption{max-width:60em;color:#333;font-size:90%;margin-bottom:2em}</style></head><body>",
         "<h1>Pruning runs compared</h1>",
         f"<p>{len(runs)} runs: {e(_counts(runs))}.</p>",
     ]
@@ -647,186 +653,16 @@ def html_page(
         parts.append("<p>None: every run completed.</p>")
     if plots:
         parts.append("<h2>Plots</h2>")
-        for name in plots:
-            parts.append(f'<h3>{e(PLOTS[name])}</h3><img src="{e(name)}" alt="{e(PLOTS[name])}">')
+        for plot in plots:
+            data = base64.b64encode(plot.png).decode("ascii")
+            caption = re.sub(r"`([^`]*)`", r"<code>\1</code>", e(plot.caption))
+            parts.append(
+                f"<figure><h3>{e(plot.title)}</h3>"
+                f'<img src="data:image/png;base64,{data}" alt="{e(plot.title)}">'
+                f"<figcaption>{caption}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
-
-
-# --- plots -----------------------------------------------------------------------------------
-
-
-def write_plots(runs: Sequence[Run], records: Sequence[dict[str, Any]], out: Path) -> list[str]:
-    """The PNG plots that have data, by file name."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    colors = _pipeline_colors(runs)
-    stepped = [r for r in runs if r.rows and r.status != "unreadable"]
-    done = [(r, rec) for r, rec in zip(runs, records, strict=True) if r.done]
-    written = []
-
-    def save(name: str, fig: Figure) -> None:
-        FigureCanvasAgg(fig)
-        fig.savefig(out / name, dpi=100)
-        written.append(name)
-
-    if stepped:
-        save("accuracy_vs_step.png", _per_step_figure(Figure, stepped, colors, "accuracy"))
-        save("time_vs_step.png", _per_step_figure(Figure, stepped, colors, "time"))
-    if done:
-        save("accuracy_vs_time.png", _accuracy_vs_time(Figure, done, colors))
-        save("time_per_phase.png", _time_per_phase(Figure, done, colors))
-    return written
-
-
-def _panels(Figure, keys: Sequence[tuple]):
-    """A figure with one panel per setting key, and the panels by key."""
-    n = len(keys)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(max(7.0, 5.5 * cols), 4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, dict(zip(keys, axes, strict=False))
-
-
-def _setting_title(key: tuple) -> str:
-    return " ".join(f"{name}={_fmt(value)}" for name, value in zip(SETTING, key, strict=True))
-
-
-def _per_step_figure(Figure, runs: Sequence[Run], colors: dict[str, Any], what: str):
-    keys = sorted({r.key() for r in runs}, key=_sort_key)
-    fig, axes = _panels(Figure, keys)
-    labelled: set[tuple] = set()
-    for run in runs:
-        ax = axes[run.key()]
-        steps = [_number(row.get("step")) for row in run.rows]
-        if what == "accuracy":
-            split = run.summary.get("decision_split") or _row_split(run.rows[-1])
-            start = _number(run.summary.get(f"acc_original_{split}"))
-            xs, ys = (
-                ([0] if start is not None else []) + steps,
-                ([start] if start is not None else []) + [_row_acc(row) for row in run.rows],
-            )
-        else:
-            xs, ys = steps, [_number(row.get("t_total")) for row in run.rows]
-        points = [(x, y) for x, y in zip(xs, ys, strict=True) if x is not None and y is not None]
-        if not points:
-            continue
-        label = run.pipeline if (run.key(), run.pipeline) not in labelled else None
-        labelled.add((run.key(), run.pipeline))
-        style = "-" if run.status == "completed" else ":"
-        ax.plot(
-            *zip(*points, strict=True), style, color=colors[run.pipeline], alpha=0.8, label=label
-        )
-        if what == "time":
-            for row in run.rows:
-                x, y = _number(row.get("step")), _number(row.get("t_total"))
-                if x is None or y is None:
-                    continue
-                tuned = bool(row.get("finetuned"))
-                ax.plot(
-                    x,
-                    y,
-                    "o",
-                    color=colors[run.pipeline],
-                    markerfacecolor=colors[run.pipeline] if tuned else "white",
-                    markersize=5,
-                )
-    for key, ax in axes.items():
-        ax.set_title(_setting_title(key), fontsize=9)
-        ax.set_xlabel("pruning step")
-        ax.set_ylabel("accuracy (%)" if what == "accuracy" else "cumulative time (s)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(
-        "accuracy after each pruning step\n(dotted: the run did not complete)"
-        if what == "accuracy"
-        else "cumulative pipeline time\n(filled marker: fine-tuned step; dotted: the run did not complete)",
-        fontsize=10,
-    )
-    return fig
-
-
-def _accuracy_vs_time(Figure, done: Sequence[tuple[Run, dict]], colors: dict[str, Any]):
-    keys = sorted({r.key()[:3] for r, _ in done}, key=_sort_key)
-    fig, axes = _panels(Figure, keys)
-    per_panel = {key: sum(r.key()[:3] == key for r, _ in done) for key in keys}
-    labelled: set[tuple] = set()
-    for run, record in done:
-        acc = (
-            record["acc_final_test"]
-            if record["acc_final_test"] is not None
-            else record["acc_final_val"]
-        )
-        if acc is None:
-            continue
-        ax = axes[run.key()[:3]]
-        label = run.pipeline if (run.key()[:3], run.pipeline) not in labelled else None
-        labelled.add((run.key()[:3], run.pipeline))
-        ax.scatter(record["time_total_s"], acc, color=colors[run.pipeline], label=label)
-        if per_panel[run.key()[:3]] > MAX_POINT_LABELS:
-            continue
-        ax.annotate(
-            f"r={_fmt(record['ratio'])} s={_fmt(record['seed'])}",
-            (record["time_total_s"], acc),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    for key, ax in axes.items():
-        ax.set_title(
-            " ".join(f"{n}={_fmt(v)}" for n, v in zip(SETTING, key, strict=False)), fontsize=9
-        )
-        ax.set_xlabel("total pipeline time (s)")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("final accuracy vs total pipeline time (labels: r ratio, s seed)", fontsize=10)
-    return fig
-
-
-def _time_per_phase(Figure, done: Sequence[tuple[Run, dict]], colors: dict[str, Any]):
-    if len(done) <= MAX_PHASE_BARS:
-        labels = [run.label() for run, _ in done]
-        values = [[record[key] or 0.0 for key in PHASES.values()] for _, record in done]
-        title = "pipeline time per phase, per run"
-    else:  # the mean per pipeline x ratio x setting
-        groups: dict[tuple, list[dict]] = {}
-        for run, record in done:
-            groups.setdefault((*run.key(), run.pipeline), []).append(record)
-        labels, values = [], []
-        for key in groups:  # in the order of the runs: each setting's baseline first
-            members = groups[key]
-            labels.append(
-                f"{key[-1]} r={_fmt(key[3])} {key[0]}/{key[1]}/{key[2]} (n={len(members)})"
-            )
-            values.append([statistics.fmean(r[k] or 0.0 for r in members) for k in PHASES.values()])
-        title = "pipeline time per phase, mean over seeds"
-    fig = Figure(figsize=(9, 1.5 + 0.35 * len(labels)), layout="constrained")
-    ax = fig.subplots()
-    left = [0.0] * len(labels)
-    phase_colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
-    for i, phase in enumerate(PHASES):
-        widths = [v[i] for v in values]
-        ax.barh(labels, widths, left=left, color=phase_colors[i], label=phase)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(title)
-    return fig
-
-
-def _pipeline_colors(runs: Sequence[Run]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    palette = colormaps["tab10"].colors
-    names = sorted({r.pipeline for r in runs})
-    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -891,9 +727,11 @@ def build_report(
     written = [out / "report.csv", out / "report_aggregate.csv", out / "report.md"]
     write_csv(written[0], records, columns)
     write_csv(written[1], groups, list(groups[0]) if groups else ["pipeline"])
-    plots = write_plots(runs, records, out)
+    from icep.report_plots import write_plots  # matplotlib, only when writing
+
+    plots = write_plots(runs, records, out, baseline)
     written[2].write_text(markdown(runs, records, groups, baseline, plots))
-    written += [out / name for name in plots]
+    written += [out / plot.name for plot in plots]
     if with_html:
         (out / "report.html").write_text(html_page(runs, records, groups, baseline, plots))
         written.append(out / "report.html")
@@ -1051,7 +889,11 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # A wide table scrolls in its own box instead of widening the page.
+    return (
+        f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        "</div>"
+    )
 
 
 if __name__ == "__main__":

@@ -338,9 +338,12 @@ class Trainer:
         after_epoch: Callable[[int], None] | None = None,
         label_smoothing: float = 0.0,
         scheduler_per: str = "epoch",
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> float:
         """Train epochs ``done + 1`` to ``epochs``, one log line each, calling ``after_epoch``
-        with the epoch's number after each; returns the last epoch's mean loss.
+        with the epoch's number after each; returns the last epoch's mean loss. ``on_epoch``
+        (a run's W&B mirror) is called after each epoch with its mean ``loss`` and the ``lr``
+        it began at.
 
         ``scheduler`` steps once per epoch, or after every batch with ``scheduler_per="batch"``
         (one-cycle schedules with a warm-up of a few hundred steps).
@@ -349,6 +352,7 @@ class Trainer:
         loss = float("nan")
         for epoch in range(done + 1, epochs + 1):
             start = time.perf_counter()
+            lr = float(optimizer.param_groups[0]["lr"])
             loss = self.train_epoch(
                 model,
                 loader,
@@ -365,6 +369,8 @@ class Trainer:
             if val_loader is not None:
                 msg += f", val acc {self.evaluate(model, val_loader):.2f}%"
             log.info("%s (%.1fs)", msg, time.perf_counter() - start)
+            if on_epoch is not None:
+                on_epoch({"loss": loss, "lr": lr})
             if after_epoch is not None:
                 after_epoch(epoch)
         return loss

@@ -16,6 +16,12 @@ from icep import cli
 from icep.config import user_cache
 
 
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    """Help lines are cut to the terminal's width: 120 columns here, whatever runs the tests."""
+    monkeypatch.setenv("COLUMNS", "120")
+
+
 def icep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "icep", *args],

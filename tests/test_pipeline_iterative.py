@@ -178,7 +178,7 @@ def test_dense_model_is_cached_and_reused(digits_run, tmp_path, cache_dir):
 
 
 def test_wandb_offline_through_the_app(tmp_path, cache_dir):
-    from wandb_offline import history, run_info, summary
+    from wandb_offline import history, run_info, summary, table
 
     run_dir = tmp_path / "wb"
     result = run_icep(
@@ -201,10 +201,17 @@ def test_wandb_offline_through_the_app(tmp_path, cache_dir):
     assert [r["step"] for r in logged] == [r["step"] for r in local]
     assert [r["val_acc"] for r in logged] == [r["val_acc"] for r in local]
     info = run_info(files[0])
-    # One experiment, one group; the pipeline is the job type; tags and name tell runs apart.
-    assert info.run_group == "wbtest" and info.job_type == "iterative"
+    # One setting, one group; the pipeline is the job type; tags and name tell runs apart.
+    assert info.run_group == "wbtest/resnet20-digits-l1-r0.7" and info.job_type == "iterative"
     assert info.display_name == "iterative-l1-r0.7-s0"
-    assert set(info.tags) == {"iterative", "resnet20", "digits", "l1", "ratio=0.7", "seed=0"}
+    assert set(info.tags) == {
+        "iterative", "resnet20", "digits", "l1", "ratio=0.7", "seed=0", "experiment:wbtest"
+    }  # fmt: skip
+    # The fine-tunes' epochs on their own axis, and the steps as a table.
+    rows = history(files[0])
+    epochs = [r["train/epoch"] for r in rows if "train/epoch" in r]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= len(local)
+    assert [row[0] for row in table(files[0], "steps_table")["data"]] == [r["step"] for r in local]
     summary_keys = set(summary(files[0]))
     assert {
         "acc_final_val",

@@ -3,9 +3,11 @@ baseline, aggregates, plots, runs that failed or did not finish, one-line errors
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,18 @@ import yaml
 from conftest import FAST, ROOT, icep_env
 from PIL import Image
 
-from icep import report
+from icep import report, report_plots
+from icep.report_plots import Spread, mean_over_seeds, pareto_front, speedups_over_seeds
 
-PNGS = ["accuracy_vs_step.png", "time_vs_step.png", "accuracy_vs_time.png", "time_per_phase.png"]
+PNGS = [
+    "accuracy_vs_macs.png",
+    "accuracy_vs_params.png",
+    "speedup.png",
+    "accuracy_vs_step.png",
+    "time_vs_step.png",
+    "accuracy_vs_time.png",
+    "time_per_phase.png",
+]
 # Tiny jobs, as in test_sweeper.py (the dense model is shared through the session's cache).
 JOB = [*FAST, "dataset.train_subset=300", "dataset.test_subset=100", "pipeline.ratio=0.5"]
 
@@ -38,13 +49,31 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def check_pngs(folder: Path) -> None:
-    for name in PNGS:
+def check_pngs(folder: Path, names: list[str] = PNGS) -> None:
+    for name in names:
         with Image.open(folder / name) as image:
             image.verify()  # raises on a damaged file
         with Image.open(folder / name) as image:
             assert image.format == "PNG"
             assert image.size[0] > 0 and image.size[1] > 0
+
+
+def report_plots_listed(md: str) -> list[str]:
+    """The PNG files report.md shows."""
+    return re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", md)
+
+
+def embedded_images(page: str, folder: Path) -> int:
+    """How many images report.html holds; fails on any reference to a file (a page mailed alone
+    would lose it), and on an image that is not the PNG written beside the page."""
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page)
+    assert sources and "url(" not in page
+    pngs = {(folder / name).read_bytes() for name in os.listdir(folder) if name.endswith(".png")}
+    for source in sources:
+        prefix = "data:image/png;base64,"
+        assert source.startswith(prefix), source[:80]
+        assert base64.b64decode(source[len(prefix) :]) in pngs
+    return len(sources)
 
 
 # --- one real multirun: iterative and ICE on digits ----------------------------------------
@@ -99,8 +128,7 @@ def test_report_of_a_multirun_of_two_pipelines(multirun):
     assert "## Mean ± std over seeds" in md
     assert "| measured speed-up b1 | b256 |" in md
     page = (multirun / "report.html").read_text()
-    for name in PNGS:
-        assert f'src="{name}"' in page
+    assert embedded_images(page, multirun) == len(report_plots_listed(md))
     assert "<table>" in page
 
 
@@ -285,7 +313,9 @@ def test_failed_incomplete_and_unreadable_runs_are_listed(tmp_path, capsys):
     for name in ("killed", "starting", "failed", "pruned", "broken", "bad-summary", "no-config"):
         assert f"| {name} |" in problems
     assert "the loss became nan; lower lr" in problems
-    check_pngs(tmp_path / "out")
+    # No completed run but the baseline's: no speed-up to draw.
+    assert sorted(report_plots_listed(md)) == sorted(set(PNGS) - {"speedup.png"})
+    check_pngs(tmp_path / "out", report_plots_listed(md))
 
 
 def test_run_folders_are_found_where_they_are(tmp_path):
@@ -428,3 +458,112 @@ def test_a_schedule_run_of_iterative_is_not_the_baseline(tmp_path):
     assert rows["geo"]["pipeline"] == "iterative_geometric"
     assert float(rows["geo"]["speedup"]) == pytest.approx(3.0)
     assert float(rows["it"]["speedup"]) == 1.0
+
+
+# --- the plots: accuracy vs size with Pareto fronts, speed-up bars, seeds, one HTML file -------
+
+
+def two_pipelines_two_seeds(runs: Path) -> None:
+    for seed in (0, 1):
+        make_run(runs / f"it{seed}", "iterative", seed=seed, time_s=10.0 + seed, flops=4000)
+        make_run(runs / f"ice{seed}", "ice", seed=seed, time_s=4.0 + seed, flops=1000 + seed)
+
+
+def test_the_page_holds_its_plots_with_captions(tmp_path):
+    """report.html can be mailed alone: every image is in the page, none is a file link."""
+    two_pipelines_two_seeds(tmp_path / "runs")
+    report_rows(tmp_path)
+    out = tmp_path / "out"
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert report_plots_listed(md) == PNGS  # the accuracy vs size plots first
+    check_pngs(out)
+    assert embedded_images(page, out) == len(PNGS)
+    assert page.count("<figcaption>") == len(PNGS)
+    # Each plot is said in words in both files: what it shows and how seeds are drawn.
+    for text in (md, page):
+        assert "Pareto front" in text and "±1 std over seeds" in text
+        assert "lowest to highest seed" in text
+        assert "val accuracy after each pruning step" in text
+
+
+def test_accuracy_vs_size_plots_need_the_unpruned_size(tmp_path):
+    """A run killed before its summary has no unpruned size of its own; a finished run of the
+    same model gives it, and without one there is no share to plot."""
+    make_run(tmp_path / "runs" / "killed", "ice", status=None)
+    report_rows(tmp_path)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "accuracy_vs_macs.png" not in md and "accuracy_vs_step.png" in md
+    make_run(tmp_path / "runs" / "done", "iterative")
+    report_rows(tmp_path)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "accuracy_vs_macs.png" in md and "accuracy_vs_params.png" in md
+
+
+def test_pareto_front():
+    points = [(50, 80.0), (60, 85.0), (55, 79.0), (70, 84.0), (40, 70.0), (60, 85.0), (90, 91.0)]
+    # (55, 79) has more MACs than (50, 80) and less accuracy; (70, 84) loses to (60, 85).
+    assert pareto_front(points) == [(40, 70.0), (50, 80.0), (60, 85.0), (90, 91.0)]
+    assert pareto_front([(60, 85.0), (60, 80.0)]) == [(60, 85.0)]  # equal size: the better
+    assert pareto_front([(50, 80.0), (60, 80.0)]) == [(50, 80.0)]  # equal accuracy: the smaller
+    assert pareto_front([]) == []
+
+
+def test_mean_and_band_over_seeds_are_joined_by_step():
+    seed0 = {0: (100.0, 91.0), 1: (90.0, 80.0), 2: (80.0, 70.0)}
+    seed1 = {0: (100.0, 91.0), 1: (94.0, 84.0)}  # stopped after one step
+    points = mean_over_seeds([seed0, seed1])
+    assert [p.step for p in points] == [0, 1, 2]
+    step1 = points[1]
+    assert step1.x == pytest.approx(92.0)
+    assert (step1.y.mean, step1.y.low, step1.y.high) == pytest.approx((82.0, 80.0, 84.0))
+    assert step1.y.std == pytest.approx(8**0.5)
+    assert points[2].y.values == (70.0,) and points[2].y.std is None
+
+
+def test_speedup_bars_are_the_mean_and_std_over_seeds(tmp_path):
+    two_pipelines_two_seeds(tmp_path / "runs")
+    runs = [report.read_run(p) for p in report.find_run_folders([tmp_path / "runs"])]
+    report.attach_speedups(runs, "iterative")
+    key = ("resnet20", "digits", "l1", 0.5)
+    time = speedups_over_seeds(runs, "speedup")
+    assert time[(*key, "ice")] == Spread((10.0 / 4.0, 11.0 / 5.0))
+    assert time[(*key, "ice")].mean == pytest.approx((2.5 + 2.2) / 2)
+    assert time[(*key, "ice")].std == pytest.approx(0.3 / 2**0.5)
+    assert time[(*key, "iterative")].values == (1.0, 1.0)
+    compute = speedups_over_seeds(runs, "compute_speedup")
+    assert compute[(*key, "ice")].values == pytest.approx((4.0, 4000 / 1001))
+    # The bars are the numbers of the report's mean ± std table.
+    groups = {g["pipeline"]: g for g in report.aggregate(runs, [_record(r) for r in runs])}
+    assert groups["ice"]["speedup_mean"] == pytest.approx(time[(*key, "ice")].mean)
+    assert groups["ice"]["speedup_std"] == pytest.approx(time[(*key, "ice")].std)
+
+
+def _record(run: report.Run) -> dict:
+    return report.run_record(run, run.path.parent)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_the_accuracy_axes_name_the_split(tmp_path, split):
+    """Rows carry the accuracy of the split the run decided on (test_acc without a val split)."""
+    from matplotlib.figure import Figure
+
+    folder = make_run(tmp_path / "run")
+    if split == "test":
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            row["test_acc"] = row.pop("val_acc")
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["decision_split"] = "test"
+        (folder / "summary.json").write_text(json.dumps(summary))
+    runs = [report.read_run(folder)]
+    colors = report_plots._pipeline_colors(runs)
+    for fig in (
+        report_plots._per_step_figure(Figure, runs, colors, "accuracy"),
+        report_plots._accuracy_vs_size(Figure, runs, colors, "macs"),
+    ):
+        (ax,) = [ax for ax in fig.axes if ax.get_visible()]
+        assert ax.get_ylabel() == f"{split} accuracy (%)"
+        # Step 0 is the unpruned model, on the same split (make_run: val 91%, test 92%).
+        unpruned = ax.get_lines()[0].get_xydata()[0]
+        assert unpruned[1] == {"val": 91.0, "test": 92.0}[split]

@@ -135,7 +135,7 @@ def test_a_three_trial_search_picks_the_parameters_of_the_final_run(sampler, tmp
 
         runs = [run_info(f) for f in out.glob("**/offline-run-*/run-*.wandb")]
         assert sorted(r.job_type for r in runs) == ["final", "trial", "trial", "trial"]
-        assert {r.run_group for r in runs} == {"tunewb"}
+        assert {r.run_group for r in runs} == {"tunewb/resnet20-digits-l1-r0.6"}
 
 
 @pytest.mark.slow

@@ -86,3 +86,16 @@ def summary(path: Path) -> dict:
         if r.WhichOneof("record_type") == "summary":
             out.update({_key(i): json.loads(i.value_json) for i in r.summary.update if _key(i)})
     return out
+
+
+def table(path: Path, key: str) -> dict:
+    """The last W&B Table logged under ``key`` in the run of ``path``: ``columns`` and ``data``
+    (from the run's ``files/media/table/``)."""
+    logged = [r for r in history(path) if r.get(f"{key}/_type") == "table-file"]
+    assert logged, f"{path} holds no table {key!r}"
+    return json.loads((path.parent / "files" / logged[-1][f"{key}/path"]).read_text())
+
+
+def artifacts(path: Path) -> list:
+    """The artifact records of the run (``type``, ``name``, ``metadata`` as JSON, ``manifest``)."""
+    return [r.artifact for r in finished(path) if r.WhichOneof("record_type") == "artifact"]

@@ -31,8 +31,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import ConfigError, IcepError
+from icep.files import atomic_open
 from icep.loggers import write_json
-from icep.serialization import atomic_open
 from icep.tune.search import one_line
 from icep.tune.select import TrialResult, pareto_front, select_trial
 from icep.tune.space import SearchSpace, parse_distribution

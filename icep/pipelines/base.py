@@ -109,6 +109,7 @@ class PruningRun:
         self.acc_original_full: float | None = None
         self._acc_now_full = step_data is None  # whether acc_now is on the whole split
         self.finetunes = 0
+        self.epochs_trained = 0  # the run's model's training epochs, all fine-tunes together
         # Called with (run, row) after each step is recorded, e.g. to report to an Optuna trial;
         # a hook may raise to stop the run (optuna.TrialPruned).
         self.on_step: list[Callable[[PruningRun, dict[str, Any]], None]] = []
@@ -351,10 +352,24 @@ class PruningRun:
     ) -> None:
         """Train ``epochs`` epochs with ``optimizer``, timed as ``phase``. ``model`` defaults to
         the model being pruned; a copy for an analysis is trained the same way. A NaN loss raises
-        an IcepError naming ``desc`` (the step) and the lr."""
+        an IcepError naming ``desc`` (the step) and the lr. The epochs of the model being pruned
+        go to the logger (:meth:`RunLogger.log_epoch`) after the phase, so that logging is no
+        part of its time; an analysis copy's do not."""
         target = self.model if model is None else model
+        trained: list[dict[str, float]] = []
         with self.timer.phase(phase):
-            self.trainer.fit(target, self.data.train, optimizer, epochs, distill=distill, desc=desc)
+            self.trainer.fit(
+                target,
+                self.data.train,
+                optimizer,
+                epochs,
+                distill=distill,
+                desc=desc,
+                on_epoch=trained.append if target is self.model else None,
+            )
+        for result in trained:
+            self.epochs_trained += 1
+            self.logger.log_epoch({"epoch": self.epochs_trained, **result})
 
     def train_epoch(
         self, optimizer: torch.optim.Optimizer, distill: Distillation | None, desc: str
@@ -461,6 +476,7 @@ class PruningRun:
                     "acc_original_report": self.acc_original_report,
                     "acc_original_full": self.acc_original_full,
                     "finetunes": self.finetunes,
+                    "epochs_trained": self.epochs_trained,
                     "state": self.state,
                     "timer": dict(self.timer.totals),
                     "work": {phase: dict(work) for phase, work in self.timer.work.items()},
@@ -491,6 +507,7 @@ class PruningRun:
         self.acc_original_report = blob["acc_original_report"]
         self.acc_original_full = blob.get("acc_original_full")
         self.finetunes = blob["finetunes"]
+        self.epochs_trained = blob.get("epochs_trained", 0)
         self.state = dict(blob["state"])
         self.timer.totals.update(blob["timer"])
         for phase, work in blob.get("work", {}).items():

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from icep.errors import ConfigError
-from icep.serialization import atomic_open
+from icep.files import atomic_open
 from icep.tune.space import SearchSpace
 
 log = logging.getLogger(__name__)
