@@ -96,6 +96,11 @@ OPTIONAL_COLUMNS = {
     "flops_total_with_search",
     *LATENCY_COLUMNS,
 }
+_VERDICT_NOTE = (
+    "Means over the completed seeds of each setting; points: final accuracy minus the "
+    "baseline's; less time and compute: the speed-ups below; faster at batch 1: the pruned "
+    "model's measured inference latency against the unpruned one's."
+)
 PROGRESS_FROM = 10  # more runs than this: one progress line per run read
 
 
@@ -547,6 +552,50 @@ def _notes(runs: Sequence[Run], baseline: str) -> list[str]:
     return notes
 
 
+def verdict(groups: Sequence[dict[str, Any]], baseline: str) -> list[str]:
+    """The answer the report is read for, one markdown bullet per setting: each pipeline's
+    accuracy against the baseline's and what it cost (means over the completed seeds)."""
+    settings: dict[tuple, list[dict[str, Any]]] = {}
+    for row in groups:
+        key = tuple(row[k] for k in ("model", "dataset", "criterion", "ratio"))
+        settings.setdefault(key, []).append(row)
+    lines = []
+    for (model, dataset, criterion, ratio), rows in settings.items():
+        done = [r for r in rows if r["completed"]]
+        if not done:
+            continue
+        split = "test" if any(r["acc_final_test_mean"] is not None for r in done) else "val"
+        base = next((r for r in done if r["pipeline"] == baseline), None)
+        parts = [_verdict_part(r, base, split) for r in done]
+        lines.append(
+            f"- **{model} / {dataset} / {criterion} / ratio {_fmt(ratio)}**: " + "; ".join(parts)
+        )
+    return lines
+
+
+def _verdict_part(row: dict[str, Any], base: dict[str, Any] | None, split: str) -> str:
+    acc = row[f"acc_final_{split}_mean"]
+    seeds = f"{row['completed']} seed{'s' if row['completed'] != 1 else ''}"
+    text = f"`{row['pipeline']}` {_cell(acc, '{:.2f}')}% {split}"
+    if base is None or row is base:
+        cost = _cell(row["time_total_s_mean"], "{:.1f}")
+        text += f" in {cost} s ({_cell(row['flops_total_mean'], 'flops')})"
+    else:
+        base_acc = base[f"acc_final_{split}_mean"]
+        if acc is not None and base_acc is not None:
+            text += f" ({acc - base_acc:+.2f} points)"
+        costs = [
+            f"{_cell(row[key], '{:.2f}')}x less {what}"
+            for key, what in (("speedup_mean", "time"), ("compute_speedup_mean", "compute"))
+            if row[key] is not None
+        ]
+        if costs:
+            text += " at " + " and ".join(costs)
+    if row["inference_speedup_b1_mean"] is not None:
+        text += f", model {_cell(row['inference_speedup_b1_mean'], '{:.2f}')}x faster at batch 1"
+    return f"{text}, {seeds}"
+
+
 def _problems(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["status"] != "completed"]
 
@@ -566,6 +615,9 @@ def markdown(
     ]
     if common:
         lines.append(f"Overrides shared by all runs: `{' '.join(common)}`")
+    answer = verdict(groups, baseline)
+    if answer:
+        lines += ["", "## Which pipeline, at which cost", "", *answer, "", _VERDICT_NOTE]
     lines += [
         "",
         "## Runs",
@@ -631,6 +683,11 @@ def html_page(
     ]
     if common:
         parts.append(f"<p>Overrides shared by all runs: <code>{e(' '.join(common))}</code></p>")
+    answer = verdict(groups, baseline)
+    if answer:
+        parts += ["<h2>Which pipeline, at which cost</h2>", "<ul>"]
+        parts += [f"<li>{_inline_html(line.removeprefix('- '))}</li>" for line in answer]
+        parts += ["</ul>", f"<p>{_inline_html(_VERDICT_NOTE)}</p>"]
     parts += [
         "<h2>Runs</h2>",
         _html_table([t for t, _, _ in RUN_TABLE], [_run_cells(r) for r in records]),
@@ -872,6 +929,12 @@ def _common_overrides(runs: Sequence[Run]) -> list[str]:
         return []
     shared = set(readable[0].overrides).intersection(*(r.overrides for r in readable[1:]))
     return [o for o in readable[0].overrides if o in shared]
+
+
+def _inline_html(text: str) -> str:
+    """Markdown's `code` and **bold** as HTML, the rest escaped."""
+    text = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"\*\*([^*]*)\*\*", r"<strong>\1</strong>", text)
 
 
 def _md_escape(text: str) -> str:

@@ -567,3 +567,28 @@ def test_the_accuracy_axes_name_the_split(tmp_path, split):
         # Step 0 is the unpruned model, on the same split (make_run: val 91%, test 92%).
         unpruned = ax.get_lines()[0].get_xydata()[0]
         assert unpruned[1] == {"val": 91.0, "test": 92.0}[split]
+
+
+def test_the_page_opens_with_which_pipeline_at_which_cost(tmp_path):
+    """The answer first: per setting, each pipeline's accuracy against the baseline's and what
+    it cost, as means over the seeds (the tables below hold the same numbers)."""
+    runs = tmp_path / "runs"
+    two_pipelines_two_seeds(runs)
+    for name, acc in (("it0", 88.0), ("it1", 86.0), ("ice0", 85.0), ("ice1", 84.0)):
+        summary = json.loads((runs / name / "summary.json").read_text())
+        summary["acc_final_test"] = acc
+        (runs / name / "summary.json").write_text(json.dumps(summary))
+    report_rows(tmp_path)
+    md = (tmp_path / "out" / "report.md").read_text()
+    lines = md.splitlines()
+    at = lines.index("## Which pipeline, at which cost")
+    assert at < lines.index("## Runs")
+    # speed-ups per seed: 10/4 and 11/5 in time, 4000/1000 and 4000/1001 in compute
+    assert lines[at + 2] == (
+        "- **resnet20 / digits / l1 / ratio 0.5**: `iterative` 87.00% test in 10.5 s (4 KFLOP), "
+        "2 seeds; `ice` 84.50% test (-2.50 points) at 2.35x less time and 4.00x less compute, "
+        "2 seeds"
+    )
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Which pipeline, at which cost</h2>" in page
+    assert "<li><strong>resnet20 / digits / l1 / ratio 0.5</strong>: <code>iterative</code>" in page
