@@ -98,8 +98,8 @@ OPTIONAL_COLUMNS = {
 }
 _VERDICT_NOTE = (
     "Means over the completed seeds of each setting; points: final accuracy minus the "
-    "baseline's; less time and compute: the speed-ups below; faster at batch 1: the pruned "
-    "model's measured inference latency against the unpruned one's."
+    "baseline's; less time and compute: the speed-ups below; inference speed-up: the unpruned model's "
+    "measured latency over the pruned one's."
 )
 PROGRESS_FROM = 10  # more runs than this: one progress line per run read
 
@@ -592,7 +592,9 @@ def _verdict_part(row: dict[str, Any], base: dict[str, Any] | None, split: str) 
         if costs:
             text += " at " + " and ".join(costs)
     if row["inference_speedup_b1_mean"] is not None:
-        text += f", model {_cell(row['inference_speedup_b1_mean'], '{:.2f}')}x faster at batch 1"
+        text += (
+            f", inference speed-up {_cell(row['inference_speedup_b1_mean'], '{:.2f}')}x (batch 1)"
+        )
     return f"{text}, {seeds}"
 
 

@@ -84,13 +84,15 @@ def versions() -> dict[str, str | None]:
         ("timm", "timm"),
         ("torch-pruning", "torch_pruning"),
     ):
-        # An imported module's own version names its build too (2.14.1+cu130); else the
-        # installed package's, without importing it.
-        version = getattr(sys.modules.get(module), "__version__", None)
+        # The installed package's version, without importing it; an imported module's own
+        # string when it adds the build to that (2.14.1+cu130). Only then: Torch-Pruning 1.6.1
+        # says 1.6.0 in its __version__.
+        own = getattr(sys.modules.get(module), "__version__", None)
         try:
-            found[package] = str(version) if version else metadata.version(package)
+            installed = metadata.version(package)
         except metadata.PackageNotFoundError:
-            found[package] = None
+            installed = None
+        found[package] = str(own) if own and str(own).startswith(installed or "") else installed
     return found
 
 
