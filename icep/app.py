@@ -125,7 +125,9 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     }
     failed, pruning = True, None
     try:
-        model, origin = dense_model(cfg, data, trainer)
+        model, origin = dense_model(
+            cfg, data, trainer, on_epoch=lambda row: logger.log_epoch(row, "dense")
+        )
         if dense_only:
             summary = {
                 **head,

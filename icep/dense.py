@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,12 @@ def dense_schedule(
 
 
 def train_dense(
-    model: nn.Module, data: Data, trainer: Trainer, cfg: DictConfig, progress: Path | None = None
+    model: nn.Module,
+    data: Data,
+    trainer: Trainer,
+    cfg: DictConfig,
+    progress: Path | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> None:
     """Train ``model`` with the ``dense`` settings ``cfg``, in batches of ``cfg.batch_size`` when
     it is set (else the train loader's).
@@ -180,25 +186,36 @@ def train_dense(
         after_epoch=keep,
         label_smoothing=cfg.get("label_smoothing", 0.0),
         scheduler_per=scheduler_per,
+        on_epoch=on_epoch,
     )
 
 
-def dense_model(cfg: DictConfig, data: Data, trainer: Trainer) -> tuple[nn.Module, dict[str, Any]]:
-    """The unpruned model on the trainer's device, and where it came from."""
+def dense_model(
+    cfg: DictConfig,
+    data: Data,
+    trainer: Trainer,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The unpruned model on the trainer's device, and where it came from; ``on_epoch`` is told
+    each epoch of a dense training (a run's W&B mirror)."""
     if cfg.model.checkpoint is not None:
         spec = arch_spec(cfg, data)
         model = load_checkpoint(hydra.utils.instantiate(spec), cfg.model.checkpoint, spec)
         return trainer.prepare(model), {"source": str(cfg.model.checkpoint)}
     path = cache_path(cfg, data, trainer.amp and trainer.amp_dtype)
     if not cfg.dense.cache:
-        return _cached_or_trained(cfg, data, trainer, path)
+        return _cached_or_trained(cfg, data, trainer, path, on_epoch)
     # One run trains a given dense model; one started meanwhile waits for it, then loads it.
     with locked(path.with_name(f"{path.name}.lock"), f"the dense model {path}", wait=True):
-        return _cached_or_trained(cfg, data, trainer, path)
+        return _cached_or_trained(cfg, data, trainer, path, on_epoch)
 
 
 def _cached_or_trained(
-    cfg: DictConfig, data: Data, trainer: Trainer, path: Path
+    cfg: DictConfig,
+    data: Data,
+    trainer: Trainer,
+    path: Path,
+    on_epoch: Callable[[dict[str, float]], None] | None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.dense.cache and path.is_file():
         log.info("dense model from the cache: %s", path)
@@ -222,7 +239,7 @@ def _cached_or_trained(
     model = trainer.prepare(build_model(cfg, data))
     progress = path.with_name(f"{path.stem}.partial.pt") if cfg.dense.cache else None
     with trainer.timer.phase("dense") as t:
-        train_dense(model, data, trainer, cfg.dense, progress)
+        train_dense(model, data, trainer, cfg.dense, progress, on_epoch)
     acc = trainer.evaluate(model, data.val) if data.val is not None else None
     if cfg.dense.cache:
         save_model(

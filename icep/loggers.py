@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # plotted against the epochs trained so far in the run (all fine-tunes together).
 EPOCH_AXIS = "train/epoch"
 EPOCH_METRICS = ("train/loss", "train/lr")
+# The dense model's training, when the run trains it (not from the cache): its own epochs.
+DENSE_AXIS = "dense/epoch"
+DENSE_METRICS = ("dense/loss", "dense/lr")
 STEP_TABLE = "steps_table"  # the W&B Table of metrics.jsonl ("steps" is the summary's count)
 MAX_TAG = 64  # characters: wandb.init refuses a longer tag
 
@@ -70,11 +73,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if v is not None})
 
-    def log_epoch(self, row: dict[str, float]) -> None:
-        """One training epoch of the pruned model: ``epoch`` (epochs trained so far in the run),
-        its mean ``loss`` and ``lr``. W&B only: locally icep.log has a line per epoch."""
+    def log_epoch(self, row: dict[str, float], what: str = "train") -> None:
+        """One training epoch of the pruned model (``what="train"``: ``epoch`` counts the
+        epochs trained so far in the run) or of the dense model (``"dense"``): its mean ``loss``
+        and ``lr``. W&B only: locally icep.log has a line per epoch."""
         if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{key}": value for key, value in row.items()})
+            self.wandb_run.log({f"{what}/{key}": value for key, value in row.items()})
 
     def rewrite_steps(self, rows: list[dict[str, Any]]) -> None:
         """Make ``metrics.jsonl`` exactly ``rows`` (a resume drops what came after its
@@ -184,9 +188,10 @@ class WandbLogger(RunLogger):
         run.define_metric("t_total", step_metric="step", summary="max")
         run.define_metric("flops_total", step_metric="step", summary="max")
         # The epochs have their own axis: a step holds any number of them.
-        run.define_metric(EPOCH_AXIS)
-        for key in EPOCH_METRICS:
-            run.define_metric(key, step_metric=EPOCH_AXIS)
+        for axis, metrics in ((EPOCH_AXIS, EPOCH_METRICS), (DENSE_AXIS, DENSE_METRICS)):
+            run.define_metric(axis)
+            for key in metrics:
+                run.define_metric(key, step_metric=axis)
         return run
 
     def close(self, failed: bool = False) -> None:

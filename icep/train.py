@@ -342,8 +342,8 @@ class Trainer:
     ) -> float:
         """Train epochs ``done + 1`` to ``epochs``, one log line each, calling ``after_epoch``
         with the epoch's number after each; returns the last epoch's mean loss. ``on_epoch``
-        (a run's W&B mirror) is called after each epoch with its mean ``loss`` and the ``lr``
-        it began at.
+        (a run's W&B mirror) is called after each epoch with its number (``epoch``), its mean
+        ``loss`` and the ``lr`` it began at.
 
         ``scheduler`` steps once per epoch, or after every batch with ``scheduler_per="batch"``
         (one-cycle schedules with a warm-up of a few hundred steps).
@@ -370,7 +370,7 @@ class Trainer:
                 msg += f", val acc {self.evaluate(model, val_loader):.2f}%"
             log.info("%s (%.1fs)", msg, time.perf_counter() - start)
             if on_epoch is not None:
-                on_epoch({"loss": loss, "lr": lr})
+                on_epoch({"epoch": epoch, "loss": loss, "lr": lr})
             if after_epoch is not None:
                 after_epoch(epoch)
         return loss

@@ -164,6 +164,8 @@ def test_wandb_groups_a_setting_and_logs_epochs_a_table_and_the_model(tmp_path, 
         compose_config("logger=wandb", "logger.mode=offline", "logger.log_model=true"), "logger"
     )
     logger = make(tmp_path, RunInfo(config=config, group="exp", job_type="ice"))
+    for epoch in (1, 2, 3):  # the dense model trained first, on its own axis
+        logger.log_epoch({"epoch": epoch, "loss": 1.0 / epoch, "lr": 0.1}, "dense")
     epochs = 0
     for row in [*ROWS, {**ROWS[0], "step": 4, "frozen": ["a", "b"]}]:
         for lr in (0.1, 0.01):
@@ -187,6 +189,9 @@ def test_wandb_groups_a_setting_and_logs_epochs_a_table_and_the_model(tmp_path, 
     assert not any("step" in r for r in trained)  # the steps' axis stays the pruning step
     axes = {r.metric.name: r.metric.step_metric for r in finished(path) if r.metric.name}
     assert axes["train/loss"] == axes["train/lr"] == "train/epoch"
+    assert [r["dense/epoch"] for r in logged if "dense/epoch" in r] == [1, 2, 3]
+    assert axes["dense/loss"] == axes["dense/lr"] == "dense/epoch"
+    assert not any("train/epoch" in r for r in logged if "dense/epoch" in r)
 
     assert [r["steps_table/nrows"] for r in logged if "steps_table/nrows" in r] == [3]
     steps = table(path, "steps_table")

@@ -369,7 +369,7 @@ class PruningRun:
             )
         for result in trained:
             self.epochs_trained += 1
-            self.logger.log_epoch({"epoch": self.epochs_trained, **result})
+            self.logger.log_epoch({**result, "epoch": self.epochs_trained})
 
     def train_epoch(
         self, optimizer: torch.optim.Optimizer, distill: Distillation | None, desc: str
