@@ -356,25 +356,32 @@ def main() -> None:
     if own_errors:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
         _describe_errors = True
+    from icep.sweeps import closing_lines, forget_sweeps
+
     try:
         with stop_on_signals():  # from the start: composing the config, a sweeper between jobs
             _app()
     except Interrupted as exc:  # before the run began or after it ended, or a sweep stopped
+        forget_sweeps()  # the line that ends it says how to go on
         if not getattr(exc, "said", False):  # (a run or a sweep's job said where it stopped)
             print(f"icep: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # raised by other code than icep's signal handlers
+        forget_sweeps()
         print("icep: interrupted by SIGINT", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as exc:
         message = describe_error(exc) if own_errors else None
         if message is None:
             raise
+        _say(closing_lines())  # where a failed multirun's runs are; the error line stays last
         exit_with(message)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-        from icep.sweeps import closing_lines
+    _say(closing_lines())  # a multirun that ended: where its runs, report and logs are
 
-        for line in closing_lines():  # a multirun, however it ended
-            print(line, flush=True)
+
+def _say(lines: list[str]) -> None:
+    for line in lines:
+        print(line, flush=True)

@@ -28,8 +28,12 @@ class NoteSweep(Callback):
         _sweeps.append((Path(str(config.hydra.sweep.dir)), logs))
 
 
+def forget_sweeps() -> None:
+    _sweeps.clear()
+
+
 def closing_lines() -> list[str]:
-    """The lines for each sweep begun in this process, once."""
+    """The lines for each sweep begun in this process that started a job, once."""
     lines = []
     while _sweeps:
         sweep, logs = _sweeps.pop(0)
@@ -38,21 +42,27 @@ def closing_lines() -> list[str]:
 
 
 def sweep_lines(sweep: Path, logs: str | None) -> list[str]:
-    if not sweep.is_dir():
-        return [f"icep: the sweep left no folder ({sweep})"]
-    statuses = Counter(_status(job) for job in sweep.iterdir() if (job / ".hydra").is_dir())
+    statuses = Counter(_status(job) for job in _jobs(sweep))
     runs = sum(statuses.values())
+    if not runs:
+        return []  # refused before any job started: the error says why
     how = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
     lines = [
-        f"icep: {runs} run{'s' if runs != 1 else ''} in {sweep}/" + (f" ({how})" if how else "")
+        f"icep: {runs} run{'s' if runs != 1 else ''} in {sweep}/ ({how})",
+        f"icep: compare them: icep report {shlex.quote(str(sweep))}",
     ]
-    if runs:
-        lines.append(f"icep: compare them: icep report {shlex.quote(str(sweep))}")
     if logs:
         lines.append(f"icep: launcher logs (submitit): {logs}/")
     else:
         lines.append(f"icep: each run's log: {sweep}/<job>/icep.log")
     return lines
+
+
+def _jobs(sweep: Path) -> list[Path]:
+    try:
+        return [job for job in sweep.iterdir() if (job / ".hydra").is_dir()]
+    except OSError:  # no folder: nothing ran
+        return []
 
 
 def _status(job: Path) -> str:
