@@ -16,7 +16,10 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from importlib.resources.abc import Traversable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11's; 3.10 has importlib.abc
+    from importlib.abc import Traversable
 
 
 @dataclass(frozen=True)
