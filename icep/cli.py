@@ -8,6 +8,7 @@ above it.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
 import shutil
@@ -73,7 +74,7 @@ more:
 PLUGIN_GROUPS = {
     "hydra/sweeper": {
         "icep_optuna": "Optuna over the jobs of a multirun (named objectives, pruned trials, "
-        "resumable studies; README, Tuning sweeps)",
+        "resumable studies; README, Sweeps with Optuna)",
     },
 }
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif _looks_like_override(name):
         name = "run"
     else:
-        close = [c for c in COMMANDS if c.startswith(name[:2])]
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         _refuse(f"'{name}' is not an icep command; commands: {', '.join(COMMANDS)}{hint}")
     if name == "run":
