@@ -358,6 +358,7 @@ def test_a_search_that_decides_on_too_few_samples_is_warned():
     )
     assert line.endswith("it needs at least 200 samples")
     assert check_decision_samples(3, None, "tune: each trial") is None
+    assert check_decision_samples(3, 0.0, "tune: each trial") is None  # fine-tunes every step
 
 
 def test_the_smallest_threshold_a_search_tries():

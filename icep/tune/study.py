@@ -266,8 +266,8 @@ def check_decision_samples(samples: int, thre: float | None, where: str) -> str 
     """A warning when one sample of the ``samples`` a trigger decides on moves accuracy by more
     than ``thre`` points: every drop is then a multiple of 100/samples and the trigger, and a
     search over thre, cannot tell the points apart."""
-    if thre is None or samples <= 0 or 100.0 / samples <= thre:
-        return None
+    if thre is None or thre <= 0 or samples <= 0 or 100.0 / samples <= thre:
+        return None  # (thre <= 0: every step fine-tunes, whatever the samples)
     need = math.ceil(100.0 / thre)
     return (
         f"{where} decides on {samples} samples: one sample is {100.0 / samples:.3g} accuracy "
