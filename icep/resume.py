@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -94,6 +93,8 @@ def resume_from(
         log.warning("resume: %s has no checkpoint yet; starting the run from the beginning", out)
         return None
     try:
+        import torch  # here: `icep --cfg job` and --hydra-help need no torch
+
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise IcepError(

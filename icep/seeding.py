@@ -6,11 +6,12 @@ import random
 from typing import Any
 
 import numpy as np
-import torch
 
 
 def seed_everything(seed: int, data: Any = None) -> None:
     """Seed Python, NumPy and torch, and restart the train loader's shuffling from ``seed``."""
+    import torch  # loaded by then; here so that importing icep.app does not load it
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -274,3 +274,14 @@ def test_the_closing_lines_count_each_status_and_name_submitits_logs(tmp_path):
         f"icep: launcher logs (submitit): {sweep}/.submitit/",
     ]
     assert sweeps.closing_lines() == []  # said once
+
+
+def test_printing_the_composed_config_loads_no_torch():
+    """`icep --cfg job` answers in about a second: Hydra composes, nothing trains."""
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, "model=resnet56", "--cfg", "job"],
+        capture_output=True, text=True, timeout=120, env=icep_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "depth: 56" in result.stdout
+    assert "torch" not in result.stdout.strip().splitlines()[-1].split()
