@@ -105,8 +105,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         _refuse(f"'{name}' is not an icep command; commands: {', '.join(COMMANDS)}{hint}")
     if name == "run":
         run(args)
-    elif name == "bench":
-        bench(args)
     else:
         sys.exit(_call(COMMANDS[name].module, args))
 
@@ -121,24 +119,6 @@ def run(args: list[str]) -> None:
         return
     sys.argv = [sys.argv[0], *args]
     _call("icep.app", None)
-
-
-BENCHES = {
-    "finetune": ("icep.bench.finetune", "one fine-tune epoch: icep's loop against the reference"),
-    "pipelines": ("icep.bench.pipelines", "baseline vs ICE over seeds, with the tuning counted"),
-}
-
-
-def bench(args: list[str]) -> None:
-    if not args or args[0] in ("-h", "--help"):
-        lines = ["usage: icep bench BENCHMARK [ARGS ...]", "", "benchmarks:"]
-        lines += [f"  {name:<11}{summary}" for name, (_, summary) in BENCHES.items()]
-        lines += ["", "`icep bench BENCHMARK --help` for its options"]
-        print("\n".join(lines))
-        return
-    if args[0] not in BENCHES:
-        _refuse(f"'{args[0]}' is not a benchmark; choose from {', '.join(BENCHES)}")
-    sys.exit(_call(BENCHES[args[0]][0], args[1:]))
 
 
 def _call(module: str, args: list[str] | None) -> int:
