@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from icep import distributed
 from icep.cli_errors import describe_error, exit_with, one_line
 from icep.config import (
     build,
@@ -29,7 +30,7 @@ from icep.config import (
     validate,
 )
 from icep.console import format_table, scalars
-from icep.errors import IcepError
+from icep.errors import ConfigError, IcepError
 from icep.interrupts import Interrupted, stop_on_signals
 from icep.locks import locked
 from icep.resume import (
@@ -55,8 +56,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.warning("ICEP_CACHE or XDG_CACHE_HOME is set but empty: caching in %s", cfg.paths.cache)
     validate(cfg)  # every key, before the data and the models: a typo fails fast
     if cfg.get("dry_run"):
-        return dry_run(cfg)
+        return distributed.on_main(lambda: dry_run(cfg)) or {"status": "dry_run"}
+    if distributed.active() and cfg.get("tune") is not None:
+        raise ConfigError(
+            "tune",
+            "the tuning stage runs its trials in one process, not across the ranks of a "
+            "data-parallel run; tune in a run on one process (or search with "
+            "hydra/sweeper=icep_optuna, each trial a data-parallel job), then run the chosen "
+            "parameters here",
+        )
     out = Path(HydraConfig.get().runtime.output_dir)
+    if not distributed.is_main():  # rank 0 holds the folder for the run
+        return _run(cfg, out)
     refusal = "wait for it to end, or choose another hydra.run.dir"
     with locked(out / LOCK, f"the run folder {out}", wait=False, refusal=refusal):
         return _run(cfg, out)
@@ -67,7 +78,7 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from icep.data import data_from_config
     from icep.dense import arch_spec, dense_model, model_meta
     from icep.latency import latency_fields
-    from icep.loggers import RunInfo
+    from icep.loggers import RunInfo, SilentLogger
     from icep.pipelines import PruningRun
     from icep.provenance import run_git, run_versions
     from icep.pruning.budget import meet as meet_budget
@@ -79,38 +90,30 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     criterion = build(cfg, "criterion")
     make_logger = build(cfg, "logger")
     config = OmegaConf.to_container(cfg, resolve=True)
-    checkpoint = resume_from(
-        cfg, out, fingerprint(config), overrides=list(HydraConfig.get().overrides.task)
-    )
+    # Rank 0 of a data-parallel run reads the folder and sends every rank its checkpoint.
+    checkpoint = distributed.from_main(lambda: _take_folder(cfg, out, config))
     if checkpoint == "completed":
-        put_back_earlier_files()  # the folder is the finished run's, as it was
-        summary = json.loads((out / "summary.json").read_text())
-        print(f"icep: {out} holds a completed run; nothing to resume", flush=True)
+        summary = distributed.from_main(lambda: _completed(out))
         return summary
-    if cfg.get("tune") is not None:  # a study that cannot be opened fails before any training
-        from icep.tune.study import open_storage, storage_url
-
-        open_storage(storage_url(cfg.tune.storage, out / "tune.db"))
     folder_taken()
-    save_run_config(out, fingerprint(config))
-    mark_job(out)
     seed_everything(cfg.seed)
     trainer = Trainer.from_config(cfg.trainer)
-    data = data_from_config(cfg, trainer.device)
+    # Rank 0 first: a download, an archive to unpack or images to decode are done once.
+    data = distributed.on_main(lambda: data_from_config(cfg, trainer.device))
+    if data is None:
+        data = data_from_config(cfg, trainer.device)
     if not dense_only:
         # Before any training: a model icep cannot prune is refused in one line.
-        log.info(check_model(cfg, data).table().splitlines()[0])
-    logger = make_logger(
-        out,
-        RunInfo(
-            config=config,
-            group=cfg.name,
-            job_type="final" if cfg.get("tune") is not None else pipeline_label(cfg.pipeline),
-            tags=run_tags(cfg, criterion.name),
-            name=run_name(cfg, criterion.name),
-            resume=checkpoint is not None,
-        ),
+        distributed.on_main(lambda: log.info(check_model(cfg, data).table().splitlines()[0]))
+    info = RunInfo(
+        config=config,
+        group=cfg.name,
+        job_type="final" if cfg.get("tune") is not None else pipeline_label(cfg.pipeline),
+        tags=run_tags(cfg, criterion.name),
+        name=run_name(cfg, criterion.name),
+        resume=checkpoint is not None,
     )
+    logger = make_logger(out, info) if distributed.is_main() else SilentLogger(out, info)
     if cfg.resume and checkpoint is None:
         logger.rewrite_steps([])  # starting afresh: no rows from the attempt before
     head = {
@@ -120,6 +123,7 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "criterion": criterion.name,
         "seed": cfg.seed,
         "device": str(trainer.device),
+        "ranks": distributed.world().size,
         "versions": run_versions(),
         "git": run_git(Path(HydraConfig.get().runtime.cwd)),
     }
@@ -138,7 +142,7 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             }
         else:
             pipeline_cfg, tuning = cfg.pipeline, None
-            latency_before = latency(cfg, model, data, trainer, "before pruning")
+            latency_before = measured_latency(cfg, model, data, trainer, "before pruning")
             if cfg.get("tune") is not None:
                 from icep.tune.stage import tune_pipeline
 
@@ -160,8 +164,9 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             # pipeline.target={macs: ...}; a resumed run goes on with the solution it had
             solved = checkpoint["state"].get("budget") if checkpoint is not None else None
             budget = meet_budget(pipeline, pruning, cfg.get("latency"), solved)
-            if cfg.optuna.trial is not None:
-                pruning.on_step.append(_sweep_reporter(cfg))
+            if cfg.optuna.trial is not None:  # rank 0 reports; its trial's verdict holds for all
+                reporter = distributed.on_main(lambda: _sweep_reporter(cfg))
+                pruning.on_step.append(_on_every_rank(reporter))
             # The pruning run must not depend on whether dense training ran or came from a cache.
             seed_everything(cfg.seed, data)
             if checkpoint is not None:
@@ -173,7 +178,9 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 **pipeline(pruning),
             }
             summary.update(
-                latency_fields(latency_before, latency(cfg, model, data, trainer, "pruned"))
+                latency_fields(
+                    latency_before, measured_latency(cfg, model, data, trainer, "pruned")
+                )
             )
             if budget is not None:
                 if budget["kind"] == "latency":  # the pruned model's own measurement
@@ -188,31 +195,72 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                         summary["time_total_s"], summary["flops_total"], summary["time_wall_s"]
                     )
                 )
-        save_model(
-            model,
-            arch_spec(cfg, data),
-            out / "model.pt",
-            **model_meta(cfg, data),
-            summary=scalars(summary),
-        )
+        in_model = scalars(summary)
         summary["model_path"] = str(out / "model.pt")
         summary["output_dir"] = str(out)
-        logger.log_summary(summary)
-        (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt and summary.json replace it
+
+        def write() -> None:
+            save_model(
+                model, arch_spec(cfg, data), out / "model.pt", **model_meta(cfg, data), summary=in_model
+            )
+            logger.log_summary(summary)
+            (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt and summary.json replace it
+
+        distributed.on_main(write)
         failed = False
     except Interrupted as exc:
         done = len(pruning.rows) if pruning is not None else 0
-        logger.log_summary({**head, "status": "interrupted", "reason": exc.name, "steps": done})
+        peer = distributed.peer_failure()  # torchrun stops the others when a rank failed
+        if peer is not None:
+            logger.log_summary({**head, "status": "failed", "reason": peer, "steps": done})
+        else:
+            logger.log_summary({**head, "status": "interrupted", "reason": exc.name, "steps": done})
         exc.steps = done
         raise
     except Exception as exc:
         status = "pruned" if type(exc).__name__ == "TrialPruned" else "failed"
-        logger.log_summary({**head, "status": status, "reason": one_line(exc)})
+        reason = one_line(exc)
+        if distributed.active() and status == "failed":  # a rank failed: its line says why
+            reason = distributed.peer_failure() or reason
+        logger.log_summary({**head, "status": status, "reason": reason})
         raise
     finally:
         logger.close(failed=failed)
-    print(format_table(summary), flush=True)
+    if distributed.is_main():
+        print(format_table(summary), flush=True)
     return summary
+
+
+def _take_folder(cfg: DictConfig, out: Path, config: dict[str, Any]) -> Any:
+    """Make the run folder this run's: the checkpoint to continue from (None: start afresh),
+    or "completed" when it holds a finished run. Refuses a folder holding another run."""
+    checkpoint = resume_from(
+        cfg, out, fingerprint(config), overrides=list(HydraConfig.get().overrides.task)
+    )
+    if checkpoint == "completed":
+        return checkpoint
+    if cfg.get("tune") is not None:  # a study that cannot be opened fails before any training
+        from icep.tune.study import open_storage, storage_url
+
+        open_storage(storage_url(cfg.tune.storage, out / "tune.db"))
+    folder_taken()
+    save_run_config(out, fingerprint(config))
+    mark_job(out)
+    return checkpoint
+
+
+def _completed(out: Path) -> dict[str, Any]:
+    put_back_earlier_files()  # the folder is the finished run's, as it was
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"icep: {out} holds a completed run; nothing to resume", flush=True)
+    return summary
+
+
+def measured_latency(
+    cfg: DictConfig, model: Any, data: Any, trainer: Any, what: str
+) -> dict[int, float]:
+    """:func:`latency`, measured on rank 0 of a data-parallel run for every rank."""
+    return distributed.from_main(lambda: latency(cfg, model, data, trainer, what))
 
 
 def latency(cfg: DictConfig, model: Any, data: Any, trainer: Any, what: str) -> dict[int, float]:
@@ -245,16 +293,12 @@ def latency(cfg: DictConfig, model: Any, data: Any, trainer: Any, what: str) -> 
 def check_model(cfg: DictConfig, data: Any) -> Any:
     """The pre-flight check of the configured model on the dataset's inputs (icep.preflight):
     its :class:`~icep.preflight.Preflight` report, or a one-line refusal."""
-    from icep.dense import arch_spec
+    from icep.dense import build_model
     from icep.preflight import preflight
 
-    spec = arch_spec(cfg, data)
-    for key, without in (("weights", None), ("pretrained", False)):  # no download for a check
-        if key in spec:
-            spec[key] = without
     ratio = cfg.pipeline.ratio if uses_ratio(cfg.pipeline) else 0.5
     report = preflight(
-        instantiate(spec),
+        build_model(cfg, data, weights=False),  # no download for a check
         data.input_shape,
         data.num_classes,
         name=cfg.model.name,
@@ -301,6 +345,28 @@ def _sweep_reporter(cfg: DictConfig):
     return StepReporter(attach_trial(cfg.optuna.storage, cfg.optuna.study_name, cfg.optuna.trial))
 
 
+def _on_every_rank(reporter: Any) -> Any:
+    """A step hook for every rank of a data-parallel run: ``reporter`` (rank 0's, None
+    elsewhere) reports to the trial there, and when it stops the trial every rank stops."""
+    if not distributed.active():
+        return reporter
+    import optuna
+
+    def verdict(run: Any, row: dict[str, Any]) -> str | None:
+        try:
+            reporter(run, row)
+        except optuna.TrialPruned as exc:
+            return str(exc)
+        return None
+
+    def hook(run: Any, row: dict[str, Any]) -> None:
+        reason = distributed.from_main(lambda: verdict(run, row))
+        if reason is not None:
+            raise optuna.TrialPruned(reason)
+
+    return hook
+
+
 def interrupted_line(exc: Interrupted) -> str:
     """The one line a run stopped by a signal ends with: where it stopped, how to go on."""
     hydra_cfg = HydraConfig.get()
@@ -320,18 +386,29 @@ _describe_errors = False
 @hydra.main(version_base="1.3", config_path="pkg://icep.conf", config_name="config")
 def _app(cfg: DictConfig) -> dict[str, Any] | None:
     """Returns the summary: a sweeper reads its objectives from it (hydra.sweeper.objectives)."""
+    joined_here = not distributed.active()  # a Slurm task's job; torchrun's ranks joined in main
     try:
+        distributed.start()
+        _quiet_other_ranks()
         with stop_on_signals():
-            return run(cfg)
+            summary = run(cfg)
+        if joined_here:
+            distributed.finish()
+        return summary
     except Interrupted as exc:  # the run stops, and a sweep with it
-        put_back_earlier_files()
-        print(interrupted_line(exc), file=sys.stderr, flush=True)
+        if distributed.is_main():
+            put_back_earlier_files()
+            if distributed.peer_failure() is None:  # (torchrun stops the others of a failed rank)
+                print(interrupted_line(exc), file=sys.stderr, flush=True)
         exc.said = True
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # through the launcher: the sweeper records the job interrupted, and stops
         sys.exit(exc.exit_code)
     except Exception as exc:
-        put_back_earlier_files()  # a refused or failed start leaves an earlier run as it was
+        if distributed.is_main():
+            put_back_earlier_files()  # a refused or failed start leaves an earlier run as it was
+        if distributed.active():
+            _rank_failed(exc)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the job fails, the sweep goes on
         # Here rather than in main(): an error leaving the job makes Hydra print a line first.
@@ -342,6 +419,61 @@ def _app(cfg: DictConfig) -> dict[str, Any] | None:
             raise
         exit_with(message)
     return None
+
+
+def _quiet_other_ranks() -> None:
+    """The ranks other than 0 of a data-parallel run log errors only, to the console: rank 0's
+    icep.log and output are the run's."""
+    if distributed.is_main():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setLevel(logging.ERROR)
+
+
+def _rank_failed(exc: Exception) -> None:
+    """A rank of a data-parallel run failed: tell the others, and end it with the run's one line
+    when this is its first failure, quietly otherwise. Rank 0's error still goes to the sweeper
+    of a multirun."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    peer = distributed.peer_failure()
+    if isinstance(exc, distributed.PeerFailed) or (peer is not None and _lost_contact(exc)):
+        if multirun and distributed.is_main():
+            raise exc
+        sys.exit(1)
+    message = describe_error(exc) if _describe_errors else None
+    if message is None and isinstance(exc, IcepError):
+        message = str(exc)
+    if message is None and _lost_contact(exc):
+        message = (
+            f"lost contact with another rank of the run ({one_line(exc)}); it was killed or "
+            "its machine went away: see its output, then resume=true continues the run"
+        )
+    first = distributed.report_failure(message or one_line(exc))
+    if multirun and distributed.is_main():
+        raise exc
+    if not first:
+        sys.exit(1)
+    if message is None:
+        raise exc  # a bug: its traceback
+    where = "" if distributed.is_main() else f"rank {distributed.world().rank}: "
+    exit_with(where + message)
+
+
+def _lost_contact(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset", "Broken pipe")
+    )
 
 
 def main() -> None:
@@ -359,27 +491,54 @@ def main() -> None:
     from icep.sweeps import closing_lines, forget_sweeps
 
     try:
+        _join_ranks()
         with stop_on_signals():  # from the start: composing the config, a sweeper between jobs
             _app()
     except Interrupted as exc:  # before the run began or after it ended, or a sweep stopped
         forget_sweeps()  # the line that ends it says how to go on
-        if not getattr(exc, "said", False):  # (a run or a sweep's job said where it stopped)
+        if not getattr(exc, "said", False) and distributed.is_main():
             print(f"icep: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # raised by other code than icep's signal handlers
         forget_sweeps()
-        print("icep: interrupted by SIGINT", file=sys.stderr, flush=True)
+        if distributed.is_main():
+            print("icep: interrupted by SIGINT", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as exc:
         message = describe_error(exc) if own_errors else None
         if message is None:
             raise
-        _say(closing_lines())  # where a failed multirun's runs are; the error line stays last
+        if distributed.is_main():
+            _say(closing_lines())  # where a failed multirun's runs are; the error line stays last
         exit_with(message)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    _say(closing_lines())  # a multirun that ended: where its runs, report and logs are
+    if distributed.is_main():
+        _say(closing_lines())  # a multirun that ended: where its runs, report and logs are
+    distributed.finish()
+
+
+def _join_ranks() -> None:
+    """Under torchrun: join the other ranks before Hydra makes the run folder, so that every rank
+    composes the same one (``${now:...}`` is rank 0's time); the other ranks write no .hydra/."""
+    if distributed.launched().size == 1:
+        return
+    from datetime import datetime
+
+    import hydra.core.utils
+
+    distributed.start()
+    stamp = distributed.from_main(datetime.now)
+
+    class _RankZeroClock(datetime):
+        @classmethod
+        def now(cls, tz=None):  # the `now` resolver Hydra registers reads this module's datetime
+            return stamp
+
+    hydra.core.utils.datetime = _RankZeroClock
+    if not distributed.is_main():
+        sys.argv.append("hydra.output_subdir=null")
 
 
 def _say(lines: list[str]) -> None:

@@ -321,6 +321,7 @@ RULES: dict[str, Rule] = {
     "trainer.cudnn_benchmark": _auto_or_boolean(),
     "trainer.compile": _boolean(),
     "trainer.deterministic": _boolean(),
+    "trainer.find_unused_parameters": _boolean(),
     # datasets (conf/dataset/)
     "dataset.val_fraction": _share_below_one(),
     "dataset.train_subset": (

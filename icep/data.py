@@ -33,11 +33,18 @@ import torch.nn.functional as F
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+)
 from torchvision import datasets
 from torchvision import transforms as T
 
-from icep.device_batches import DeviceLoader, TensorSplit, check_normalization
+from icep.device_batches import DeviceLoader, TensorSplit, check_normalization, share
 from icep.errors import ConfigError, IcepError
 from icep.interrupts import leave_signals_to_the_main_process, signals_held
 
@@ -150,6 +157,7 @@ def build_data(
     batching: Batching = "auto",
     device_data_gb: float = 8.0,
     prefetch_factor: int = 4,
+    shard: tuple[int, int] = (0, 1),
 ) -> Data:
     """Build the train/val/test loaders of ``dataset``: the ``dataset`` config node (built from
     its ``_target_``) or the spec built from it.
@@ -163,6 +171,10 @@ def build_data(
     ``num_workers`` processes (pinned memory on CUDA, ``prefetch_factor`` batches ahead);
     ``auto`` takes ``device`` when the source can give its pixels, its train augmentation can be
     done on tensors and all its samples take at most ``device_data_gb`` GiB, else ``workers``.
+
+    ``shard=(rank, ranks)``: a rank of a data-parallel run (:mod:`icep.distributed`). Its loaders
+    give it its part of every batch of ``batch_size`` and ``eval_batch_size`` (the whole run's
+    batches; :class:`ShardSampler`), drawn from the same seeded order on every rank.
     """
     spec = dataset if isinstance(dataset, DatasetSpec) else build_dataset(dataset)
     device = torch.device(device)
@@ -188,9 +200,10 @@ def build_data(
                 generator=torch.Generator().manual_seed(seed),
                 crop_padding=padding,
                 flip=flip,
+                shard=shard,
             ),
-            "val": DeviceLoader(val, eval_batch_size) if val is not None else None,
-            "test": DeviceLoader(test, eval_batch_size),
+            "val": DeviceLoader(val, eval_batch_size, shard=shard) if val is not None else None,
+            "test": DeviceLoader(test, eval_batch_size, shard=shard),
         }
     else:
         train = _Split(source.train_pool, train_idx, source.train_transform)
@@ -199,7 +212,15 @@ def build_data(
         workers = 0 if source.in_memory else num_workers
         pin = device.type == "cuda"
         splits = {
-            name: _loader(split, size, name == "train", seed, workers, pin, prefetch_factor)
+            name: _loader(
+                split,
+                size,
+                torch.Generator().manual_seed(seed) if name == "train" else None,
+                workers,
+                pin,
+                prefetch_factor,
+                shard,
+            )
             for name, split, size in (
                 ("train", train, batch_size),
                 ("val", val, eval_batch_size),
@@ -253,17 +274,30 @@ class _Loader(DataLoader):
 def _loader(
     dataset: Dataset,
     size: int,
-    shuffle: bool,
-    seed: int,
+    generator: torch.Generator | None,
     workers: int,
     pin_memory: bool,
     prefetch_factor: int | None,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
+    """A loader in batches of ``size`` (a data-parallel rank: its part of them), shuffled by
+    ``generator`` (None: in order)."""
+    rank, ranks = shard
+    shuffle = generator is not None
+    if ranks > 1:
+        order = (
+            RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        )
+        # An evaluation's parts may be one shorter than others: the loader batches this rank's
+        # indices in the longest part's size, which keeps every train part a batch of its own.
+        sampler = ShardSampler(order, size, rank, ranks, drop_small=shuffle)
+        batching = {"batch_size": -(-size // ranks), "sampler": sampler}
+    else:
+        batching = {"batch_size": size, "shuffle": shuffle}
     return _Loader(
         dataset,
-        batch_size=size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        **batching,
+        generator=generator,
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None,
@@ -275,27 +309,92 @@ def _loader(
     )
 
 
+class ShardSampler(Sampler[int]):
+    """This rank's part of every batch: ``order``'s indices grouped in batches of ``batch_size``
+    (the whole run's), each cut into ``ranks`` near-equal parts (the first ones one longer when it
+    does not divide), part ``rank`` kept. Every rank draws the same order, so the parts of one
+    batch are the batch a run on one process trains on. ``drop_small``: a last batch smaller
+    than ``ranks`` is left out (training: DDP needs a sample on every rank at every step)."""
+
+    def __init__(
+        self, order: Sampler[int], batch_size: int, rank: int, ranks: int, drop_small: bool
+    ):
+        self.order = order
+        self.batch_size = batch_size
+        self.rank = rank
+        self.ranks = ranks
+        self.drop_small = drop_small
+
+    def _part(self, batch: list[int]) -> list[int]:
+        begin, end = share(len(batch), self.rank, self.ranks)
+        return batch[begin:end]
+
+    def __iter__(self):
+        batch: list[int] = []
+        for i in self.order:
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                yield from self._part(batch)
+                batch = []
+        if batch and not (self.drop_small and len(batch) < self.ranks):
+            yield from self._part(batch)
+
+    def __len__(self) -> int:
+        full, tail = divmod(len(self.order), self.batch_size)
+        count = full * len(self._part(list(range(self.batch_size))))
+        if tail and not (self.drop_small and tail < self.ranks):
+            count += len(self._part(list(range(tail))))
+        return count
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes start with SIGINT and SIGTERM held, until their
+    ``worker_init_fn`` ignores them (:mod:`icep.interrupts`): a run stops in its main process."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with signals_held():  # the workers start here (each epoch, unless persistent)
+            return super()._get_iterator()
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, ranks) of the data-parallel run this loader gives its part of each batch."""
+        if isinstance(self.sampler, ShardSampler):
+            return self.sampler.rank, self.sampler.ranks
+        return 0, 1
+
+    @property
+    def global_batch_size(self) -> int:
+        """The batch size of the whole run (this rank gets its part of each batch)."""
+        if isinstance(self.sampler, ShardSampler):
+            return self.sampler.batch_size
+        return self.batch_size
+
+    @property
+    def shuffles(self) -> bool:
+        order = self.sampler.order if isinstance(self.sampler, ShardSampler) else self.sampler
+        return isinstance(order, RandomSampler)
+
+
 def with_batch_size(
     loader: DataLoader | DeviceLoader, batch_size: int
 ) -> DataLoader | DeviceLoader:
     """``loader`` in batches of ``batch_size`` (dense training's ``dense.batch_size``): the same
     samples, augmentation, workers and the same ``generator`` object, so the run's random stream
     stays the one a single loader would draw, and restoring the generator resumes both."""
-    if batch_size == loader.batch_size:
+    if batch_size == loader.global_batch_size:
         return loader
     if isinstance(loader, DeviceLoader):
         return loader.with_batch_size(batch_size)
-    return _Loader(
+    return _loader(
         loader.dataset,
-        batch_size=batch_size,
-        shuffle=isinstance(loader.sampler, RandomSampler),
-        generator=loader.generator,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers,
-        drop_last=loader.drop_last,
-        worker_init_fn=loader.worker_init_fn,
+        batch_size,
+        loader.generator if loader.shuffles else None,
+        loader.num_workers,
+        loader.pin_memory,
+        loader.prefetch_factor,
+        loader.shard,
     )
 
 
@@ -382,8 +481,22 @@ def _tensor_splits(
 def data_from_config(cfg: DictConfig, device: torch.device | str = "cpu") -> Data:
     """The run's data from its whole config: ``dataset``, the ``trainer`` batch sizes, how
     batches are made and workers, the run seed and the dataset cache under ``paths.cache``, for
-    ``device``."""
+    ``device``; in a data-parallel run, this rank's part of every batch."""
+    from icep import distributed
+
     trainer = cfg.trainer
+    here = distributed.world()
+    dense = cfg.get("dense") or {}
+    for key, size in (
+        ("trainer.batch_size", trainer.batch_size),
+        ("dense.batch_size", dense.get("batch_size")),
+    ):
+        if size is not None and size % here.size:
+            raise ConfigError(
+                key,
+                f"{size} is the batch of the whole run, which {here.size} ranks share equally; "
+                f"make it a multiple of {here.size}",
+            )
     return build_data(
         cfg.dataset,
         seed=cfg.seed,
@@ -395,6 +508,7 @@ def data_from_config(cfg: DictConfig, device: torch.device | str = "cpu") -> Dat
         batching=trainer.get("batching", "auto"),
         device_data_gb=trainer.get("device_data_gb", 8.0),
         prefetch_factor=trainer.get("prefetch_factor", 4),
+        shard=(here.rank, here.size),
     )
 
 
@@ -416,12 +530,12 @@ def subsample(data: Data, train_fraction: float, eval_fraction: float, seed: int
             part = torch.utils.data.Subset(dataset, picked)
         return _loader(
             part,
-            loader.batch_size,
-            shuffle,
-            seed,
+            loader.global_batch_size,
+            torch.Generator().manual_seed(seed) if shuffle else None,
             loader.num_workers,
             loader.pin_memory,
             loader.prefetch_factor,
+            loader.shard,
         )
 
     generator = torch.Generator().manual_seed(seed)

@@ -4,6 +4,7 @@ produced it), so later runs with the same setup reuse it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,12 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from icep import distributed
 from icep.data import Data, with_batch_size
 from icep.errors import IcepError
 from icep.locks import locked
 from icep.models import load_checkpoint
 from icep.serialization import atomic_save, load_model, save_model
-from icep.train import Trainer, sgd
+from icep.train import Trainer, global_batch_size, sgd
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,23 @@ def model_meta(cfg: DictConfig, data: Data) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: DictConfig, data: Data) -> nn.Module:
-    return hydra.utils.instantiate(arch_spec(cfg, data))
+def build_model(cfg: DictConfig, data: Data, weights: bool = True) -> nn.Module:
+    """The configured architecture; ``weights=False``: without the pretrained weights it may name
+    (no download: a rank that gets rank 0's weights, a check)."""
+    spec = arch_spec(cfg, data)
+    if not weights:
+        for key, without in (("weights", None), ("pretrained", False)):
+            if key in spec:
+                spec[key] = without
+    return hydra.utils.instantiate(spec)
+
+
+def _rank_model(cfg: DictConfig, data: Data) -> nn.Module:
+    """The architecture on every rank with rank 0's weights (its pretrained ones downloaded there
+    only)."""
+    model = build_model(cfg, data, weights=distributed.is_main())
+    distributed.sync_module(model)
+    return model
 
 
 def cache_path(cfg: DictConfig, data: Data, amp: bool | str = False) -> Path:
@@ -137,7 +154,8 @@ def train_dense(
     With ``progress``, the state after each epoch (weights, optimizer, schedule, the train
     loader's and torch's random state) is kept in that file, and a training that finds it goes on
     from there: a killed job (or a GPU call's time limit) loses one epoch at most, and the epochs
-    run as they would have uninterrupted.
+    run as they would have uninterrupted. In a data-parallel run rank 0 reads and writes that file
+    and every rank goes on from what it read.
     """
     batch_size = cfg.get("batch_size")
     loader = data.train if batch_size is None else with_batch_size(data.train, batch_size)
@@ -145,9 +163,9 @@ def train_dense(
     scheduler, scheduler_per = dense_schedule(optimizer, cfg, len(loader))
     generator = getattr(loader, "generator", None)
     done = 0
-    if progress is not None and progress.is_file():
+    state = distributed.from_main(lambda: _progress(progress))
+    if state is not None:
         try:
-            state = torch.load(progress, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -156,12 +174,12 @@ def train_dense(
                 generator.set_state(state["loader_rng"])
             done = int(state["epoch"])
             log.info("dense training goes on after epoch %d/%d (%s)", done, cfg.epochs, progress)
-        except Exception as exc:  # a torn or foreign file: start over rather than fail
+        except Exception as exc:  # a foreign file: start over rather than fail
             log.warning("cannot resume dense training from %s (%s); starting over", progress, exc)
             done = 0
 
     def keep(epoch: int) -> None:
-        if progress is None or epoch == cfg.epochs:
+        if progress is None or epoch == cfg.epochs or not distributed.is_main():
             return
         state = {
             "epoch": epoch,
@@ -190,6 +208,17 @@ def train_dense(
     )
 
 
+def _progress(path: Path | None) -> dict[str, Any] | None:
+    """The dense training's state kept in ``path`` after an epoch, or None (none, or torn)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn file: start over rather than fail
+        log.warning("cannot resume dense training from %s (%s); starting over", path, exc)
+        return None
+
+
 def dense_model(
     cfg: DictConfig,
     data: Data,
@@ -204,10 +233,17 @@ def dense_model(
         return trainer.prepare(model), {"source": str(cfg.model.checkpoint)}
     path = cache_path(cfg, data, trainer.amp and trainer.amp_dtype)
     if not cfg.dense.cache:
-        return _cached_or_trained(cfg, data, trainer, path, on_epoch)
-    # One run trains a given dense model; one started meanwhile waits for it, then loads it.
-    with locked(path.with_name(f"{path.name}.lock"), f"the dense model {path}", wait=True):
-        return _cached_or_trained(cfg, data, trainer, path, on_epoch)
+        return _cached_or_trained(cfg, data, trainer, path, on_epoch, cached=False)
+    # One run trains a given dense model; one started meanwhile waits for it, then loads it. In a
+    # data-parallel run rank 0 holds the lock and decides; every rank trains, or gets rank 0's.
+    lock = path.with_name(f"{path.name}.lock")
+    with (
+        locked(lock, f"the dense model {path}", wait=True)
+        if distributed.is_main()
+        else contextlib.nullcontext()
+    ):
+        cached = distributed.from_main(path.is_file)
+        return _cached_or_trained(cfg, data, trainer, path, on_epoch, cached)
 
 
 def _cached_or_trained(
@@ -216,16 +252,14 @@ def _cached_or_trained(
     trainer: Trainer,
     path: Path,
     on_epoch: Callable[[dict[str, float]], None] | None,
+    cached: bool,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    if cfg.dense.cache and path.is_file():
+    if cached:
         log.info("dense model from the cache: %s", path)
-        try:
-            model = load_model(path)
-        except IcepError as exc:
-            raise IcepError(
-                f"the cached dense model is damaged: {exc}; delete it to train it again, or set "
-                "dense.cache=false"
-            ) from None
+        model = distributed.on_main(lambda: _load_cached(path))
+        if not distributed.is_main():
+            model = build_model(cfg, data, weights=False)
+        distributed.sync_module(model)  # rank 0's weights: the cache may be its node's own
         return trainer.prepare(model), {"source": str(path)}
     log.info(
         "model.checkpoint is null: training the dense %s for %d epochs, %s schedule, batches of "
@@ -233,26 +267,37 @@ def _cached_or_trained(
         cfg.model.name,
         cfg.dense.epochs,
         cfg.dense.schedule,
-        cfg.dense.get("batch_size") or data.train.batch_size,
+        cfg.dense.get("batch_size") or global_batch_size(data.train),
         path,
     )
-    model = trainer.prepare(build_model(cfg, data))
+    model = trainer.prepare(_rank_model(cfg, data))  # one initialisation for every rank
     progress = path.with_name(f"{path.stem}.partial.pt") if cfg.dense.cache else None
     with trainer.timer.phase("dense") as t:
         train_dense(model, data, trainer, cfg.dense, progress, on_epoch)
     acc = trainer.evaluate(model, data.val) if data.val is not None else None
     if cfg.dense.cache:
-        save_model(
-            model,
-            arch_spec(cfg, data),
-            path,
-            **model_meta(cfg, data),
-            val_acc=acc,
-            seconds=t["seconds"],
+        distributed.on_main(
+            lambda: _cache(model, cfg, data, path, progress, acc=acc, seconds=t["seconds"])
         )
-        progress.unlink(missing_ok=True)
     return model, {
         "source": str(path) if cfg.dense.cache else "trained",
         "dense_seconds": t["seconds"],
         "dense_flops": trainer.timer.work_total("dense")["flops"],
     }
+
+
+def _load_cached(path: Path) -> nn.Module:
+    try:
+        return load_model(path)
+    except IcepError as exc:
+        raise IcepError(
+            f"the cached dense model is damaged: {exc}; delete it to train it again, or set "
+            "dense.cache=false"
+        ) from None
+
+
+def _cache(
+    model: nn.Module, cfg: DictConfig, data: Data, path: Path, progress: Path, **meta: Any
+) -> None:
+    save_model(model, arch_spec(cfg, data), path, **model_meta(cfg, data), **meta)
+    progress.unlink(missing_ok=True)

@@ -8,7 +8,9 @@ path replaces PIL's per-image transforms with batched tensor ops.
 
 Shuffling and augmentation draw from the loader's CPU ``generator`` (one permutation and one set of
 offsets per epoch), so the same seed gives the same batches on any device and a resumed run that
-restores the generator augments exactly as an uninterrupted one.
+restores the generator augments exactly as an uninterrupted one. In a data-parallel run every rank
+draws the whole batch and keeps its share (``shard``): the run trains on the batches, and the
+augmentations, of a run on one process.
 """
 
 from __future__ import annotations
@@ -104,6 +106,10 @@ class DeviceLoader:
 
     It answers what the pipelines ask of a DataLoader: iteration over (images, labels),
     ``len()`` in batches, ``batch_size``, ``dataset``, ``generator``, ``num_workers``.
+
+    ``shard=(rank, ranks)``: each batch of ``batch_size`` (the whole run's) is cut into ``ranks``
+    near-equal parts and this loader gives part ``rank`` (:func:`share`); a last batch too small to
+    give every rank a sample is left out when shuffling (training: every rank takes each step).
     """
 
     num_workers = 0
@@ -119,6 +125,7 @@ class DeviceLoader:
         crop_padding: int = 0,
         flip: bool = False,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -129,14 +136,21 @@ class DeviceLoader:
         self.crop_padding = int(crop_padding)
         self.flip = bool(flip)
         self.drop_last = drop_last
+        self.shard = shard
 
     @property
     def augments(self) -> bool:
         return self.crop_padding > 0 or self.flip
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size
+
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, ranks = len(self.dataset), self.shard[1]
+        if self.drop_last or (self.shuffle and ranks > 1 and 0 < n % self.batch_size < ranks):
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
 
     def with_dataset(self, dataset: TensorSplit, generator: torch.Generator) -> DeviceLoader:
         """The same loader over another split (a subset), shuffled by ``generator``."""
@@ -148,6 +162,7 @@ class DeviceLoader:
             crop_padding=self.crop_padding,
             flip=self.flip,
             drop_last=self.drop_last,
+            shard=self.shard,
         )
 
     def with_batch_size(self, batch_size: int) -> DeviceLoader:
@@ -162,6 +177,7 @@ class DeviceLoader:
             crop_padding=self.crop_padding,
             flip=self.flip,
             drop_last=self.drop_last,
+            shard=self.shard,
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -186,13 +202,27 @@ class DeviceLoader:
             draws = torch.cat([shift, flips[None].long()]).to(device, non_blocking=True)
             rows = torch.arange(size[0], device=device)
             cols = torch.arange(size[1], device=device)
-        stop = len(self) * self.batch_size if self.drop_last else n
+        stop = min(n, len(self) * self.batch_size)
+        rank, ranks = self.shard
         for start in range(0, stop, self.batch_size):
             at = order[start : start + self.batch_size]
+            if ranks > 1:
+                begin, end = share(len(at), rank, ranks)
+                at = at[begin:end]
+                if not len(at):
+                    continue  # an evaluation's last batch, smaller than the ranks
             images = split.images[at]
             if self.augments:
                 images = _crop_flip(images, draws[:, at], self.crop_padding, rows, cols)
             yield split.normalize(images), split.labels[at]
+
+
+def share(n: int, rank: int, ranks: int) -> tuple[int, int]:
+    """Where part ``rank`` of a batch of ``n`` cut into ``ranks`` near-equal parts begins and ends
+    (the first ``n % ranks`` parts one longer, as ``torch.tensor_split``)."""
+    size, longer = divmod(n, ranks)
+    begin = rank * size + min(rank, longer)
+    return begin, begin + size + (rank < longer)
 
 
 def _crop_flip(

@@ -98,6 +98,27 @@ class RunLogger:
             self.wandb_run = None
 
 
+class SilentLogger(RunLogger):
+    """What the ranks other than 0 of a data-parallel run log: nothing (rank 0 writes the run's
+    files and its W&B run, :mod:`icep.distributed`)."""
+
+    def __init__(self, run_dir: str | Path, info: RunInfo | None = None):
+        self.run_dir = Path(run_dir)
+        self.wandb_run = None
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        pass
+
+    def log_epoch(self, row: dict[str, float], what: str = "train") -> None:
+        pass
+
+    def rewrite_steps(self, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+
 class WandbLogger(RunLogger):
     """The local files plus a Weights & Biases run mirroring them (``logger=wandb``). A resumed
     run continues its W&B run (the id kept in ``.wandb-run-id``) instead of starting a second,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from icep import distributed
 from icep.compute import WORK_KEYS, CostCache, ModelCost
 from icep.errors import ConfigError, IcepError
 
@@ -22,9 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given."""
+    """``auto`` picks CUDA when present, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as
+    given. In a data-parallel run (:mod:`icep.distributed`) ``auto`` and ``cuda`` mean this rank's
+    GPU (its local rank's, among those it sees)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -35,6 +38,14 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(
             "trainer.device", f"'{name}' asked for but no CUDA device is visible; use auto or cpu"
         )
+    if device.type == "cuda" and distributed.active():
+        if device.index is not None:
+            raise ConfigError(
+                "trainer.device",
+                f"'{name}' names one GPU for every rank of a data-parallel run; use auto or cuda "
+                "(each rank takes the GPU of its local rank)",
+            )
+        device = torch.device("cuda", distributed.world().local_rank % torch.cuda.device_count())
     return device
 
 
@@ -132,11 +143,15 @@ class Trainer:
     # Batches between checks for a NaN loss on an accelerator, where each check waits for the
     # device; on the CPU every batch is checked.
     nan_check_every: int = 32
+    # DDP's find_unused_parameters: a model some of whose parameters get no gradient in a
+    # forward pass (an auxiliary head, a skipped branch) needs it in a data-parallel run.
+    find_unused_parameters: bool = False
     timer: PhaseTimer = field(init=False)
     # fp16 autocast's loss scaler, one for the run as the reference keeps one; None otherwise.
     scaler: torch.amp.GradScaler | None = field(init=False, default=None)
 
     _compiled: tuple[Any, nn.Module] | None = field(init=False, default=None)
+    _wrapped: tuple[Any, nn.Module] | None = field(init=False, default=None)  # the DDP wrapper
     _cost: CostCache = field(init=False, default_factory=CostCache)
 
     def __post_init__(self) -> None:
@@ -160,11 +175,12 @@ class Trainer:
             amp=_auto(cfg.amp, cuda),
             amp_dtype=str(cfg.get("amp_dtype", "bfloat16")),
             channels_last=_auto(cfg.channels_last, cuda),
-            progress=_auto(cfg.progress, sys.stderr.isatty()),
+            progress=_auto(cfg.progress, sys.stderr.isatty()) and distributed.is_main(),
             cudnn_benchmark=_auto(cfg.get("cudnn_benchmark", "auto"), cuda)
             and not cfg.get("deterministic", False),
             deterministic=bool(cfg.get("deterministic", False)),
             compile=bool(cfg.get("compile", False)),
+            find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
         )
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -173,8 +189,32 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    def _parallel(self, model: nn.Module) -> nn.Module:
+        """``model``, or in a data-parallel run its DDP wrapper, made anew when the model is
+        another one or its shapes or frozen parameters changed (DDP registers the parameters
+        that get gradients when it wraps, and sends rank 0's weights to every rank then)."""
+        if not distributed.active():
+            return model
+        key = tuple((tuple(p.shape), p.requires_grad) for p in model.parameters())
+        if self._wrapped is None or self._wrapped[0] != key or self._wrapped[1].module is not model:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._wrapped = None  # the old wrapper's hooks go before the new one is built
+            cuda = self.device.type == "cuda"
+            self._wrapped = (
+                key,
+                DistributedDataParallel(
+                    model,
+                    device_ids=[self.device.index] if cuda else None,
+                    find_unused_parameters=self.find_unused_parameters,
+                ),
+            )
+        return self._wrapped[1]
+
     def _training_forward(self, model: nn.Module) -> nn.Module:
-        """``model``, or with ``compile`` its compiled form for the model's current shapes."""
+        """``model`` (in a data-parallel run its DDP wrapper), or with ``compile`` its compiled
+        form for the model's current shapes."""
+        model = self._parallel(model)
         if not self.compile:
             return model
         key = (id(model), tuple(tuple(p.shape) for p in model.parameters()))
@@ -219,9 +259,10 @@ class Trainer:
     def _out_of_memory(self, desc: str, loader: DataLoader, key: str) -> IcepError:
         """The error for a CUDA out-of-memory; hands the failed batch's memory back first."""
         torch.cuda.empty_cache()
+        size = global_batch_size(loader)
         return IcepError(
-            f"{desc}: out of GPU memory on {self.device} with batches of {loader.batch_size}; "
-            f"try {key}={max(1, loader.batch_size // 2)} or free the GPU of other work"
+            f"{desc}: out of GPU memory on {self.device} with batches of {size}; "
+            f"try {key}={max(1, size // 2)} or free the GPU of other work"
         )
 
     def evaluate(self, model: nn.Module, loader: DataLoader, desc: str = "eval") -> float:
@@ -244,11 +285,14 @@ class Trainer:
             out_of_memory = True  # raised below, outside the handler, so the batch is freed
         finally:
             model.train(was_training)
-            if cost is not None:
-                self.timer.count(images_fwd=total, flops=total * cost.forward_flops)
         if out_of_memory:
             x = y = None  # the failed batch's tensors
             raise self._out_of_memory(desc, loader, "trainer.eval_batch_size")
+        if distributed.active():  # every rank's share: the same accuracy on every rank
+            both = distributed.sum_across(torch.stack([correct, correct.new_tensor(total)]))
+            correct, total = both[0], int(both[1].item())
+        if cost is not None:
+            self.timer.count(images_fwd=total, flops=total * cost.forward_flops)
         # In the reference's order (correct / total * 100), so a drop sitting exactly on the
         # trigger's thre is decided as there; 100 * correct / total differs in the last bit.
         return correct.item() / max(total, 1) * 100
@@ -278,7 +322,7 @@ class Trainer:
         check_every = 1 if self.device.type == "cpu" else self.nan_check_every
         batches = images = 0
         per_image = None  # FLOPs of one trained image, measured at the first batch
-        out_of_memory = False
+        out_of_memory = completed = False
         try:
             for x, y in self._batches(loader, desc):
                 if per_image is None:
@@ -304,16 +348,32 @@ class Trainer:
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batches, first_bad)
                 batches += 1
                 images += y.shape[0]
-                if batches % check_every == 0 and first_bad.item() >= 0:
+                # Every rank stops at the same batch (DDP's next step would wait for the others).
+                if batches % check_every == 0 and _any_rank(first_bad >= 0):
                     break
+            completed = True
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True  # raised below, outside the handler, so the batch is freed
         finally:
-            if per_image is not None:
+            if per_image is not None and not completed:  # this rank's work until it stopped
                 self.timer.count(images_fwd=images, images_bwd=images, flops=images * per_image)
         if out_of_memory:
             x = y = logits = loss = None  # the failed batch's tensors
             raise self._out_of_memory(desc, loader, "trainer.batch_size")
+        if distributed.active():
+            # The run's loss (each rank's mean, averaged), its images, the first bad batch of any
+            # rank, and the same BatchNorm statistics on every rank.
+            sums = distributed.sum_across(
+                torch.stack([loss_sum.double(), torch.tensor(images, device=self.device).double()])
+            )
+            loss_sum, images = sums[0] / distributed.world().size, int(sums[1].item())
+            first_bad = -distributed.max_across(
+                torch.where(first_bad >= 0, -first_bad, torch.full_like(first_bad, -(2**62)))
+            )
+            first_bad = torch.where(first_bad == 2**62, -1, first_bad)
+            distributed.sync_buffers(model)
+        if per_image is not None:
+            self.timer.count(images_fwd=images, images_bwd=images, flops=images * per_image)
         bad = first_bad.item()
         if bad >= 0:
             lr = optimizer.param_groups[0]["lr"]
@@ -374,6 +434,19 @@ class Trainer:
             if after_epoch is not None:
                 after_epoch(epoch)
         return loss
+
+
+def _any_rank(flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a bool tensor) is true on this rank or, in a data-parallel run, any."""
+    if not distributed.active():
+        return bool(flag.item())
+    return bool(distributed.max_across(flag.to(torch.int32)).item())
+
+
+def global_batch_size(loader: Any) -> int:
+    """The batch size the config set for ``loader``: the whole batch of a data-parallel run, of
+    which each rank gets its share (:mod:`icep.data`)."""
+    return getattr(loader, "global_batch_size", None) or loader.batch_size
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -1,6 +1,7 @@
 """``python -m icep`` with what only tests may do to it, kept out of the package:
 
-    python tests/harness.py [--kill-in-checkpoint STEP] [--scripted-accuracy] ARGS...
+    python tests/harness.py [--kill-in-checkpoint STEP] [--scripted-accuracy]
+                            [--fail-on-rank RANK:STEP[:kill]] ARGS...
 
 ``--kill-in-checkpoint STEP`` SIGKILLs the run while it writes step STEP's checkpoint, after the
 new file's bytes went out and before the rename over the previous checkpoint, so that a stale
@@ -8,7 +9,11 @@ new file's bytes went out and before the rename over the previous checkpoint, so
 
 ``--scripted-accuracy`` makes every evaluation read :class:`ScriptedAccuracy`'s numbers instead
 of the model's, so a test of a decision (ICE's trigger, a tuning pruner) never hinges on the
-floats of training, which differ across CPUs and thread counts. Training is real."""
+floats of training, which differ across CPUs and thread counts. Training is real.
+
+``--fail-on-rank RANK:STEP`` makes rank RANK of a data-parallel run (torchrun runs this script on
+every rank) fail with an error at step STEP, as a GPU running out of memory there would;
+``RANK:STEP:kill`` SIGKILLs that rank instead, as the kernel's out-of-memory killer would."""
 
 from __future__ import annotations
 
@@ -70,11 +75,31 @@ def kill_in_checkpoint(step: int) -> None:
             f.flush()  # the new file half-way in: written, neither synced nor renamed
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_checkpoint_or_die(run) -> None:
+    def save_checkpoint_or_die(run, *args, **kwargs) -> None:
         base.atomic_open = atomic_open_then_die if len(run.rows) == step else atomic_open
-        save_checkpoint(run)
+        save_checkpoint(run, *args, **kwargs)
 
     base.PruningRun.save_checkpoint = save_checkpoint_or_die
+
+
+def fail_on_rank(rank: int, step: int, kill: bool) -> None:
+    """Make rank ``rank`` of a data-parallel run fail (or die, with ``kill``) when it records
+    step ``step``, before the others have."""
+    if int(os.environ.get("RANK", 0)) != rank:
+        return
+    from icep.errors import IcepError
+    from icep.pipelines import base
+
+    record = base.PruningRun.record
+
+    def record_or_fail(run, *args, **kwargs):
+        if len(run.rows) + 1 == step:
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise IcepError(f"step {step}: out of GPU memory on rank {rank} (injected by a test)")
+        return record(run, *args, **kwargs)
+
+    base.PruningRun.record = record_or_fail
 
 
 def main() -> None:
@@ -90,12 +115,20 @@ def main() -> None:
     parser.add_argument(
         "--scripted-accuracy", action="store_true", help="evaluations read scripted numbers"
     )
+    parser.add_argument(
+        "--fail-on-rank",
+        metavar="RANK:STEP[:kill]",
+        help="rank RANK fails (or is SIGKILLed) at step STEP",
+    )
     parser.add_argument("icep_args", nargs=argparse.REMAINDER, help="python -m icep's arguments")
     args = parser.parse_args()
     if args.kill_in_checkpoint is not None:
         kill_in_checkpoint(args.kill_in_checkpoint)
     if args.scripted_accuracy:
         script_accuracy()
+    if args.fail_on_rank:
+        rank, step, *how = args.fail_on_rank.split(":")
+        fail_on_rank(int(rank), int(step), how == ["kill"])
     sys.argv = [sys.argv[0], *args.icep_args]  # what Hydra parses
 
     from icep.app import main as icep_main

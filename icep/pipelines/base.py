@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from icep import distributed
 from icep.compute import WORK_KEYS
 from icep.data import Data
 from icep.interrupts import uninterruptible
@@ -241,6 +242,8 @@ class PruningRun:
         loader = _CountingLoader(self.data.train)
         prepare_criterion(self.criterion, engine, convs, loader, self.trainer.device)
         if loader.images:  # a criterion that looked at data (the model is not pruned yet)
+            # Every rank of a data-parallel run looked at its part of the same batches.
+            loader.images = int(distributed.sum_across(torch.tensor(loader.images)).item())
             cost = self.trainer.cost(engine.model, self.data.input_shape)
             # Gradient criteria (Taylor) also run back through the model: the input-gradient
             # half of a backward pass (the weight gradients of the few scored convs are left out).
@@ -434,10 +437,13 @@ class PruningRun:
             "t_total": self.timer.total(*COST_PHASES),
             "flops_total": work["flops"],
         }
+        # Every rank of a data-parallel run must have pruned the same channels (icep.distributed).
+        distributed.check_same("the pruned structure", layer_shapes(self.model))
+        rng = distributed.gather_to_main(_rng_state(self.data))  # every rank's, for a resume
         with uninterruptible():  # a signal stops the run with the row and its checkpoint written
             self.rows.append(row)
             self.logger.log_step(row)
-            self.save_checkpoint()
+            self.save_checkpoint(rng)
         log.info(
             "step %d/%d %s: %s %.2f%%, %s, remaining %.3f, %.1fs so far",
             row["step"],
@@ -455,11 +461,13 @@ class PruningRun:
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, rng: list[dict[str, Any]] | None = None) -> None:
         """Write everything a resume needs, atomically: the pruned structure and weights, the
-        accuracies, the rows so far, the pipeline's one-off state, the timers and RNG states."""
-        if self.checkpoint_path is None:
+        accuracies, the rows so far, the pipeline's one-off state, the timers and RNG states
+        (``rng``: each rank's, by rank; by default this process's). Rank 0 writes it."""
+        if self.checkpoint_path is None or not distributed.is_main():
             return
+        rng = rng or [_rng_state(self.data)]
         scaler = self.trainer.scaler
         with self.timer.phase("checkpoint"), atomic_open(self.checkpoint_path) as f:
             torch.save(
@@ -480,7 +488,8 @@ class PruningRun:
                     "state": self.state,
                     "timer": dict(self.timer.totals),
                     "work": {phase: dict(work) for phase, work in self.timer.work.items()},
-                    "rng": _rng_state(self.data),
+                    "rng": rng[0],
+                    "rng_ranks": rng[1:],  # the other ranks' of a data-parallel run
                     "scaler": None if scaler is None else scaler.state_dict(),
                     "wall_s": self.wall_seconds(),
                 },
@@ -520,7 +529,10 @@ class PruningRun:
         if blob.get("scaler") and self.trainer.scaler is not None:
             self.trainer.scaler.load_state_dict(blob["scaler"])
         self.logger.rewrite_steps(self.rows)  # drops a row written after the checkpoint
-        _set_rng_state(blob["rng"], self.data)
+        # A rank of a data-parallel run takes its own states (rank 0's when the run had fewer).
+        others = blob.get("rng_ranks") or []
+        rank = distributed.world().rank
+        _set_rng_state(others[rank - 1] if 0 < rank <= len(others) else blob["rng"], self.data)
 
     def summary(self, **extra: Any) -> dict[str, Any]:
         """Final accuracy (val and test), sizes and time per phase."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from icep import distributed
 from icep.config import Budget, parse_budget
 from icep.errors import ConfigError
 from icep.pruning.engine import PruningEngine, count_macs_params, uniform_widths
@@ -237,4 +238,5 @@ def _timer(run: Any, batch: int, latency: Any) -> Callable[[nn.Module], float]:
             )
         return found[batch]
 
-    return time_it
+    # Measured on rank 0 of a data-parallel run: one timing decides for every rank.
+    return lambda model: distributed.from_main(lambda: time_it(model))

@@ -81,6 +81,7 @@ from torch import nn
 from torch_pruning.dependency.node import Node
 from torch_pruning.ops import OPTYPE
 
+from icep import distributed
 from icep.errors import ConfigError
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -325,7 +326,9 @@ class PruningEngine:
         return sum(len(idxs) for idxs in channels.values())
 
     def scores(self, name: str, criterion: Callable[[nn.Conv2d], torch.Tensor]) -> torch.Tensor:
-        """``criterion``'s score for each output channel of layer ``name``, on the CPU."""
+        """``criterion``'s score for each output channel of layer ``name``, on the CPU. In a
+        data-parallel run, the mean of every rank's (a data criterion saw each rank's part of
+        its batches): the same numbers, so the same channels go, on every rank."""
         layer = self.model.get_submodule(name)
         scores = criterion(layer)
         if scores.shape != (out_width(layer),):
@@ -333,7 +336,7 @@ class PruningEngine:
                 f"{criterion!r} gave scores of shape {tuple(scores.shape)} for {name}, "
                 f"expected ({out_width(layer)},)"
             )
-        return scores.detach().float().cpu()
+        return distributed.mean_across(scores.detach().float().cpu().clone())
 
     def _prune_layer(self, name: str, idxs: list[int]) -> None:
         layer = self.model.get_submodule(name)
