@@ -201,7 +201,11 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
         def write() -> None:
             save_model(
-                model, arch_spec(cfg, data), out / "model.pt", **model_meta(cfg, data), summary=in_model
+                model,
+                arch_spec(cfg, data),
+                out / "model.pt",
+                **model_meta(cfg, data),
+                summary=in_model,
             )
             logger.log_summary(summary)
             (out / CHECKPOINT).unlink(missing_ok=True)  # model.pt and summary.json replace it
