@@ -180,13 +180,15 @@ ARGS = [*FAST, "pipeline=ice", "pipeline.thre=0.5", "dataset.train_subset=600"]
 TOLERANCE = 6.0
 
 
-def _torchrun(args: list[str], run_dir: Path, cache: Path, *, harness: list[str] = ()):
+def _torchrun(
+    args: list[str], run_dir: Path, cache: Path, *, harness: list[str] = (), ranks: int = 2
+):
     entry = [str(ROOT / "tests" / "harness.py"), *harness] if harness else ["-m", "icep"]
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={ranks}",
         f"--master_port={_free_port()}",
         *entry,
         f"hydra.run.dir={run_dir}",
@@ -263,6 +265,24 @@ def test_torchrun_prunes_as_one_process_and_only_rank_0_writes(one_process, two_
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]  # one folder for the ranks
 
 
+def _rows(run: Path) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if not k.startswith("t_")}
+        for r in read_jsonl(run / "metrics.jsonl")
+    ]
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_is_a_plain_run(tmp_path, cache_dir, one_process):
+    out = tmp_path / "run"
+    result = _run(*_torchrun(ARGS, out, cache_dir, ranks=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _rows(out) == _rows(one_process)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (out, one_process))
+    for key in ("acc_final_val", "acc_final_test", "params_after", "finetunes", "ranks"):
+        assert a[key] == b[key], key
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
 def test_a_killed_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path, cache_dir, two_ranks):
@@ -285,14 +305,7 @@ def test_a_killed_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path, cache_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"continuing {out} after step {steps}" in (out / "icep.log").read_text()
     full = two_ranks[0]
-
-    def rows(run: Path) -> list[dict]:
-        return [
-            {k: v for k, v in r.items() if not k.startswith("t_")}
-            for r in read_jsonl(run / "metrics.jsonl")
-        ]
-
-    assert rows(out) == rows(full)
+    assert _rows(out) == _rows(full)
     assert _layers(out) == _layers(full)
     assert not (out / "checkpoint.pt").exists()
 
