@@ -369,3 +369,16 @@ def test_the_local_launcher_runs_a_job_on_two_tasks(tmp_path, cache_dir, one_pro
     summary = json.loads((sweep / "0" / "summary.json").read_text())
     assert (summary["status"], summary["ranks"]) == ("completed", 2)
     assert _layers(sweep / "0") == _layers(one_process)
+
+
+@pytest.mark.cuda
+def test_two_ranks_share_one_gpu_over_gloo(tmp_path, cache_dir, one_process):
+    """The CUDA side of a data-parallel run on a machine with one GPU: two ranks on it, gloo
+    carrying the CUDA tensors (NCCL takes one GPU per rank). The same structure as one process."""
+    out = tmp_path / "run"
+    command, env = _torchrun([*ARGS, "trainer.device=cuda"], out, cache_dir)
+    result = _run(command, {**env, "ICEP_DIST_BACKEND": "gloo"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["ranks"], summary["device"]) == (2, "cuda:0")
+    assert _layers(out) == _layers(one_process)
