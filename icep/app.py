@@ -465,6 +465,7 @@ def _rank_failed(exc: Exception) -> None:
     if message is None:
         raise exc  # a bug: its traceback
     where = "" if distributed.is_main() else f"rank {distributed.world().rank}: "
+    distributed.tell_launcher(f"icep: error: {where}{message}")
     exit_with(where + message)
 
 

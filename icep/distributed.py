@@ -22,6 +22,7 @@ A run on one process uses none of this.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -310,6 +311,19 @@ def report_failure(line: str) -> bool:
         return first
     except Exception:  # the store went with rank 0: say it here
         return True
+
+
+def tell_launcher(line: str) -> None:
+    """Put ``line`` in torchrun's error file for this rank (``TORCHELASTIC_ERROR_FILE``), so that
+    its failure report shows the line instead of a link to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass
 
 
 def peer_failure() -> str | None:
