@@ -441,12 +441,12 @@ def _quiet_other_ranks() -> None:
 
 def _rank_failed(exc: Exception) -> None:
     """A rank of a data-parallel run failed: tell the others, and end it with the run's one line
-    when this is its first failure, quietly otherwise. Rank 0's error still goes to the sweeper
-    of a multirun."""
+    when this is its first failure, quietly otherwise. In a multirun every rank's error goes back
+    to the launcher (rank 0's is the job's; a Slurm job's other tasks must end in a result too)."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     peer = distributed.peer_failure()
     if isinstance(exc, distributed.PeerFailed) or (peer is not None and _lost_contact(exc)):
-        if multirun and distributed.is_main():
+        if multirun:
             raise exc
         sys.exit(1)
     message = describe_error(exc) if _describe_errors else None
@@ -458,7 +458,7 @@ def _rank_failed(exc: Exception) -> None:
             "its machine went away: see its output, then resume=true continues the run"
         )
     first = distributed.report_failure(message or one_line(exc))
-    if multirun and distributed.is_main():
+    if multirun:
         raise exc
     if not first:
         sys.exit(1)
