@@ -381,3 +381,24 @@ def test_two_ranks_share_one_gpu_over_gloo(tmp_path, cache_dir, one_process):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["ranks"], summary["device"]) == (2, "cuda:0")
     assert _layers(out) == _layers(one_process)
+
+
+@pytest.mark.slow
+def test_a_failing_job_on_two_tasks_fails_in_one_line_through_the_launcher(tmp_path, cache_dir):
+    """A job of two tasks whose run fails: both tasks hand their error to submitit (none just
+    exits), so the multirun ends with the job's one line, not the launcher's traceback."""
+    sweep = tmp_path / "sweep"
+    result = _run(
+        [
+            sys.executable, "-m", "icep", "-m", "hydra/launcher=local",
+            "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}", *ARGS,
+            "trainer.batch_size=63",
+        ],
+        icep_env(cache_dir, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "icep: error: trainer.batch_size: 63 is the batch of the whole run, which 2 ranks share "
+        "equally; make it a multiple of 2"
+    ), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
