@@ -402,3 +402,21 @@ def test_a_failing_job_on_two_tasks_fails_in_one_line_through_the_launcher(tmp_p
         "equally; make it a multiple of 2"
     ), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_dense_model_and_rank_0_caches_it(tmp_path):
+    """pipeline=dense on two ranks with an empty cache: one initialisation for both, trained
+    through DDP, cached once by rank 0 (no partial file left), and a second run loads it."""
+    cache = tmp_path / "cache"
+    args = [*FAST, "pipeline=dense", "dense.epochs=2", "dataset.train_subset=300"]
+    for attempt in ("trains", "loads"):
+        out = tmp_path / attempt
+        result = _run(*_torchrun(args, out, cache))
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["status"], summary["ranks"]) == ("completed", 2)
+        cached = list((cache / "dense").glob("*.pt"))
+        assert [p.name for p in cached] == [Path(summary["source"]).name], attempt
+        assert ("dense_seconds" in summary) == (attempt == "trains")
+    assert not list((cache / "dense").glob("*.partial.pt"))
