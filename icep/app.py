@@ -30,7 +30,7 @@ from icep.config import (
     validate,
 )
 from icep.console import format_table, scalars
-from icep.errors import ConfigError, IcepError
+from icep.errors import IcepError
 from icep.interrupts import Interrupted, stop_on_signals
 from icep.locks import locked
 from icep.resume import (
@@ -57,14 +57,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # every key, before the data and the models: a typo fails fast
     if cfg.get("dry_run"):
         return distributed.on_main(lambda: dry_run(cfg)) or {"status": "dry_run"}
-    if distributed.active() and cfg.get("tune") is not None:
-        raise ConfigError(
-            "tune",
-            "the tuning stage runs its trials in one process, not across the ranks of a "
-            "data-parallel run; tune in a run on one process (or search with "
-            "hydra/sweeper=icep_optuna, each trial a data-parallel job), then run the chosen "
-            "parameters here",
-        )
     out = Path(HydraConfig.get().runtime.output_dir)
     if not distributed.is_main():  # rank 0 holds the folder for the run
         return _run(cfg, out)

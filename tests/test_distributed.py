@@ -97,17 +97,6 @@ def test_a_batch_the_ranks_cannot_share_equally_is_refused(monkeypatch):
         data_from_config(cfg)
 
 
-def test_the_tuning_stage_is_refused_in_a_data_parallel_run(monkeypatch):
-    from conftest import compose_config
-
-    from icep.app import run
-    from icep.errors import ConfigError
-
-    monkeypatch.setattr(distributed, "_world", distributed.World(0, 2, 0))
-    with pytest.raises(ConfigError, match="tune: the tuning stage runs its trials in one process"):
-        run(compose_config("tune=tpe", "trainer.device=cpu"))
-
-
 # --- two ranks in this machine's processes, gloo ----------------------------------------------
 
 
@@ -420,3 +409,26 @@ def test_two_ranks_train_the_dense_model_and_rank_0_caches_it(tmp_path):
         assert [p.name for p in cached] == [Path(summary["source"]).name], attempt
         assert ("dense_seconds" in summary) == (attempt == "trains")
     assert not list((cache / "dense").glob("*.partial.pt"))
+
+
+@pytest.mark.slow
+def test_the_tuning_stage_runs_each_trial_on_every_rank(tmp_path, cache_dir):
+    """tune=tpe on two ranks: rank 0's study draws each trial's parameters, every rank runs the
+    trial with it, and the final run takes the chosen ones; one study, one set of trial files."""
+    out = tmp_path / "run"
+    args = [
+        *ARGS,
+        "tune=tpe",
+        "tune.n_trials=2",
+        "tune.train_fraction=0.25",
+        "tune.eval_fraction=0.5",
+    ]
+    result = _run(*_torchrun(args, out, cache_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    tune = json.loads((out / "tune_result.json").read_text())
+    assert tune["complete"] + tune["pruned"] == 2 and tune["fail"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["ranks"]) == ("completed", 2)
+    chosen = summary["tuning"]["params"]
+    assert {k: summary["hyperparameters"][k] for k in chosen} == pytest.approx(chosen)
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000", "0001"]

@@ -120,17 +120,17 @@ def tune_pipeline(
     out: Path,
 ) -> Tuning:
     """Run the search configured in ``cfg.tune`` and return the parameters for the final run."""
-    from icep.config import validate
+    from icep import distributed
     from icep.data import subsample
-    from icep.pipelines import PruningRun
-    from icep.pruning.budget import meet as meet_budget
-    from icep.seeding import seed_everything
 
     tcfg = cfg.tune
     space, objectives, sampler, pruner = check_tune(cfg)
     quiet_optuna()
     url = storage_url(tcfg.storage, out / "tune.db")
     split = cfg.pipeline.decision_split
+    small = subsample(data, tcfg.train_fraction, tcfg.eval_fraction, seed=cfg.seed)
+    if not distributed.is_main():  # a data-parallel run: rank 0 drives the search
+        return _follow_trials(cfg, model, small, trainer, criterion, out)
     study = load_or_create_study(
         open_storage(url),
         tcfg.study_name,
@@ -152,7 +152,6 @@ def tune_pipeline(
         for point in tcfg.enqueue or []:
             study.enqueue_trial(OmegaConf.to_container(point, resolve=True))
 
-    small = subsample(data, tcfg.train_fraction, tcfg.eval_fraction, seed=cfg.seed)
     deciding = len((small.val if split == "val" else small.test).dataset)
     few = check_decision_samples(deciding, smallest_thre(cfg.pipeline, space), "tune: each trial")
     if few is not None:  # the embedded default with tune=tpe: 3 of digits' 144 val samples
@@ -186,13 +185,8 @@ def tune_pipeline(
 
     def objective(trial: optuna.Trial) -> list[float]:
         params = space.suggest(trial)
-        pipeline_cfg = OmegaConf.merge(cfg.pipeline, params)
-        if not tcfg.get("extra_epochs", False):  # the reference's trials: one epoch a unit
-            if "final_finetune_epochs" in pipeline_cfg:
-                pipeline_cfg.final_finetune_epochs = 0
-            if "unit_epochs" in pipeline_cfg:
-                pipeline_cfg.unit_epochs = None
-        validate(OmegaConf.create({"pipeline": pipeline_cfg}))  # a bad point fails the trial
+        _tell_followers(("trial", params))  # the other ranks of a data-parallel run join in
+        pipeline_cfg = trial_pipeline(cfg, params)
         logger = make_trial_logger(
             out / "trials" / f"{trial.number:04d}",
             RunInfo(
@@ -212,22 +206,10 @@ def tune_pipeline(
         failed = True
         trial_trainer = dataclasses.replace(trainer)  # its own timer: this trial's time and work
         try:
-            pipeline = instantiate(pipeline_cfg)
-            run = PruningRun(
-                copy.deepcopy(model),
-                small,
-                trial_trainer,
-                criterion,
-                logger,
-                ignored_layers=cfg.model.get("ignored_layers", ()),
-                ties=cfg.get("ties", "stable"),
-                round_to=getattr(pipeline, "round_to", 1),  # a pipeline of your own may not say
+            reporter = StepReporter(trial) if pruner_enabled(pruner) else None
+            summary = run_trial(
+                cfg, pipeline_cfg, model, small, trial_trainer, criterion, logger, reporter
             )
-            meet_budget(pipeline, run, cfg.get("latency"))  # a trial prunes to the run's too
-            if pruner_enabled(pruner):
-                run.on_step.append(StepReporter(trial))
-            seed_everything(cfg.seed, small)
-            summary = pipeline(run)
             logger.log_summary({**head, "status": "completed", **summary})
             failed = False
         except optuna.TrialPruned as exc:
@@ -280,22 +262,28 @@ def tune_pipeline(
         return result
 
     started = time.perf_counter()
-    trials = run_search(
-        study,
-        objective,
-        n_trials,
-        max_failure_rate=tcfg.max_failure_rate,
-        on_trial=lambda _: write(study.get_trials(deepcopy=False), None),
-    )
-    completed = _results(trials)
-    if not completed:
-        write(trials, None)
-        raise IcepError(
-            f"tune: none of the {len(trials)} trials completed (see {out / 'tune_trials.csv'}); "
-            "loosen the pruner (tune.pruner) or check the failures' reasons"
+    try:
+        trials = run_search(
+            study,
+            objective,
+            n_trials,
+            max_failure_rate=tcfg.max_failure_rate,
+            on_trial=lambda _: write(study.get_trials(deepcopy=False), None),
         )
-    chosen = select_trial(completed, tcfg.tolerance, tcfg.get("select", "tolerance"))
-    result = write(trials, chosen)
+        completed = _results(trials)
+        if not completed:
+            write(trials, None)
+            raise IcepError(
+                f"tune: none of the {len(trials)} trials completed (see "
+                f"{out / 'tune_trials.csv'}); loosen the pruner (tune.pruner) or check the "
+                "failures' reasons"
+            )
+        chosen = select_trial(completed, tcfg.tolerance, tcfg.get("select", "tolerance"))
+        result = write(trials, chosen)
+    except BaseException:
+        _tell_followers(("failed", None))
+        raise
+    _tell_followers(("chosen", (dict(chosen.params), result)))
     log.info(
         "tune: %d trials in %.1fs (%d complete, %d pruned, %d failed); chose trial %d: %s "
         "(drop %.2f points, %.1fs)",
@@ -310,6 +298,123 @@ def tune_pipeline(
         chosen.seconds,
     )
     return Tuning(OmegaConf.merge(cfg.pipeline, chosen.params), result)
+
+
+def trial_pipeline(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
+    """The pipeline a trial runs: the run's with the trial's ``params``, and (unless
+    ``tune.extra_epochs``) no epochs beyond one a unit, as the reference's trials."""
+    from icep.config import validate
+
+    pipeline_cfg = OmegaConf.merge(cfg.pipeline, params)
+    if not cfg.tune.get("extra_epochs", False):
+        if "final_finetune_epochs" in pipeline_cfg:
+            pipeline_cfg.final_finetune_epochs = 0
+        if "unit_epochs" in pipeline_cfg:
+            pipeline_cfg.unit_epochs = None
+    validate(OmegaConf.create({"pipeline": pipeline_cfg}))  # a bad point fails the trial
+    return pipeline_cfg
+
+
+def run_trial(
+    cfg: DictConfig,
+    pipeline_cfg: DictConfig,
+    model: torch.nn.Module,
+    small: Any,
+    trainer: Any,
+    criterion: Any,
+    logger: Any,
+    reporter: StepReporter | None,
+) -> dict[str, Any]:
+    """One trial's pruning run on a copy of the unpruned model, on the search's ``small`` data;
+    its summary. ``reporter`` (rank 0's in a data-parallel run) may stop it after a step, on
+    every rank."""
+    from icep.pipelines import PruningRun
+    from icep.pruning.budget import meet as meet_budget
+    from icep.seeding import seed_everything
+
+    pipeline = instantiate(pipeline_cfg)
+    run = PruningRun(
+        copy.deepcopy(model),
+        small,
+        trainer,
+        criterion,
+        logger,
+        ignored_layers=cfg.model.get("ignored_layers", ()),
+        ties=cfg.get("ties", "stable"),
+        round_to=getattr(pipeline, "round_to", 1),  # a pipeline of your own may not say
+    )
+    meet_budget(pipeline, run, cfg.get("latency"))  # a trial prunes to the run's too
+    hook = _verdict_for_every_rank(reporter)
+    if hook is not None:
+        run.on_step.append(hook)
+    seed_everything(cfg.seed, small)
+    return pipeline(run)
+
+
+def _tell_followers(message: tuple[str, Any]) -> None:
+    """Send the other ranks of a data-parallel run what rank 0's search does next."""
+    from icep import distributed
+
+    if distributed.active():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([message], src=0)
+
+
+def _verdict_for_every_rank(reporter: StepReporter | None) -> Any:
+    """A step hook: rank 0's ``reporter`` reports to its trial; when the pruner stops the trial
+    every rank of a data-parallel run stops it (every rank has the hook, rank 0 with or without a
+    reporter). On one process: the reporter itself, or None."""
+    from icep import distributed
+
+    if not distributed.active():
+        return reporter
+
+    def verdict(run: Any, row: dict[str, Any]) -> str | None:
+        try:
+            reporter(run, row)
+        except optuna.TrialPruned as exc:
+            return str(exc)
+        return None
+
+    def hook(run: Any, row: dict[str, Any]) -> None:
+        reason = distributed.from_main(lambda: None if reporter is None else verdict(run, row))
+        if reason is not None:
+            raise optuna.TrialPruned(reason)
+
+    return hook
+
+
+def _follow_trials(
+    cfg: DictConfig, model: torch.nn.Module, small: Any, trainer: Any, criterion: Any, out: Path
+) -> Tuning:
+    """A rank other than 0 of a data-parallel run: run each trial rank 0's search starts, with
+    it, until it says which parameters it chose (or that it failed)."""
+    import torch.distributed as dist
+
+    from icep import distributed
+    from icep.loggers import SilentLogger
+
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        what, value = box[0]
+        if what == "failed":
+            raise distributed.PeerFailed("rank 0's search failed")
+        if what == "chosen":
+            params, result = value
+            return Tuning(OmegaConf.merge(cfg.pipeline, params), result)
+        trial_trainer = dataclasses.replace(trainer)
+        try:
+            pipeline_cfg = trial_pipeline(cfg, value)
+            run_trial(
+                cfg, pipeline_cfg, model, small, trial_trainer, criterion, SilentLogger(out), None
+            )
+        except (Exception, optuna.TrialPruned):
+            pass  # rank 0's trial ended the same way: its search records it and goes on
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def smallest_thre(pipeline_cfg: DictConfig, space: SearchSpace) -> float | None:
