@@ -280,8 +280,8 @@ def tune_pipeline(
             )
         chosen = select_trial(completed, tcfg.tolerance, tcfg.get("select", "tolerance"))
         result = write(trials, chosen)
-    except BaseException:
-        _tell_followers(("failed", None))
+    except Exception:  # (a signal stops every rank by itself)
+        _tell_followers(("failed", None), quietly=True)
         raise
     _tell_followers(("chosen", (dict(chosen.params), result)))
     log.info(
@@ -351,14 +351,20 @@ def run_trial(
     return pipeline(run)
 
 
-def _tell_followers(message: tuple[str, Any]) -> None:
-    """Send the other ranks of a data-parallel run what rank 0's search does next."""
+def _tell_followers(message: tuple[str, Any], quietly: bool = False) -> None:
+    """Send the other ranks of a data-parallel run what rank 0's search does next; ``quietly``:
+    on the way out of a failure, which a failed send must not hide."""
     from icep import distributed
 
-    if distributed.active():
-        import torch.distributed as dist
+    if not distributed.active():
+        return
+    import torch.distributed as dist
 
+    try:
         dist.broadcast_object_list([message], src=0)
+    except Exception:
+        if not quietly:
+            raise
 
 
 def _verdict_for_every_rank(reporter: StepReporter | None) -> Any:
