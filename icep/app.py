@@ -157,8 +157,10 @@ def _run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             solved = checkpoint["state"].get("budget") if checkpoint is not None else None
             budget = meet_budget(pipeline, pruning, cfg.get("latency"), solved)
             if cfg.optuna.trial is not None:  # rank 0 reports; its trial's verdict holds for all
+                from icep.tune.study import for_every_rank
+
                 reporter = distributed.on_main(lambda: _sweep_reporter(cfg))
-                pruning.on_step.append(_on_every_rank(reporter))
+                pruning.on_step.append(for_every_rank(reporter))
             # The pruning run must not depend on whether dense training ran or came from a cache.
             seed_everything(cfg.seed, data)
             if checkpoint is not None:
@@ -339,28 +341,6 @@ def _sweep_reporter(cfg: DictConfig):
             "all three (hydra/sweeper=icep_optuna), leave them null otherwise"
         )
     return StepReporter(attach_trial(cfg.optuna.storage, cfg.optuna.study_name, cfg.optuna.trial))
-
-
-def _on_every_rank(reporter: Any) -> Any:
-    """A step hook for every rank of a data-parallel run: ``reporter`` (rank 0's, None
-    elsewhere) reports to the trial there, and when it stops the trial every rank stops."""
-    if not distributed.active():
-        return reporter
-    import optuna
-
-    def verdict(run: Any, row: dict[str, Any]) -> str | None:
-        try:
-            reporter(run, row)
-        except optuna.TrialPruned as exc:
-            return str(exc)
-        return None
-
-    def hook(run: Any, row: dict[str, Any]) -> None:
-        reason = distributed.from_main(lambda: verdict(run, row))
-        if reason is not None:
-            raise optuna.TrialPruned(reason)
-
-    return hook
 
 
 def interrupted_line(exc: Interrupted) -> str:

@@ -260,17 +260,6 @@ def build_data(
     )
 
 
-class _Loader(DataLoader):
-    """A DataLoader whose worker processes start with SIGINT and SIGTERM held, until their
-    ``worker_init_fn`` ignores them (:mod:`icep.interrupts`): a run stops in its main process."""
-
-    def _get_iterator(self):
-        if self.num_workers == 0:
-            return super()._get_iterator()
-        with signals_held():  # the workers start here (each epoch, unless persistent)
-            return super()._get_iterator()
-
-
 def _loader(
     dataset: Dataset,
     size: int,

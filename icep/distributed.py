@@ -167,29 +167,35 @@ def finish() -> None:
 # --- collectives -------------------------------------------------------------------------------
 
 
-def sum_across(tensor: Any) -> Any:
-    """``tensor`` summed over the ranks, in place (the tensor itself on one process)."""
+def _reduce(tensor: Any, op: str) -> Any:
     if active():
         import torch.distributed as dist
 
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor
+
+
+def sum_across(tensor: Any) -> Any:
+    """``tensor`` summed over the ranks, in place (the tensor itself on one process)."""
+    return _reduce(tensor, "SUM")
 
 
 def max_across(tensor: Any) -> Any:
     """``tensor``'s largest value over the ranks, in place."""
-    if active():
-        import torch.distributed as dist
+    return _reduce(tensor, "MAX")
 
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+
+def min_across(tensor: Any) -> Any:
+    """``tensor``'s smallest value over the ranks, in place."""
+    return _reduce(tensor, "MIN")
 
 
 def mean_across(tensor: Any) -> Any:
-    """``tensor`` averaged over the ranks, in place: every rank then holds the same numbers."""
-    if active():
-        sum_across(tensor).div_(_world.size)
-    return tensor
+    """``tensor`` averaged over the ranks, as a new tensor (the tensor itself on one process):
+    every rank then holds the same numbers."""
+    if not active():
+        return tensor
+    return sum_across(tensor.clone()).div_(_world.size)
 
 
 def on_main(compute: Callable[[], T]) -> T | None:

@@ -367,10 +367,9 @@ class Trainer:
                 torch.stack([loss_sum.double(), torch.tensor(images, device=self.device).double()])
             )
             loss_sum, images = sums[0] / distributed.world().size, int(sums[1].item())
-            first_bad = -distributed.max_across(
-                torch.where(first_bad >= 0, -first_bad, torch.full_like(first_bad, -(2**62)))
-            )
-            first_bad = torch.where(first_bad == 2**62, -1, first_bad)
+            # (A bad batch's index is below ``batches``, the same on every rank.)
+            first_bad = distributed.min_across(torch.where(first_bad >= 0, first_bad, batches))
+            first_bad = torch.where(first_bad == batches, -1, first_bad)
             distributed.sync_buffers(model)
         if per_image is not None:
             self.timer.count(images_fwd=images, images_bwd=images, flops=images * per_image)

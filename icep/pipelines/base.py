@@ -439,7 +439,9 @@ class PruningRun:
         }
         # Every rank of a data-parallel run must have pruned the same channels (icep.distributed).
         distributed.check_same("the pruned structure", layer_shapes(self.model))
-        rng = distributed.gather_to_main(_rng_state(self.data))  # every rank's, for a resume
+        rng = None  # every rank's random states, for a resume (a checkpoint's only)
+        if self.checkpoint_path is not None:
+            rng = distributed.gather_to_main(_rng_state(self.data))
         with uninterruptible():  # a signal stops the run with the row and its checkpoint written
             self.rows.append(row)
             self.logger.log_step(row)

@@ -336,7 +336,7 @@ class PruningEngine:
                 f"{criterion!r} gave scores of shape {tuple(scores.shape)} for {name}, "
                 f"expected ({out_width(layer)},)"
             )
-        return distributed.mean_across(scores.detach().float().cpu().clone())
+        return distributed.mean_across(scores.detach().float().cpu())
 
     def _prune_layer(self, name: str, idxs: list[int]) -> None:
         layer = self.model.get_submodule(name)

@@ -36,6 +36,7 @@ from icep.tune.study import (
     check_decision_samples,
     check_pruner,
     count_states,
+    for_every_rank,
     format_params,
     load_or_create_study,
     open_storage,
@@ -344,7 +345,7 @@ def run_trial(
         round_to=getattr(pipeline, "round_to", 1),  # a pipeline of your own may not say
     )
     meet_budget(pipeline, run, cfg.get("latency"))  # a trial prunes to the run's too
-    hook = _verdict_for_every_rank(reporter)
+    hook = for_every_rank(reporter)
     if hook is not None:
         run.on_step.append(hook)
     seed_everything(cfg.seed, small)
@@ -365,30 +366,6 @@ def _tell_followers(message: tuple[str, Any], quietly: bool = False) -> None:
     except Exception:
         if not quietly:
             raise
-
-
-def _verdict_for_every_rank(reporter: StepReporter | None) -> Any:
-    """A step hook: rank 0's ``reporter`` reports to its trial; when the pruner stops the trial
-    every rank of a data-parallel run stops it (every rank has the hook, rank 0 with or without a
-    reporter). On one process: the reporter itself, or None."""
-    from icep import distributed
-
-    if not distributed.active():
-        return reporter
-
-    def verdict(run: Any, row: dict[str, Any]) -> str | None:
-        try:
-            reporter(run, row)
-        except optuna.TrialPruned as exc:
-            return str(exc)
-        return None
-
-    def hook(run: Any, row: dict[str, Any]) -> None:
-        reason = distributed.from_main(lambda: None if reporter is None else verdict(run, row))
-        if reason is not None:
-            raise optuna.TrialPruned(reason)
-
-    return hook
 
 
 def _follow_trials(

@@ -374,6 +374,32 @@ class StepReporter:
             raise optuna.TrialPruned(f"pruned at step {row['step']}: drop {drop:.2f} points")
 
 
+def for_every_rank(reporter: StepReporter | None) -> Any:
+    """``reporter`` as a step hook for every rank of a data-parallel run (:mod:`icep.distributed`):
+    rank 0's reporter (None elsewhere, or when it has none) reports to its trial, and when the
+    pruner stops the trial every rank stops it. On one process: the reporter itself, or None."""
+    from icep import distributed
+
+    if not distributed.active():
+        return reporter
+
+    def verdict(run: Any, row: Mapping[str, Any]) -> str | None:
+        if reporter is None:
+            return None
+        try:
+            reporter(run, row)
+        except optuna.TrialPruned as exc:
+            return str(exc)
+        return None
+
+    def hook(run: Any, row: Mapping[str, Any]) -> None:
+        reason = distributed.from_main(lambda: verdict(run, row))
+        if reason is not None:
+            raise optuna.TrialPruned(reason)
+
+    return hook
+
+
 # --- reporting ------------------------------------------------------------------------------
 
 
